@@ -1,0 +1,348 @@
+//! Zero-config local PostgreSQL: finds the system's server binaries, creates
+//! a cluster in a data directory (as the `postgres` user when we run as root,
+//! since PostgreSQL refuses to run as root), starts it on a free loopback
+//! port and stops it again. Used by `tenantry serve` without `DATABASE_URL`
+//! and by the test harness.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin; install them (e.g. `apt-get install postgresql`) or set DATABASE_URL")]
+    BinariesNotFound,
+    #[error("running as root but there is no `postgres` user to run PostgreSQL as; create one or set DATABASE_URL")]
+    NoPostgresUser,
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EmbeddedError + '_ {
+    move |source| EmbeddedError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// How the cluster trades durability for speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Default PostgreSQL settings: for data you keep.
+    Durable,
+    /// fsync and synchronous commit off: for throwaway test clusters.
+    Throwaway,
+}
+
+/// A local PostgreSQL cluster: `<root>/pgdata` plus a generated password in
+/// `<root>/password` (the cluster accepts password logins over loopback only).
+#[derive(Debug)]
+pub struct LocalPostgres {
+    root: PathBuf,
+    bin_dir: PathBuf,
+    port: u16,
+    password: String,
+    run_as: Option<Owner>,
+    started_here: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    uid: u32,
+    gid: u32,
+}
+
+pub const SUPERUSER: &str = "postgres";
+
+impl LocalPostgres {
+    /// Creates the cluster under `root` if it does not exist yet, then starts
+    /// it unless it is already running (a second `tenantry` process reuses the
+    /// running server). Returns a handle; call [`LocalPostgres::stop`] to stop.
+    pub fn ensure_running(root: &Path, durability: Durability) -> Result<Self, EmbeddedError> {
+        let bin_dir = find_bin_dir().ok_or(EmbeddedError::BinariesNotFound)?;
+        let run_as = if is_root() {
+            Some(postgres_owner()?)
+        } else {
+            None
+        };
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        let root = root.canonicalize().map_err(io_err(root))?;
+        if let Some(owner) = run_as {
+            // The server must be able to reach its data and socket directory.
+            chown(&root, owner)?;
+        }
+        let mut pg = LocalPostgres {
+            root,
+            bin_dir,
+            port: 0,
+            password: String::new(),
+            run_as,
+            started_here: false,
+        };
+        pg.init_if_needed()?;
+        pg.password = fs::read_to_string(pg.password_file())
+            .map_err(io_err(&pg.password_file()))?
+            .trim()
+            .to_owned();
+        if let Some(port) = pg.running_port() {
+            pg.port = port;
+        } else {
+            pg.port = free_port()?;
+            pg.start(durability)?;
+            pg.started_here = true;
+        }
+        Ok(pg)
+    }
+
+    /// False when another process had the cluster running already.
+    pub fn started_here(&self) -> bool {
+        self.started_here
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("pgdata")
+    }
+
+    fn password_file(&self) -> PathBuf {
+        self.root.join("password")
+    }
+
+    /// A connection URL for `database` as the cluster's superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
+    }
+
+    fn init_if_needed(&self) -> Result<(), EmbeddedError> {
+        let data = self.data_dir();
+        if data.join("PG_VERSION").exists() {
+            return Ok(());
+        }
+        let pw_file = self.password_file();
+        let password = crate::secret::random_hex(24);
+        fs::write(&pw_file, &password).map_err(io_err(&pw_file))?;
+        fs::set_permissions(&pw_file, fs::Permissions::from_mode(0o600))
+            .map_err(io_err(&pw_file))?;
+        // initdb reads the password from a file it can open as the server user.
+        let init_pw = self.root.join("initdb-password");
+        fs::write(&init_pw, &password).map_err(io_err(&init_pw))?;
+        fs::set_permissions(&init_pw, fs::Permissions::from_mode(0o600))
+            .map_err(io_err(&init_pw))?;
+        if let Some(owner) = self.run_as {
+            chown(&init_pw, owner)?;
+        }
+        let result = self.run(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                SUPERUSER,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--pwfile",
+                path_str(&init_pw),
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        );
+        let _ = fs::remove_file(&init_pw);
+        result.map(|_| ())
+    }
+
+    /// The port of a server already running on this data directory, read from
+    /// `postmaster.pid` (line 4), if `pg_ctl status` confirms it is alive.
+    fn running_port(&self) -> Option<u16> {
+        let data = self.data_dir();
+        self.run("pg_ctl", &["status", "-D", path_str(&data)])
+            .ok()?;
+        let pid_file = fs::read_to_string(data.join("postmaster.pid")).ok()?;
+        pid_file.lines().nth(3)?.trim().parse().ok()
+    }
+
+    fn start(&self, durability: Durability) -> Result<(), EmbeddedError> {
+        let data = self.data_dir();
+        let mut opts = format!(
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c max_connections=200",
+            self.port,
+            path_str(&self.root)
+        );
+        if durability == Durability::Throwaway {
+            opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+        }
+        let log = self.root.join("postgres.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                path_str(&data),
+                "-l",
+                path_str(&log),
+                "-o",
+                &opts,
+            ],
+        )
+        .map_err(|e| match e {
+            EmbeddedError::Command { what, detail } => EmbeddedError::Command {
+                what,
+                detail: format!(
+                    "{detail}\n--- {} ---\n{}",
+                    log.display(),
+                    fs::read_to_string(&log).unwrap_or_default()
+                ),
+            },
+            other => other,
+        })?;
+        Ok(())
+    }
+
+    /// Stops the server (fast shutdown: active sessions are rolled back).
+    pub fn stop(&self) -> Result<(), EmbeddedError> {
+        self.run(
+            "pg_ctl",
+            &["stop", "-w", "-m", "fast", "-D", path_str(&self.data_dir())],
+        )
+        .map(|_| ())
+    }
+
+    /// Starts a detached watchdog that stops the cluster and deletes `root`
+    /// once process `pid` has exited. Test binaries have no global teardown
+    /// hook, so this is how their throwaway cluster gets removed afterwards,
+    /// even when the tests panic or are killed.
+    pub fn remove_when_process_exits(&self, pid: u32) -> Result<(), EmbeddedError> {
+        let pg_ctl = self.bin_dir.join("pg_ctl");
+        let stop = self.wrap_command(&pg_ctl);
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; {stop} stop -m immediate -D '{data}' >/dev/null 2>&1; rm -rf '{root}'",
+            stop = stop.join(" "),
+            data = path_str(&self.data_dir()),
+            root = path_str(&self.root),
+        );
+        Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| EmbeddedError::Command {
+                what: "watchdog".into(),
+                detail: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    fn wrap_command(&self, program: &Path) -> Vec<String> {
+        match self.run_as {
+            Some(_) => vec![
+                "runuser".into(),
+                "-u".into(),
+                SUPERUSER.into(),
+                "--".into(),
+                path_str(program).into(),
+            ],
+            None => vec![path_str(program).into()],
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<String, EmbeddedError> {
+        let argv = self.wrap_command(&self.bin_dir.join(program));
+        let output = Command::new(&argv[0])
+            .args(&argv[1..])
+            .args(args)
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| EmbeddedError::Command {
+                what: program.into(),
+                detail: e.to_string(),
+            })?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(EmbeddedError::Command {
+                what: format!("{program} {}", args.join(" ")),
+                detail: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                ),
+            })
+        }
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("tenantry data paths are UTF-8")
+}
+
+/// The directory holding `initdb` and `pg_ctl`: PATH first, then the newest
+/// `/usr/lib/postgresql/<version>/bin` (Debian's layout, not on PATH).
+pub fn find_bin_dir() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+                return Some(dir);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn postgres_owner() -> Result<Owner, EmbeddedError> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, SUPERUSER]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Ok(Owner {
+        uid: id("-u").ok_or(EmbeddedError::NoPostgresUser)?,
+        gid: id("-g").ok_or(EmbeddedError::NoPostgresUser)?,
+    })
+}
+
+fn chown(path: &Path, owner: Owner) -> Result<(), EmbeddedError> {
+    std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid)).map_err(io_err(path))
+}
+
+fn free_port() -> Result<u16, EmbeddedError> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err(Path::new("127.0.0.1:0")))?;
+    let port = listener
+        .local_addr()
+        .map_err(io_err(Path::new("127.0.0.1:0")))?
+        .port();
+    Ok(port)
+}

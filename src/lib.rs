@@ -1,0 +1,32 @@
+//! tenantry: a schema-per-tenant router for PostgreSQL.
+//!
+//! One database holds the registry (schema `tenantry`) and one schema per
+//! organization. See `README.md` for the manual and `docs/` for benchmarks.
+
+pub mod cli;
+pub mod embedded;
+pub mod error;
+pub mod ident;
+pub mod provision;
+pub mod registry;
+pub mod secret;
+pub mod template;
+
+pub use error::Error;
+
+/// Compile-time check that the library's main futures are `Send`, so they
+/// can be spawned and used in axum handlers. (sqlx's `Executor` impls make
+/// this easy to lose without noticing until a caller spawns the future.)
+#[allow(dead_code)]
+fn futures_are_send(
+    pool: &sqlx::PgPool,
+    template: &template::Template,
+    new: &provision::NewOrg,
+    slug: &ident::Slug,
+) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(provision::create_org(pool, template, new));
+    is_send(provision::rename_org(pool, slug, slug));
+    is_send(provision::delete_org(pool, slug));
+    is_send(registry::migrate(pool));
+}

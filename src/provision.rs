@@ -1,0 +1,309 @@
+//! Organization lifecycle: create (registry row + schema + template + initial
+//! data in one transaction), suspend, resume, rename and delete. The CLI and
+//! the admin API both call these functions.
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::error::{Error, ResultExt};
+use crate::ident::{SchemaName, Slug};
+use crate::registry::{self, org_columns, OrgRow, OrgStatus, Organization, User};
+use crate::template::{simple_query, Template};
+
+/// Statuses and behaviors every new organization starts with.
+pub const DEFAULT_STATUSES: &[&str] = &["New", "Active", "Archived"];
+pub const DEFAULT_BEHAVIORS: &[&str] = &["Reliability", "Compliance", "Robustness"];
+
+/// Recorded as `created_by` for initial data of an org created without an
+/// owner user.
+pub const SYSTEM_USER_ID: Uuid = Uuid::nil();
+
+#[derive(Debug, Clone)]
+pub struct NewOrg {
+    pub slug: Slug,
+    pub name: String,
+    /// Normalised by [`registry::parse_email`].
+    pub owner_email: Option<String>,
+}
+
+impl NewOrg {
+    /// Checks raw input; every problem is reported as a typed error.
+    pub fn parse(slug: &str, name: &str, owner_email: Option<&str>) -> Result<Self, Error> {
+        let slug = Slug::parse(slug)?;
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 200 {
+            return Err(Error::Validation {
+                field: "name",
+                message: "name must be 1 to 200 characters".into(),
+            });
+        }
+        if name.chars().any(char::is_control) {
+            return Err(Error::Validation {
+                field: "name",
+                message: "name must not contain control characters".into(),
+            });
+        }
+        Ok(NewOrg {
+            slug,
+            name: name.to_owned(),
+            owner_email: owner_email.map(registry::parse_email).transpose()?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Created {
+    pub organization: Organization,
+    pub owner: Option<User>,
+}
+
+/// A hook for tests: runs inside the provisioning transaction after the
+/// template was applied and before the initial data, so a failure there can
+/// be injected mid-provisioning.
+pub type FaultHook = fn() -> Result<(), Error>;
+
+/// Creates an organization atomically: registry row, owner user, schema,
+/// tenant template and initial data in one transaction. Any failure leaves
+/// nothing behind. A concurrent create of the same slug waits on the unique
+/// index and then fails with [`Error::Conflict`].
+#[tracing::instrument(skip(pool, template, new), fields(slug = %new.slug))]
+pub async fn create_org(
+    pool: &PgPool,
+    template: &Template,
+    new: &NewOrg,
+) -> Result<Created, Error> {
+    create_org_with_hook(pool, template, new, None).await
+}
+
+pub async fn create_org_with_hook(
+    pool: &PgPool,
+    template: &Template,
+    new: &NewOrg,
+    hook: Option<FaultHook>,
+) -> Result<Created, Error> {
+    let schema = SchemaName::for_slug(&new.slug);
+    let mut tx = pool.begin().await?;
+    let conflict = || {
+        Error::Conflict(format!(
+            "organization {:?} already exists",
+            new.slug.as_str()
+        ))
+    };
+    // Claim the slug first: a duplicate fails here, before any DDL.
+    let row: OrgRow = sqlx::query_as(concat!(
+        "INSERT INTO tenantry.organizations (id, slug, name, schema_name, status, template_version) \
+         VALUES ($1, $2, $3, $4, 'active', $5) RETURNING ",
+        org_columns!()
+    ))
+    .bind(Uuid::new_v4())
+    .bind(new.slug.as_str())
+    .bind(&new.name)
+    .bind(schema.as_str())
+    .bind(template.latest_version())
+    .fetch_one(&mut *tx)
+    .await
+    .on_unique_violation(conflict)?;
+    let organization = Organization::try_from(row)?;
+
+    let owner = match &new.owner_email {
+        Some(email) => {
+            Some(registry::insert_user(&mut tx, Some(organization.id), email, false).await?)
+        }
+        None => None,
+    };
+
+    // A leftover schema of the same name (e.g. from a crash outside our
+    // transaction) is reported, never adopted: CREATE SCHEMA without IF NOT
+    // EXISTS fails with duplicate_schema.
+    simple_query(&mut tx, &format!("CREATE SCHEMA {}", schema.quoted()))
+        .await
+        .map_err(|e| match crate::error::sqlstate(&e).as_deref() {
+            Some("42P06") => Error::Conflict(format!(
+                "schema {schema} already exists but no organization owns it; run `tenantry doctor`"
+            )),
+            _ => Error::Database(e),
+        })?;
+    let applied = template.apply(&mut tx, &schema, None, true).await?;
+    debug_assert_eq!(applied.migrations.len(), template.migrations().len());
+    if let Some(hook) = hook {
+        hook()?;
+    }
+    let author = owner.as_ref().map(|u| u.id).unwrap_or(SYSTEM_USER_ID);
+    seed_initial_data(&mut tx, author).await?;
+    tx.commit().await?;
+    tracing::info!(slug = %organization.slug, schema = %schema, "organization created");
+    Ok(Created {
+        organization,
+        owner,
+    })
+}
+
+/// Loads the default statuses and behaviors in one round trip. Runs with
+/// search_path set to the new tenant's schema.
+async fn seed_initial_data(conn: &mut PgConnection, author: Uuid) -> Result<(), Error> {
+    sqlx::query(
+        "WITH s AS (INSERT INTO statuses (name, created_by, updated_by) \
+                    SELECT unnest($1::text[]), $3, $3) \
+         INSERT INTO behaviors (name, created_by, updated_by) SELECT unnest($2::text[]), $3, $3",
+    )
+    .bind(DEFAULT_STATUSES)
+    .bind(DEFAULT_BEHAVIORS)
+    .bind(author)
+    .persistent(false)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn set_status(
+    pool: &PgPool,
+    slug: &Slug,
+    to: OrgStatus,
+    from: OrgStatus,
+    action: &'static str,
+) -> Result<Organization, Error> {
+    let row: Option<OrgRow> = sqlx::query_as(concat!(
+        "UPDATE tenantry.organizations SET status = $2, updated_at = now() \
+         WHERE slug = $1 AND status = $3 RETURNING ",
+        org_columns!()
+    ))
+    .bind(slug.as_str())
+    .bind(to)
+    .bind(from)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some(row) => Organization::try_from(row),
+        None => {
+            let current = registry::get_org(&mut *pool.acquire().await?, slug).await?;
+            Err(Error::InvalidState {
+                slug: slug.to_string(),
+                status: current.status.to_string(),
+                action,
+                expected: from.as_str(),
+            })
+        }
+    }
+}
+
+#[tracing::instrument(skip(pool))]
+pub async fn suspend_org(pool: &PgPool, slug: &Slug) -> Result<Organization, Error> {
+    set_status(
+        pool,
+        slug,
+        OrgStatus::Suspended,
+        OrgStatus::Active,
+        "suspend",
+    )
+    .await
+}
+
+#[tracing::instrument(skip(pool))]
+pub async fn resume_org(pool: &PgPool, slug: &Slug) -> Result<Organization, Error> {
+    set_status(
+        pool,
+        slug,
+        OrgStatus::Active,
+        OrgStatus::Suspended,
+        "resume",
+    )
+    .await
+}
+
+/// Renames an org's slug and its schema together, in one transaction, so the
+/// schema name keeps following the slug and the old slug becomes free.
+#[tracing::instrument(skip(pool))]
+pub async fn rename_org(
+    pool: &PgPool,
+    slug: &Slug,
+    new_slug: &Slug,
+) -> Result<Organization, Error> {
+    let new_schema = SchemaName::for_slug(new_slug);
+    let mut tx = pool.begin().await?;
+    let current: Option<OrgRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        org_columns!(),
+        " FROM tenantry.organizations WHERE slug = $1 FOR UPDATE"
+    ))
+    .bind(slug.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let current =
+        Organization::try_from(current.ok_or_else(|| Error::OrgNotFound(slug.to_string()))?)?;
+    if slug == new_slug {
+        return Ok(current);
+    }
+    let conflict = || {
+        Error::Conflict(format!(
+            "organization {:?} already exists",
+            new_slug.as_str()
+        ))
+    };
+    let row: OrgRow = sqlx::query_as(concat!(
+        "UPDATE tenantry.organizations SET slug = $2, schema_name = $3, updated_at = now() \
+         WHERE id = $1 RETURNING ",
+        org_columns!()
+    ))
+    .bind(current.id)
+    .bind(new_slug.as_str())
+    .bind(new_schema.as_str())
+    .fetch_one(&mut *tx)
+    .await
+    .on_unique_violation(conflict)?;
+    let rename = format!(
+        "ALTER SCHEMA {} RENAME TO {}",
+        current.schema_name.quoted(),
+        new_schema.quoted()
+    );
+    simple_query(&mut tx, &rename).await.map_err(|e| {
+        match crate::error::sqlstate(&e).as_deref() {
+            Some("42P06") => Error::Conflict(format!(
+            "schema {new_schema} already exists but no organization owns it; run `tenantry doctor`"
+        )),
+            _ => Error::Database(e),
+        }
+    })?;
+    tx.commit().await?;
+    Organization::try_from(row)
+}
+
+/// Deletes an org: its registry row (users and tokens cascade) and its schema
+/// with everything in it, in one transaction.
+#[tracing::instrument(skip(pool))]
+pub async fn delete_org(pool: &PgPool, slug: &Slug) -> Result<Organization, Error> {
+    let mut tx = pool.begin().await?;
+    let row: Option<OrgRow> = sqlx::query_as(concat!(
+        "DELETE FROM tenantry.organizations WHERE slug = $1 RETURNING ",
+        org_columns!()
+    ))
+    .bind(slug.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let org = Organization::try_from(row.ok_or_else(|| Error::OrgNotFound(slug.to_string()))?)?;
+    let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", org.schema_name.quoted());
+    simple_query(&mut tx, &drop).await?;
+    tx.commit().await?;
+    tracing::info!(slug = %org.slug, schema = %org.schema_name, "organization deleted");
+    Ok(org)
+}
+
+/// Issues an API token for the user with `email` in org `slug`, creating the
+/// user first if the org has none by that address.
+#[tracing::instrument(skip(pool))]
+pub async fn issue_org_token(
+    pool: &PgPool,
+    slug: &Slug,
+    email: &str,
+    name: Option<&str>,
+) -> Result<(User, registry::IssuedToken), Error> {
+    let email = registry::parse_email(email)?;
+    let mut tx = pool.begin().await?;
+    let org = registry::get_org(&mut tx, slug).await?;
+    let user = match registry::find_user(&mut tx, Some(org.id), &email).await? {
+        Some(u) => u,
+        None => registry::insert_user(&mut tx, Some(org.id), &email, false).await?,
+    };
+    let token = registry::issue_token(&mut tx, &user, name).await?;
+    tx.commit().await?;
+    Ok((user, token))
+}

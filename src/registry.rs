@@ -1,0 +1,321 @@
+//! The control-plane registry in schema `tenantry`: organizations (slug ->
+//! schema), users and API tokens, plus its own refinery migrations from
+//! `migrations/` with their history table inside `tenantry`.
+
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::{Error, ResultExt};
+use crate::ident::{SchemaName, Slug};
+use crate::secret::{token_hash, NewToken};
+use crate::template::{simple_query, Template, TemplateError};
+
+pub const REGISTRY_SCHEMA: &str = "tenantry";
+
+mod embedded_registry {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Serialises registry migrations between processes started at once.
+const REGISTRY_MIGRATION_LOCK: i64 = 0x7465_6e61_6e74_7279; // "tenantry"
+
+/// Creates schema `tenantry` if needed and applies the registry migrations,
+/// in one transaction under an advisory lock.
+#[tracing::instrument(skip(pool))]
+pub async fn migrate(pool: &PgPool) -> Result<Vec<String>, Error> {
+    let migrations = embedded_registry::migrations::runner()
+        .get_migrations()
+        .clone();
+    let template = Template::from_migrations(migrations)?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(REGISTRY_MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    simple_query(&mut tx, "CREATE SCHEMA IF NOT EXISTS tenantry").await?;
+    let applied = template
+        .apply_to_registry(&mut tx)
+        .await
+        .map_err(|e| match e {
+            TemplateError::Database(db) => Error::Database(db),
+            other => Error::Template(other),
+        })?;
+    tx.commit().await?;
+    Ok(applied.migrations)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum OrgStatus {
+    Provisioning,
+    Active,
+    Suspended,
+    Deleting,
+}
+
+impl OrgStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrgStatus::Provisioning => "provisioning",
+            OrgStatus::Active => "active",
+            OrgStatus::Suspended => "suspended",
+            OrgStatus::Deleting => "deleting",
+        }
+    }
+}
+
+impl std::fmt::Display for OrgStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Organization {
+    pub id: Uuid,
+    pub slug: Slug,
+    pub name: String,
+    pub schema_name: SchemaName,
+    pub status: OrgStatus,
+    pub template_version: i32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct OrgRow {
+    id: Uuid,
+    slug: String,
+    name: String,
+    schema_name: String,
+    status: OrgStatus,
+    template_version: i32,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+impl TryFrom<OrgRow> for Organization {
+    type Error = Error;
+    /// Rows are re-parsed on the way out: a registry row edited by hand into
+    /// an unsafe identifier never reaches SQL text.
+    fn try_from(r: OrgRow) -> Result<Self, Error> {
+        Ok(Organization {
+            id: r.id,
+            slug: Slug::parse(&r.slug)
+                .map_err(|e| Error::Corrupt(format!("registry slug {:?}: {e}", r.slug)))?,
+            name: r.name,
+            schema_name: SchemaName::parse(&r.schema_name).map_err(|e| {
+                Error::Corrupt(format!("registry schema_name {:?}: {e}", r.schema_name))
+            })?,
+            status: r.status,
+            template_version: r.template_version,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+/// The columns of `tenantry.organizations` that [`OrgRow`] reads.
+macro_rules! org_columns {
+    () => {
+        "id, slug, name, schema_name, status, template_version, created_at, updated_at"
+    };
+}
+pub(crate) use org_columns;
+
+#[tracing::instrument(skip(conn))]
+pub async fn find_org(conn: &mut PgConnection, slug: &Slug) -> Result<Option<Organization>, Error> {
+    let row: Option<OrgRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        org_columns!(),
+        " FROM tenantry.organizations WHERE slug = $1"
+    ))
+    .bind(slug.as_str())
+    .fetch_optional(conn)
+    .await?;
+    row.map(Organization::try_from).transpose()
+}
+
+pub async fn get_org(conn: &mut PgConnection, slug: &Slug) -> Result<Organization, Error> {
+    find_org(conn, slug)
+        .await?
+        .ok_or_else(|| Error::OrgNotFound(slug.to_string()))
+}
+
+#[tracing::instrument(skip(pool))]
+pub async fn list_orgs(pool: &PgPool) -> Result<Vec<Organization>, Error> {
+    let rows: Vec<OrgRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        org_columns!(),
+        " FROM tenantry.organizations ORDER BY slug"
+    ))
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(Organization::try_from).collect()
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct User {
+    pub id: Uuid,
+    pub organization_id: Option<Uuid>,
+    pub email: String,
+    pub display_name: String,
+    pub is_superuser: bool,
+}
+
+/// Normalises and checks an email address: trimmed, lowercased, one `@`
+/// with text on both sides, no whitespace or control characters.
+pub fn parse_email(raw: &str) -> Result<String, Error> {
+    let email = raw.trim().to_lowercase();
+    let invalid = |why: &str| Error::Validation {
+        field: "email",
+        message: format!("{why}: {raw:?}"),
+    };
+    if email.len() < 3 || email.len() > 320 {
+        return Err(invalid("email must be 3 to 320 characters"));
+    }
+    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid("email must not contain whitespace"));
+    }
+    match email.split_once('@') {
+        Some((local, domain))
+            if !local.is_empty() && !domain.is_empty() && !domain.contains('@') =>
+        {
+            Ok(email)
+        }
+        _ => Err(invalid("email must look like name@domain")),
+    }
+}
+
+fn default_display_name(email: &str) -> String {
+    email.split('@').next().unwrap_or(email).to_owned()
+}
+
+/// Inserts a user; the email must be normalised by [`parse_email`].
+pub(crate) async fn insert_user(
+    conn: &mut PgConnection,
+    organization_id: Option<Uuid>,
+    email: &str,
+    is_superuser: bool,
+) -> Result<User, Error> {
+    sqlx::query_as(
+        "INSERT INTO tenantry.users (id, organization_id, email, display_name, is_superuser) \
+         VALUES ($1, $2, $3, $4, $5) \
+         RETURNING id, organization_id, email, display_name, is_superuser",
+    )
+    .bind(Uuid::new_v4())
+    .bind(organization_id)
+    .bind(email)
+    .bind(default_display_name(email))
+    .bind(is_superuser)
+    .fetch_one(conn)
+    .await
+    .on_unique_violation(|| Error::Conflict(format!("user {email} already exists")))
+}
+
+pub async fn find_user(
+    conn: &mut PgConnection,
+    organization_id: Option<Uuid>,
+    email: &str,
+) -> Result<Option<User>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT id, organization_id, email, display_name, is_superuser FROM tenantry.users \
+         WHERE organization_id IS NOT DISTINCT FROM $1 AND email = $2",
+    )
+    .bind(organization_id)
+    .bind(email)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Metadata of a token; the secret itself is never stored.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TokenInfo {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub organization_id: Option<Uuid>,
+    pub prefix: String,
+    pub name: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A token just created: the plaintext secret is available this once.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedToken {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: TokenInfo,
+}
+
+/// Issues a token for `user`, acting for the user's organization (or for the
+/// platform, for a superuser without one).
+#[tracing::instrument(skip(conn, user), fields(user_id = %user.id))]
+pub async fn issue_token(
+    conn: &mut PgConnection,
+    user: &User,
+    name: Option<&str>,
+) -> Result<IssuedToken, Error> {
+    let new = NewToken::generate();
+    let info: TokenInfo = sqlx::query_as(
+        "INSERT INTO tenantry.api_tokens (id, user_id, organization_id, secret_hash, prefix, name) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         RETURNING id, user_id, organization_id, prefix, name, created_at, last_used_at, revoked_at",
+    )
+    .bind(Uuid::new_v4())
+    .bind(user.id)
+    .bind(user.organization_id)
+    .bind(&new.hash[..])
+    .bind(&new.display_prefix)
+    .bind(name)
+    .fetch_one(conn)
+    .await?;
+    Ok(IssuedToken {
+        token: new.plaintext,
+        info,
+    })
+}
+
+/// Who a valid, unrevoked token acts for.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Principal {
+    pub token_id: Uuid,
+    pub user_id: Uuid,
+    pub organization_id: Option<Uuid>,
+    pub is_superuser: bool,
+}
+
+/// Looks a presented token up by its SHA-256 digest. Revoked tokens and
+/// tokens of users who no longer exist are not found.
+#[tracing::instrument(skip_all)]
+pub async fn authenticate(pool: &PgPool, presented: &str) -> Result<Option<Principal>, Error> {
+    let hash = token_hash(presented);
+    Ok(sqlx::query_as(
+        "SELECT t.id AS token_id, u.id AS user_id, u.organization_id, u.is_superuser \
+         FROM tenantry.api_tokens t JOIN tenantry.users u ON u.id = t.user_id \
+         WHERE t.secret_hash = $1 AND t.revoked_at IS NULL",
+    )
+    .bind(&hash[..])
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Revokes a token; returns false when it did not exist or was revoked already.
+pub async fn revoke_token(pool: &PgPool, token_id: Uuid) -> Result<bool, Error> {
+    let done = sqlx::query(
+        "UPDATE tenantry.api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(token_id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

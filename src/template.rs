@@ -1,0 +1,284 @@
+//! Applying migrations with refinery over sqlx. refinery has no sqlx driver,
+//! so [`MigrationConn`] implements `refinery_core`'s async traits on a sqlx
+//! connection that is already inside a transaction. Everything refinery runs
+//! therefore joins the caller's transaction: provisioning can create the
+//! registry row, the schema, the template and the seed data atomically.
+//!
+//! refinery pastes its history table name unquoted and unqualified into SQL,
+//! so we never rename it: the table resolves through `search_path`, which we
+//! set transaction-locally to exactly the target schema. The history of a
+//! tenant thus lives inside that tenant's schema.
+
+use std::future::Future;
+use std::path::Path;
+
+use refinery_core::traits::r#async::{AsyncMigrate, AsyncQuery, AsyncTransaction};
+use refinery_core::{Migration, Runner, Target};
+use sqlx::PgConnection;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::ident::SchemaName;
+
+/// refinery's default history table name, created in the target schema.
+pub const HISTORY_TABLE: &str = "refinery_schema_history";
+
+mod embedded_template {
+    refinery::embed_migrations!("tenant_template");
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("cannot load template migrations: {0}")]
+    Load(String),
+    #[error("template has no migrations")]
+    Empty,
+    #[error("migration failed in schema {schema}: {message}")]
+    Migration {
+        schema: String,
+        /// The migration being applied when it failed, e.g. `V2__add_index`.
+        migration: Option<String>,
+        message: String,
+        /// True when an applied migration differs from the template's file
+        /// (checksum) or is missing from the template.
+        diverged: bool,
+    },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A sqlx connection, inside a transaction, seen by refinery as a migration
+/// target.
+pub(crate) struct MigrationConn<'c> {
+    conn: &'c mut PgConnection,
+}
+
+impl<'c> MigrationConn<'c> {
+    pub(crate) fn new(conn: &'c mut PgConnection) -> Self {
+        MigrationConn { conn }
+    }
+}
+
+impl AsyncTransaction for MigrationConn<'_> {
+    type Error = sqlx::Error;
+
+    fn execute<'a, T: Iterator<Item = &'a str> + Send + 'a>(
+        &'a mut self,
+        queries: T,
+    ) -> impl Future<Output = Result<usize, Self::Error>> + Send + 'a {
+        // One simple-query message for the whole batch: a migration and its
+        // history row cost one round trip. "\n;\n" ends any trailing line
+        // comment before the separator.
+        let sql = queries.collect::<Vec<_>>().join("\n;\n");
+        async move { Ok(simple_query(self.conn, &sql).await? as usize) }
+    }
+}
+
+impl AsyncQuery<Vec<Migration>> for MigrationConn<'_> {
+    async fn query<'a>(&'a mut self, query: &'a str) -> Result<Vec<Migration>, Self::Error> {
+        let rows = fetch_history(self.conn, query).await?;
+        rows.into_iter().map(applied_migration).collect()
+    }
+}
+
+impl AsyncMigrate for MigrationConn<'_> {}
+
+type HistoryRow = (i32, Option<String>, Option<String>, Option<String>);
+
+type SendFuture<'a, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<T, sqlx::Error>> + Send + 'a>>;
+
+/// Runs SQL text (one or several statements, no bind parameters) in one
+/// round trip and returns the rows affected.
+///
+/// Both helpers here box their futures: with sqlx's `raw_sql` or inline in
+/// `impl Future + Send` trait methods, the compiler's higher-ranked check of
+/// sqlx's `Executor` impl for `&mut PgConnection` fails and callers' futures
+/// stop being `Send`. Boxing proves `Send` here, where lifetimes are concrete.
+pub(crate) fn simple_query<'a>(conn: &'a mut PgConnection, sql: &'a str) -> SendFuture<'a, u64> {
+    // A plain &str has no bind arguments, so sqlx sends it with the simple
+    // query protocol, which accepts several statements.
+    Box::pin(async move { Ok(sqlx::Executor::execute(conn, sql).await?.rows_affected()) })
+}
+
+fn fetch_history<'a>(
+    conn: &'a mut PgConnection,
+    query: &'a str,
+) -> SendFuture<'a, Vec<HistoryRow>> {
+    Box::pin(async move {
+        sqlx::query_as(query)
+            .persistent(false)
+            .fetch_all(conn)
+            .await
+    })
+}
+
+fn applied_migration(
+    (version, name, applied_on, checksum): HistoryRow,
+) -> Result<Migration, sqlx::Error> {
+    let bad = |what: &str| sqlx::Error::Decode(format!("history row {version}: bad {what}").into());
+    let applied_on = OffsetDateTime::parse(applied_on.as_deref().unwrap_or_default(), &Rfc3339)
+        .map_err(|_| bad("applied_on"))?;
+    let checksum = checksum
+        .as_deref()
+        .unwrap_or_default()
+        .parse::<u64>()
+        .map_err(|_| bad("checksum"))?;
+    Ok(Migration::applied(
+        version,
+        name.unwrap_or_default(),
+        applied_on,
+        checksum,
+    ))
+}
+
+/// What applying a template did to one schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Names (`V2__add_index`) of the migrations applied by this call.
+    pub migrations: Vec<String>,
+}
+
+/// A set of versioned SQL migrations applied to one schema at a time.
+#[derive(Debug, Clone)]
+pub struct Template {
+    migrations: Vec<Migration>,
+}
+
+impl Template {
+    /// The tenant template compiled into this binary from `tenant_template/`.
+    pub fn embedded() -> Self {
+        Template::from_migrations(
+            embedded_template::migrations::runner()
+                .get_migrations()
+                .clone(),
+        )
+        .expect("the embedded template has migrations")
+    }
+
+    /// Loads `V{n}__{name}.sql` files from a directory at run time.
+    pub fn from_dir(dir: &Path) -> Result<Self, TemplateError> {
+        if !dir.is_dir() {
+            return Err(TemplateError::Load(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        let migrations = refinery_core::load_sql_migrations(dir)
+            .map_err(|e| TemplateError::Load(e.to_string()))?;
+        Template::from_migrations(migrations)
+    }
+
+    pub fn from_migrations(mut migrations: Vec<Migration>) -> Result<Self, TemplateError> {
+        if migrations.is_empty() {
+            return Err(TemplateError::Empty);
+        }
+        migrations.sort();
+        Ok(Template { migrations })
+    }
+
+    /// The highest version in the template: what a fully migrated schema's
+    /// `template_version` is.
+    pub fn latest_version(&self) -> i32 {
+        self.migrations.last().map(|m| m.version()).unwrap_or(0)
+    }
+
+    pub fn migrations(&self) -> &[Migration] {
+        &self.migrations
+    }
+
+    /// Applies the template to `schema` inside the transaction `conn` is in.
+    /// Sets `search_path` transaction-locally to exactly `schema`, creates the
+    /// history table there if needed, refuses to run when an applied migration
+    /// was edited or removed, and applies every pending migration up to
+    /// `target` (all when `None`). On error the caller must roll back.
+    ///
+    /// `grouped` sends all pending migrations in one round trip (fast, used by
+    /// provisioning); otherwise each migration is sent on its own, so an error
+    /// names the migration that failed.
+    #[tracing::instrument(skip(self, conn), fields(schema = %schema))]
+    pub async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        schema: &SchemaName,
+        target: Option<i32>,
+        grouped: bool,
+    ) -> Result<Applied, TemplateError> {
+        set_local_search_path(conn, schema).await?;
+        self.run(conn, schema.as_str(), target, grouped).await
+    }
+
+    /// Applies these migrations to the registry schema `tenantry`.
+    pub(crate) async fn apply_to_registry(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Applied, TemplateError> {
+        simple_query(conn, "SET LOCAL search_path TO tenantry").await?;
+        self.run(conn, "tenantry", None, false).await
+    }
+
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        schema: &str,
+        target: Option<i32>,
+        grouped: bool,
+    ) -> Result<Applied, TemplateError> {
+        let runner = Runner::new(&self.migrations)
+            .set_abort_divergent(true)
+            .set_abort_missing(true)
+            .set_grouped(grouped)
+            .set_target(match target {
+                Some(v) => Target::Version(v),
+                None => Target::Latest,
+            });
+        let mut mc = MigrationConn::new(conn);
+        match runner.run_async(&mut mc).await {
+            Ok(report) => Ok(Applied {
+                migrations: report
+                    .applied_migrations()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            }),
+            Err(e) => Err(migration_error(schema, e)),
+        }
+    }
+}
+
+/// `SET LOCAL search_path` to exactly one schema. Only a parsed, quoted
+/// [`SchemaName`] reaches the SQL text.
+pub(crate) async fn set_local_search_path(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+) -> Result<(), sqlx::Error> {
+    simple_query(
+        conn,
+        &format!("SET LOCAL search_path TO {}", schema.quoted()),
+    )
+    .await?;
+    Ok(())
+}
+
+fn migration_error(schema: &str, e: refinery_core::Error) -> TemplateError {
+    use refinery_core::error::Kind;
+    let (migration, diverged) = match e.kind() {
+        Kind::DivergentVersion(applied, _) | Kind::MissingVersion(applied) => {
+            (Some(applied.to_string()), true)
+        }
+        // Ungrouped runs name the failing migration in the context message.
+        Kind::Connection(context, _) => (
+            context
+                .strip_prefix("error applying migration ")
+                .map(str::to_owned),
+            false,
+        ),
+        _ => (None, false),
+    };
+    TemplateError::Migration {
+        schema: schema.to_owned(),
+        migration,
+        message: crate::error::chain(&e),
+        diverged,
+    }
+}

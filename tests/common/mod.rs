@@ -1,0 +1,110 @@
+//! Test harness: a real PostgreSQL for every test binary. Uses DATABASE_URL
+//! when set; otherwise starts one throwaway cluster from the system's
+//! binaries (fsync off), shared by the tests of this binary and removed by a
+//! watchdog once the binary exits. Each test gets its own fresh database, so
+//! tests run in parallel without seeing each other.
+#![allow(dead_code)]
+
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+use tenantry::embedded::{Durability, LocalPostgres};
+
+static SERVER: OnceLock<String> = OnceLock::new();
+
+/// URL of the server's maintenance database.
+fn server() -> &'static str {
+    SERVER.get_or_init(|| {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            PgConnectOptions::from_str(&url).expect("DATABASE_URL must be a valid URL");
+            return url;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("tenantry-test-pg-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let pg = LocalPostgres::ensure_running(&dir, Durability::Throwaway)
+            .unwrap_or_else(|e| panic!("cannot start a test PostgreSQL: {e}"));
+        pg.remove_when_process_exits(std::process::id())
+            .expect("watchdog for the test cluster");
+        pg.url("postgres")
+    })
+}
+
+/// `url` with its database name replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let authority_start = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_end = base[authority_start..]
+        .find('/')
+        .map(|i| authority_start + i)
+        .unwrap_or(base.len());
+    format!("{}/{database}{query}", &base[..host_end])
+}
+
+pub struct TestDb {
+    pub pool: PgPool,
+    /// URL of this test's database.
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDb {
+    /// A new empty database with the registry migrated.
+    pub async fn new() -> TestDb {
+        let db = TestDb::empty().await;
+        tenantry::registry::migrate(&db.pool)
+            .await
+            .expect("registry migrations");
+        db
+    }
+
+    /// A new empty database, nothing applied.
+    pub async fn empty() -> TestDb {
+        let name = format!("tenantry_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(server())
+            .await
+            .expect("connect to test server");
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        let url = with_database(server(), &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .expect("connect to test database");
+        TestDb { pool, url, name }
+    }
+
+    pub async fn schema_exists(&self, schema: &str) -> bool {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Tables of a schema, sorted.
+    pub async fn tables(&self, schema: &str) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = $1 ORDER BY tablename",
+        )
+        .bind(schema)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+    }
+}
