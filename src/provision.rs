@@ -5,10 +5,11 @@
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::error::sqlstate;
 use crate::error::{Error, ResultExt};
 use crate::ident::{SchemaName, Slug};
 use crate::registry::{self, org_columns, OrgRow, OrgStatus, Organization, User};
-use crate::template::{simple_query, Template};
+use crate::template::{simple_query, Template, TemplateError};
 
 /// Statuses and behaviors every new organization starts with.
 pub const DEFAULT_STATUSES: &[&str] = &["New", "Active", "Archived"];
@@ -89,41 +90,56 @@ pub async fn create_org_with_hook(
             new.slug.as_str()
         ))
     };
-    // Claim the slug first: a duplicate fails here, before any DDL.
+    // Claim the slug first, in the same statement as the owner user: a
+    // duplicate fails here, before any DDL.
+    let owner = new.owner_email.as_ref().map(|email| User {
+        id: Uuid::new_v4(),
+        organization_id: None,
+        email: email.clone(),
+        display_name: registry::default_display_name(email),
+        is_superuser: false,
+    });
     let row: OrgRow = sqlx::query_as(concat!(
-        "INSERT INTO tenantry.organizations (id, slug, name, schema_name, status, template_version) \
-         VALUES ($1, $2, $3, $4, 'active', $5) RETURNING ",
-        org_columns!()
+        "WITH org AS (\
+           INSERT INTO tenantry.organizations (id, slug, name, schema_name, status, template_version) \
+           VALUES ($1, $2, $3, $4, 'active', $5) RETURNING ",
+        org_columns!(),
+        "), owner AS (\
+           INSERT INTO tenantry.users (id, organization_id, email, display_name) \
+           SELECT $6, org.id, $7, $8 FROM org WHERE $6::uuid IS NOT NULL RETURNING id) \
+         SELECT org.* FROM org LEFT JOIN owner ON true"
     ))
     .bind(Uuid::new_v4())
     .bind(new.slug.as_str())
     .bind(&new.name)
     .bind(schema.as_str())
     .bind(template.latest_version())
+    .bind(owner.as_ref().map(|u| u.id))
+    .bind(owner.as_ref().map(|u| u.email.as_str()))
+    .bind(owner.as_ref().map(|u| u.display_name.as_str()))
     .fetch_one(&mut *tx)
     .await
     .on_unique_violation(conflict)?;
     let organization = Organization::try_from(row)?;
-
-    let owner = match &new.owner_email {
-        Some(email) => {
-            Some(registry::insert_user(&mut tx, Some(organization.id), email, false).await?)
-        }
-        None => None,
-    };
+    let owner = owner.map(|u| User {
+        organization_id: Some(organization.id),
+        ..u
+    });
 
     // A leftover schema of the same name (e.g. from a crash outside our
     // transaction) is reported, never adopted: CREATE SCHEMA without IF NOT
     // EXISTS fails with duplicate_schema.
-    simple_query(&mut tx, &format!("CREATE SCHEMA {}", schema.quoted()))
+    let applied = template
+        .apply_to_new_schema(&mut tx, &schema)
         .await
-        .map_err(|e| match crate::error::sqlstate(&e).as_deref() {
-            Some("42P06") => Error::Conflict(format!(
-                "schema {schema} already exists but no organization owns it; run `tenantry doctor`"
-            )),
-            _ => Error::Database(e),
+        .map_err(|e| match e {
+            TemplateError::Database(db) if sqlstate(&db).as_deref() == Some("42P06") => {
+                Error::Conflict(format!(
+                    "schema {schema} already exists but no organization owns it; run `tenantry doctor`"
+                ))
+            }
+            other => Error::Template(other),
         })?;
-    let applied = template.apply(&mut tx, &schema, None, true).await?;
     debug_assert_eq!(applied.migrations.len(), template.migrations().len());
     if let Some(hook) = hook {
         hook()?;
@@ -149,7 +165,6 @@ async fn seed_initial_data(conn: &mut PgConnection, author: Uuid) -> Result<(), 
     .bind(DEFAULT_STATUSES)
     .bind(DEFAULT_BEHAVIORS)
     .bind(author)
-    .persistent(false)
     .execute(conn)
     .await?;
     Ok(())

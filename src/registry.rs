@@ -192,7 +192,7 @@ pub fn parse_email(raw: &str) -> Result<String, Error> {
     }
 }
 
-fn default_display_name(email: &str) -> String {
+pub(crate) fn default_display_name(email: &str) -> String {
     email.split('@').next().unwrap_or(email).to_owned()
 }
 

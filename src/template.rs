@@ -106,10 +106,10 @@ fn fetch_history<'a>(
     query: &'a str,
 ) -> SendFuture<'a, Vec<HistoryRow>> {
     Box::pin(async move {
-        sqlx::query_as(query)
-            .persistent(false)
-            .fetch_all(conn)
-            .await
+        // Persistent: the text is the same for every schema, so each pooled
+        // connection prepares it once (PostgreSQL re-plans it when the
+        // search_path differs), saving a round trip per tenant.
+        sqlx::query_as(query).fetch_all(conn).await
     })
 }
 
@@ -206,6 +206,23 @@ impl Template {
     ) -> Result<Applied, TemplateError> {
         set_local_search_path(conn, schema).await?;
         self.run(conn, schema.as_str(), target, grouped).await
+    }
+
+    /// Creates `schema` and applies the whole template to it, grouped. The
+    /// schema, the search path and refinery's history table are set up in one
+    /// round trip; a schema that exists already fails with SQLSTATE 42P06.
+    pub async fn apply_to_new_schema(
+        &self,
+        conn: &mut PgConnection,
+        schema: &SchemaName,
+    ) -> Result<Applied, TemplateError> {
+        let setup = format!(
+            "CREATE SCHEMA {q}; SET LOCAL search_path TO {q}; {history}",
+            q = schema.quoted(),
+            history = <MigrationConn as AsyncMigrate>::assert_migrations_table_query(HISTORY_TABLE)
+        );
+        simple_query(conn, &setup).await?;
+        self.run(conn, schema.as_str(), None, true).await
     }
 
     /// Applies these migrations to the registry schema `tenantry`.

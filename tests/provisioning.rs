@@ -486,3 +486,47 @@ async fn cli_manages_orgs_and_tokens() {
     let (ok, _, err) = cli(&db, &["orgs", "delete", "cli-org", "--yes"]);
     assert!(!ok && err.contains("not found"), "{err}");
 }
+
+#[tokio::test]
+async fn quoted_identifiers_survive_hostile_names_in_postgres() {
+    let db = TestDb::new().await;
+    let hostile = [
+        "x\"; DROP SCHEMA tenantry CASCADE; --",
+        "\"",
+        "a\"\"b",
+        "t_ok\" , public",
+        "semi;colon",
+        "new\nline",
+        "ünïcødé",
+        "$1",
+    ];
+    for name in hostile {
+        let quoted = tenantry::ident::quote_ident(name);
+        sqlx::raw_sql(&format!("CREATE SCHEMA {quoted}"))
+            .execute(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{name:?}: {e}"));
+        assert!(
+            db.schema_exists(name).await,
+            "schema {name:?} not created verbatim"
+        );
+        // and the quoted name works as a search_path entry on its own
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::raw_sql(&format!("SET LOCAL search_path TO {quoted}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let path: Vec<String> = sqlx::query_scalar("SELECT current_schemas(false)::text[]")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(path, [name], "search_path must be exactly the one schema");
+        tx.rollback().await.unwrap();
+    }
+    assert!(db.schema_exists("tenantry").await);
+    assert_eq!(
+        db.count("SELECT count(*) FROM tenantry.organizations")
+            .await,
+        0
+    );
+}

@@ -1,0 +1,80 @@
+//! Shared by the benchmark programs: a database to measure against and
+//! latency statistics.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tenantry::embedded::{Durability, LocalPostgres};
+
+/// A fresh database on DATABASE_URL's server, or on a throwaway local
+/// cluster (fsync off) that is removed when the program exits.
+pub async fn bench_pool(max_connections: u32) -> (PgPool, String) {
+    let server_url = match std::env::var("DATABASE_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            let dir = std::env::temp_dir().join(format!("tenantry-bench-{}", std::process::id()));
+            let pg = LocalPostgres::ensure_running(&dir, Durability::Throwaway)
+                .expect("local PostgreSQL");
+            pg.remove_when_process_exits(std::process::id())
+                .expect("watchdog");
+            pg.url("postgres")
+        }
+    };
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server_url)
+        .await
+        .expect("connect");
+    let name = format!("tenantry_bench_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    admin.close().await;
+    let (base, _) = server_url.rsplit_once('/').expect("URL has a database");
+    let url = format!("{base}/{name}");
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect(&url)
+        .await
+        .expect("connect to bench database");
+    (pool, url)
+}
+
+pub struct Stats {
+    pub median: Duration,
+    pub p95: Duration,
+    pub p99: Duration,
+    pub total: Duration,
+    pub n: usize,
+}
+
+impl Stats {
+    pub fn of(mut samples: Vec<Duration>) -> Stats {
+        samples.sort();
+        let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+        Stats {
+            median: at(0.5),
+            p95: at(0.95),
+            p99: at(0.99),
+            total: samples.iter().sum(),
+            n: samples.len(),
+        }
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `--name value` from the command line, or `default`.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("bad value for {name}")))
+        .unwrap_or(default)
+}
