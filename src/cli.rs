@@ -7,7 +7,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use sqlx::postgres::PgPoolOptions;
+use std::time::Duration;
+
+use crate::db::PoolConfig;
+use crate::router::RouterConfig;
+use crate::server::{self, ServerConfig};
 use sqlx::PgPool;
 
 use crate::embedded::{Durability, LocalPostgres};
@@ -47,6 +51,8 @@ pub struct DbArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the HTTP API server.
+    Serve(ServeArgs),
     /// Apply the registry migrations.
     Migrate,
     /// Create, list, suspend, resume, rename and delete organizations.
@@ -55,6 +61,35 @@ pub enum Command {
     /// Issue and revoke API tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TENANTRY_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: std::net::SocketAddr,
+    /// Database connections shared by all tenants.
+    #[arg(long, env = "TENANTRY_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: u32,
+    /// Seconds a pooled connection lives before it is replaced (bounds the
+    /// catalog cache each backend accumulates per tenant).
+    #[arg(long, env = "TENANTRY_CONN_MAX_LIFETIME", default_value_t = 900)]
+    pub conn_max_lifetime: u64,
+    /// Seconds a resolved org stays cached in this process (other processes'
+    /// changes are also pushed through LISTEN/NOTIFY).
+    #[arg(long, env = "TENANTRY_CACHE_TTL", default_value_t = 30)]
+    pub cache_ttl: u64,
+    /// Seconds a verified token stays cached in this process.
+    #[arg(long, env = "TENANTRY_AUTH_TTL", default_value_t = 10)]
+    pub auth_ttl: u64,
+    #[arg(long, env = "TENANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,13 +155,25 @@ pub enum TokensCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Issue a token for a platform superuser (acts on every org).
+    Superuser {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a token by id.
     Revoke { id: uuid::Uuid },
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing("warn");
+    match &cli.command {
+        Command::Serve(args) => init_tracing("info", args.log_format),
+        _ => init_tracing("warn", LogFormat::Text),
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -137,13 +184,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-pub fn init_tracing(default_level: &str) {
+pub fn init_tracing(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+    };
 }
 
 /// A database connection for one command, plus the local cluster when this
@@ -154,7 +208,7 @@ pub struct Database {
 }
 
 impl Database {
-    pub async fn connect(args: &DbArgs, max_connections: u32) -> anyhow::Result<Self> {
+    pub async fn connect(args: &DbArgs, pool_config: &PoolConfig) -> anyhow::Result<Self> {
         let (url, local) = match &args.database_url {
             Some(url) => (url.clone(), None),
             None => {
@@ -166,9 +220,7 @@ impl Database {
                 (pg.url("postgres"), Some(pg))
             }
         };
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .connect(&url)
+        let pool = crate::db::connect(&url, pool_config)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
         registry::migrate(&pool).await?;
@@ -185,12 +237,52 @@ impl Database {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Serve(args) = cli.command {
+        return serve(&cli.db, args).await;
+    }
     // Check arguments before touching (or starting) a database.
     let action = Action::parse(cli.command)?;
-    let db = Database::connect(&cli.db, 4).await?;
+    let pool_config = PoolConfig {
+        max_connections: 4,
+        ..PoolConfig::default()
+    };
+    let db = Database::connect(&cli.db, &pool_config).await?;
     let result = action.run(&db.pool).await;
     db.close().await?;
     result
+}
+
+async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
+    let pool_config = PoolConfig {
+        max_connections: args.pool_size,
+        max_lifetime: Duration::from_secs(args.conn_max_lifetime),
+        ..PoolConfig::default()
+    };
+    let db = Database::connect(db_args, &pool_config).await?;
+    let config = ServerConfig {
+        router: RouterConfig {
+            ttl: Duration::from_secs(args.cache_ttl),
+            ..RouterConfig::default()
+        },
+        auth_ttl: Duration::from_secs(args.auth_ttl),
+    };
+    if let Some(token) = server::bootstrap_superuser(&db.pool).await? {
+        println!(
+            "created superuser {} with API token (shown once, store it now):",
+            server::BOOTSTRAP_SUPERUSER
+        );
+        println!("{}", token.token);
+    }
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.bind))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+    println!("tenantry listening on http://{addr}");
+    let state = server::state(db.pool.clone(), &config);
+    let served = server::serve(listener, state, server::shutdown_signal()).await;
+    db.close().await?;
+    Ok(served?)
 }
 
 /// A command with its arguments already validated.
@@ -203,12 +295,14 @@ enum Action {
     Rename(Slug, Slug, bool),
     Delete(Slug, bool),
     CreateToken(Slug, String, Option<String>, bool),
+    SuperuserToken(String, Option<String>, bool),
     RevokeToken(uuid::Uuid),
 }
 
 impl Action {
     fn parse(command: Command) -> anyhow::Result<Self> {
         Ok(match command {
+            Command::Serve(_) => unreachable!("serve is handled before"),
             Command::Migrate => Action::Migrate,
             Command::Orgs(cmd) => match cmd {
                 OrgsCommand::Create {
@@ -244,6 +338,9 @@ impl Action {
                 } => {
                     let email = registry::parse_email(&email)?;
                     Action::CreateToken(Slug::parse(&slug)?, email, name, json)
+                }
+                TokensCommand::Superuser { email, name, json } => {
+                    Action::SuperuserToken(registry::parse_email(&email)?, name, json)
                 }
                 TokensCommand::Revoke { id } => Action::RevokeToken(id),
             },
@@ -306,8 +403,22 @@ impl Action {
                     println!("store it now: it is shown once and cannot be recovered");
                 }
             }
+            Action::SuperuserToken(email, name, json) => {
+                let (user, issued) =
+                    provision::issue_superuser_token(pool, &email, name.as_deref()).await?;
+                if json {
+                    print_json(&serde_json::json!({ "user": user, "token": issued }))?;
+                } else {
+                    println!(
+                        "superuser token for {} (id {}):",
+                        user.email, issued.info.id
+                    );
+                    println!("{}", issued.token);
+                    println!("store it now: it is shown once and cannot be recovered");
+                }
+            }
             Action::RevokeToken(id) => {
-                if !registry::revoke_token(pool, id).await? {
+                if registry::revoke_token(pool, id).await?.is_none() {
                     anyhow::bail!("no active token with id {id}");
                 }
                 println!("revoked {id}");

@@ -35,6 +35,11 @@ pub enum Error {
     Corrupt(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// An error shared by several waiters (e.g. coalesced cache loads).
+    #[error("{0}")]
+    Shared(std::sync::Arc<Error>),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Maps database constraint violations to domain errors, as in

@@ -3,13 +3,18 @@
 //! One database holds the registry (schema `tenantry`) and one schema per
 //! organization. See `README.md` for the manual and `docs/` for benchmarks.
 
+pub mod api;
+pub mod auth;
 pub mod cli;
+pub mod db;
 pub mod embedded;
 pub mod error;
 pub mod ident;
 pub mod provision;
 pub mod registry;
+pub mod router;
 pub mod secret;
+pub mod server;
 pub mod template;
 
 pub use error::Error;

@@ -9,6 +9,7 @@ use crate::error::sqlstate;
 use crate::error::{Error, ResultExt};
 use crate::ident::{SchemaName, Slug};
 use crate::registry::{self, org_columns, OrgRow, OrgStatus, Organization, User};
+use crate::router::notify_change;
 use crate::template::{simple_query, Template, TemplateError};
 
 /// Statuses and behaviors every new organization starts with.
@@ -56,6 +57,15 @@ impl NewOrg {
 pub struct Created {
     pub organization: Organization,
     pub owner: Option<User>,
+}
+
+const DUPLICATE_SCHEMA: &str = "42P06";
+
+/// A schema that exists although no organization owns it is never adopted.
+fn orphan_schema(schema: &SchemaName) -> Error {
+    Error::Conflict(format!(
+        "schema {schema} already exists but no organization owns it; run `tenantry doctor`"
+    ))
 }
 
 /// A hook for tests: runs inside the provisioning transaction after the
@@ -133,10 +143,8 @@ pub async fn create_org_with_hook(
         .apply_to_new_schema(&mut tx, &schema)
         .await
         .map_err(|e| match e {
-            TemplateError::Database(db) if sqlstate(&db).as_deref() == Some("42P06") => {
-                Error::Conflict(format!(
-                    "schema {schema} already exists but no organization owns it; run `tenantry doctor`"
-                ))
+            TemplateError::Database(db) if sqlstate(&db).as_deref() == Some(DUPLICATE_SCHEMA) => {
+                orphan_schema(&schema)
             }
             other => Error::Template(other),
         })?;
@@ -146,6 +154,8 @@ pub async fn create_org_with_hook(
     }
     let author = owner.as_ref().map(|u| u.id).unwrap_or(SYSTEM_USER_ID);
     seed_initial_data(&mut tx, author).await?;
+    // Routers elsewhere may remember this slug as unknown.
+    notify_change(&mut tx, &new.slug).await?;
     tx.commit().await?;
     tracing::info!(slug = %organization.slug, schema = %schema, "organization created");
     Ok(Created {
@@ -177,6 +187,7 @@ async fn set_status(
     from: OrgStatus,
     action: &'static str,
 ) -> Result<Organization, Error> {
+    let mut tx = pool.begin().await?;
     let row: Option<OrgRow> = sqlx::query_as(concat!(
         "UPDATE tenantry.organizations SET status = $2, updated_at = now() \
          WHERE slug = $1 AND status = $3 RETURNING ",
@@ -185,8 +196,12 @@ async fn set_status(
     .bind(slug.as_str())
     .bind(to)
     .bind(from)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
+    if row.is_some() {
+        notify_change(&mut tx, slug).await?;
+    }
+    tx.commit().await?;
     match row {
         Some(row) => Organization::try_from(row),
         None => {
@@ -270,14 +285,14 @@ pub async fn rename_org(
         current.schema_name.quoted(),
         new_schema.quoted()
     );
-    simple_query(&mut tx, &rename).await.map_err(|e| {
-        match crate::error::sqlstate(&e).as_deref() {
-            Some("42P06") => Error::Conflict(format!(
-            "schema {new_schema} already exists but no organization owns it; run `tenantry doctor`"
-        )),
+    simple_query(&mut tx, &rename)
+        .await
+        .map_err(|e| match sqlstate(&e).as_deref() {
+            Some(DUPLICATE_SCHEMA) => orphan_schema(&new_schema),
             _ => Error::Database(e),
-        }
-    })?;
+        })?;
+    notify_change(&mut tx, slug).await?;
+    notify_change(&mut tx, new_slug).await?;
     tx.commit().await?;
     Organization::try_from(row)
 }
@@ -297,6 +312,7 @@ pub async fn delete_org(pool: &PgPool, slug: &Slug) -> Result<Organization, Erro
     let org = Organization::try_from(row.ok_or_else(|| Error::OrgNotFound(slug.to_string()))?)?;
     let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", org.schema_name.quoted());
     simple_query(&mut tx, &drop).await?;
+    notify_change(&mut tx, slug).await?;
     tx.commit().await?;
     tracing::info!(slug = %org.slug, schema = %org.schema_name, "organization deleted");
     Ok(org)
@@ -317,6 +333,25 @@ pub async fn issue_org_token(
     let user = match registry::find_user(&mut tx, Some(org.id), &email).await? {
         Some(u) => u,
         None => registry::insert_user(&mut tx, Some(org.id), &email, false).await?,
+    };
+    let token = registry::issue_token(&mut tx, &user, name).await?;
+    tx.commit().await?;
+    Ok((user, token))
+}
+
+/// Issues a token for a platform superuser (a user of no organization) with
+/// `email`, creating the user if needed. Superuser tokens may act on any org.
+#[tracing::instrument(skip(pool))]
+pub async fn issue_superuser_token(
+    pool: &PgPool,
+    email: &str,
+    name: Option<&str>,
+) -> Result<(User, registry::IssuedToken), Error> {
+    let email = registry::parse_email(email)?;
+    let mut tx = pool.begin().await?;
+    let user = match registry::find_user(&mut tx, None, &email).await? {
+        Some(u) => u,
+        None => registry::insert_user(&mut tx, None, &email, true).await?,
     };
     let token = registry::issue_token(&mut tx, &user, name).await?;
     tx.commit().await?;

@@ -296,26 +296,41 @@ pub struct Principal {
 
 /// Looks a presented token up by its SHA-256 digest. Revoked tokens and
 /// tokens of users who no longer exist are not found.
-#[tracing::instrument(skip_all)]
 pub async fn authenticate(pool: &PgPool, presented: &str) -> Result<Option<Principal>, Error> {
-    let hash = token_hash(presented);
+    authenticate_hash(pool, &token_hash(presented)).await
+}
+
+/// Looks a token up by digest and records its use, in one statement.
+#[tracing::instrument(skip_all)]
+pub async fn authenticate_hash(pool: &PgPool, hash: &[u8; 32]) -> Result<Option<Principal>, Error> {
     Ok(sqlx::query_as(
-        "SELECT t.id AS token_id, u.id AS user_id, u.organization_id, u.is_superuser \
-         FROM tenantry.api_tokens t JOIN tenantry.users u ON u.id = t.user_id \
-         WHERE t.secret_hash = $1 AND t.revoked_at IS NULL",
+        "UPDATE tenantry.api_tokens t SET last_used_at = now() \
+         FROM tenantry.users u \
+         WHERE u.id = t.user_id AND t.secret_hash = $1 AND t.revoked_at IS NULL \
+         RETURNING t.id AS token_id, u.id AS user_id, u.organization_id, u.is_superuser",
     )
     .bind(&hash[..])
     .fetch_optional(pool)
     .await?)
 }
 
-/// Revokes a token; returns false when it did not exist or was revoked already.
-pub async fn revoke_token(pool: &PgPool, token_id: Uuid) -> Result<bool, Error> {
-    let done = sqlx::query(
-        "UPDATE tenantry.api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+/// Revokes a token; returns its digest, or `None` when it did not exist or
+/// was revoked already.
+pub async fn revoke_token(pool: &PgPool, token_id: Uuid) -> Result<Option<Vec<u8>>, Error> {
+    Ok(sqlx::query_scalar(
+        "UPDATE tenantry.api_tokens SET revoked_at = now() \
+         WHERE id = $1 AND revoked_at IS NULL RETURNING secret_hash",
     )
     .bind(token_id)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// True when no platform superuser exists yet.
+pub async fn has_superuser(pool: &PgPool) -> Result<bool, Error> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenantry.users WHERE is_superuser)")
+            .fetch_one(pool)
+            .await?,
+    )
 }

@@ -1,0 +1,168 @@
+//! Superuser administration under `/v1/admin`: provisioning and lifecycle of
+//! orgs, and API tokens. Calls the same library functions as the CLI, then
+//! invalidates this process's router cache at once.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::{ApiJson, ApiPath, Superuser};
+use super::AppState;
+use crate::ident::Slug;
+use crate::provision::{self, NewOrg};
+use crate::registry::{self, Organization};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/orgs", get(list_orgs).post(create_org))
+        .route("/v1/admin/orgs/{slug}", get(get_org).delete(delete_org))
+        .route("/v1/admin/orgs/{slug}/suspend", post(suspend_org))
+        .route("/v1/admin/orgs/{slug}/resume", post(resume_org))
+        .route("/v1/admin/orgs/{slug}/rename", post(rename_org))
+        .route("/v1/admin/orgs/{slug}/tokens", post(create_token))
+        .route("/v1/admin/tokens/{id}", delete(revoke_token))
+}
+
+/// Slugs in admin paths: invalid ones are simply not found.
+fn path_slug(raw: &str) -> Result<Slug, ApiError> {
+    Slug::parse(raw).map_err(|_| ApiError::not_found(format!("organization {raw:?} not found")))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrg {
+    pub slug: String,
+    pub name: String,
+    pub owner_email: Option<String>,
+}
+
+pub async fn create_org(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiJson(body): ApiJson<CreateOrg>,
+) -> Result<impl IntoResponse, ApiError> {
+    let new = NewOrg::parse(&body.slug, &body.name, body.owner_email.as_deref())?;
+    let created = provision::create_org(&app.pool, &app.template, &new).await?;
+    // The slug may be cached as unknown.
+    app.router.invalidate(&new.slug).await;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub async fn list_orgs(
+    State(app): State<AppState>,
+    _: Superuser,
+) -> Result<Json<Vec<Organization>>, ApiError> {
+    Ok(Json(registry::list_orgs(&app.pool).await?))
+}
+
+pub async fn get_org(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiPath(slug): ApiPath<String>,
+) -> Result<Json<Organization>, ApiError> {
+    let slug = path_slug(&slug)?;
+    let mut conn = app.pool.acquire().await.map_err(crate::Error::from)?;
+    Ok(Json(registry::get_org(&mut conn, &slug).await?))
+}
+
+pub async fn suspend_org(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiPath(slug): ApiPath<String>,
+) -> Result<Json<Organization>, ApiError> {
+    let slug = path_slug(&slug)?;
+    let org = provision::suspend_org(&app.pool, &slug).await?;
+    app.router.invalidate(&slug).await;
+    Ok(Json(org))
+}
+
+pub async fn resume_org(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiPath(slug): ApiPath<String>,
+) -> Result<Json<Organization>, ApiError> {
+    let slug = path_slug(&slug)?;
+    let org = provision::resume_org(&app.pool, &slug).await?;
+    app.router.invalidate(&slug).await;
+    Ok(Json(org))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameOrg {
+    pub new_slug: String,
+}
+
+pub async fn rename_org(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiPath(slug): ApiPath<String>,
+    ApiJson(body): ApiJson<RenameOrg>,
+) -> Result<Json<Organization>, ApiError> {
+    let slug = path_slug(&slug)?;
+    let new_slug = Slug::parse(&body.new_slug)
+        .map_err(|e| ApiError::invalid_field("new_slug", e.to_string()))?;
+    let org = provision::rename_org(&app.pool, &slug, &new_slug).await?;
+    app.router.invalidate(&slug).await;
+    app.router.invalidate(&new_slug).await;
+    Ok(Json(org))
+}
+
+pub async fn delete_org(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiPath(slug): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let slug = path_slug(&slug)?;
+    provision::delete_org(&app.pool, &slug).await?;
+    app.router.invalidate(&slug).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// The user the token acts for; created in the org if new.
+    pub email: String,
+    /// A label for the token.
+    pub name: Option<String>,
+}
+
+pub async fn create_token(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiPath(slug): ApiPath<String>,
+    ApiJson(body): ApiJson<CreateToken>,
+) -> Result<impl IntoResponse, ApiError> {
+    let slug = path_slug(&slug)?;
+    if let Some(name) = &body.name {
+        if name.chars().count() > 200 || name.chars().any(char::is_control) {
+            return Err(ApiError::invalid_field(
+                "name",
+                "must be at most 200 characters, without control characters",
+            ));
+        }
+    }
+    let (user, token) =
+        provision::issue_org_token(&app.pool, &slug, &body.email, body.name.as_deref()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "user": user, "token": token })),
+    ))
+}
+
+pub async fn revoke_token(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    if !app.auth.revoke(id).await? {
+        return Err(ApiError::not_found(format!("no active token {id}")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,181 @@
+//! The API's error type: one enum, one stable JSON shape
+//! `{"error": {"code", "message", "details"?}}`. Internal errors are logged
+//! with their cause and answered with a generic 500; client input never
+//! produces one.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use crate::error::{sqlstate, Error};
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Option<Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn not_found(what: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// A 422 naming the offending field.
+    pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            format!("{field}: {message}"),
+        )
+        .with_details(json!({ "fields": { field: message } }))
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    fn internal() -> Self {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal server error",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "code": self.code, "message": self.message });
+        if let Some(details) = self.details {
+            body["details"] = details;
+        }
+        (self.status, axum::Json(json!({ "error": body }))).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidSlug(e) => ApiError::invalid_field("slug", e.to_string()),
+            Error::InvalidSchemaName(e) => ApiError::invalid_field("schema", e.to_string()),
+            Error::Validation { field, message } => ApiError::invalid_field(field, message),
+            Error::OrgNotFound(slug) => {
+                ApiError::not_found(format!("organization {slug:?} not found"))
+            }
+            Error::NotFound(what) => ApiError::not_found(what),
+            Error::Conflict(m) => ApiError::conflict(m),
+            e @ Error::InvalidState { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_state", e.to_string())
+            }
+            Error::Database(db) => ApiError::from(db),
+            Error::Shared(shared) => match &*shared {
+                Error::Database(sqlx::Error::PoolTimedOut) => {
+                    ApiError::from(sqlx::Error::PoolTimedOut)
+                }
+                other => {
+                    tracing::error!(error = %crate::error::chain(other), "internal error");
+                    ApiError::internal()
+                }
+            },
+            other => {
+                tracing::error!(error = %crate::error::chain(&other), "internal error");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    /// Maps constraint violations caused by client data to 4xx; anything
+    /// else is internal.
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            let constraint = db.constraint().unwrap_or_default().to_owned();
+            match sqlstate(&e).as_deref() {
+                Some("23505") => {
+                    return ApiError::conflict(format!(
+                        "a row with the same unique value exists ({constraint})"
+                    ))
+                    .with_details(json!({ "constraint": constraint }))
+                }
+                Some("23503") => {
+                    // Which side of the foreign key we are on decides the
+                    // meaning: inserting a dangling reference is bad input;
+                    // deleting a referenced row is a conflict.
+                    if db.message().contains("is still referenced") {
+                        return ApiError::conflict(
+                            "the row is still referenced by other rows".to_string(),
+                        )
+                        .with_details(json!({ "constraint": constraint }));
+                    }
+                    let field = constraint
+                        .strip_prefix("tests_")
+                        .and_then(|c| c.strip_suffix("_fkey"))
+                        .unwrap_or("reference");
+                    return ApiError::invalid_field(field, "refers to a row that does not exist");
+                }
+                Some("23514") | Some("23502") => {
+                    return ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "validation_failed",
+                        format!("value violates a constraint ({constraint})"),
+                    )
+                    .with_details(json!({ "constraint": constraint }))
+                }
+                Some(code) if code.starts_with("22") => {
+                    return ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "validation_failed",
+                        "a value is out of range or malformed",
+                    )
+                }
+                Some("57014") => {
+                    return ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "timeout",
+                        "the database query took too long",
+                    )
+                }
+                _ => {}
+            }
+        }
+        if matches!(e, sqlx::Error::PoolTimedOut) {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "no database connection available, retry later",
+            );
+        }
+        tracing::error!(error = %crate::error::chain(&e), "database error");
+        ApiError::internal()
+    }
+}

@@ -1,0 +1,138 @@
+//! The HTTP API (axum): org-scoped CRUD under `/v1/orgs/{slug}`, superuser
+//! administration under `/v1/admin`, health checks and the OpenAPI document.
+//!
+//! Tenant routes are built on [`TenantApi`], a state that holds the router
+//! and the authenticator but not the pool, so their handlers cannot reach
+//! the database except through a tenant transaction (invariant 5).
+
+pub mod admin;
+pub mod error;
+pub mod extract;
+pub mod resources;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRef, State};
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use sqlx::PgPool;
+use tower_http::trace::TraceLayer;
+use tracing::field::Empty;
+
+use crate::auth::Authenticator;
+use crate::router::TenantRouter;
+use crate::template::Template;
+use error::ApiError;
+
+/// Largest accepted request body.
+pub const BODY_LIMIT: usize = 256 * 1024;
+
+/// Everything the admin routes may use.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub router: TenantRouter,
+    pub auth: Authenticator,
+    pub template: Arc<Template>,
+}
+
+/// What tenant routes may use: no pool.
+#[derive(Clone)]
+pub struct TenantApi {
+    pub router: TenantRouter,
+    pub auth: Authenticator,
+}
+
+impl FromRef<AppState> for Authenticator {
+    fn from_ref(s: &AppState) -> Self {
+        s.auth.clone()
+    }
+}
+
+impl FromRef<TenantApi> for Authenticator {
+    fn from_ref(s: &TenantApi) -> Self {
+        s.auth.clone()
+    }
+}
+
+impl FromRef<TenantApi> for TenantRouter {
+    fn from_ref(s: &TenantApi) -> Self {
+        s.router.clone()
+    }
+}
+
+/// The whole application.
+pub fn app(state: AppState) -> Router {
+    let tenant_api = TenantApi {
+        router: state.router.clone(),
+        auth: state.auth.clone(),
+    };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
+        .merge(admin::router())
+        .with_state(state)
+        .merge(resources::router().with_state(tenant_api))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<_>| {
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        org = Empty,
+                        status = Empty,
+                        latency_ms = Empty,
+                    )
+                })
+                .on_request(())
+                .on_response(|res: &Response, latency: Duration, span: &tracing::Span| {
+                    span.record("status", res.status().as_u16());
+                    span.record("latency_ms", latency.as_secs_f64() * 1000.0);
+                    tracing::info!("request done");
+                })
+                .on_failure(()),
+        )
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    match sqlx::query("SELECT 1").execute(&app.pool).await {
+        Ok(_) => Json(serde_json::json!({ "status": "ready" })).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unreachable",
+            )
+            .into_response()
+        }
+    }
+}
+
+async fn openapi_json() -> Json<serde_json::Value> {
+    Json(serde_json::json!({}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("route not found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}

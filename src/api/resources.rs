@@ -1,0 +1,507 @@
+//! Org-scoped CRUD: `statuses`, `behaviors` and `tests` under
+//! `/v1/orgs/{slug}/...`. Handlers see only an [`OrgScope`] and its tenant
+//! transaction: SQL names tables unqualified and never filters by org,
+//! because the transaction can only see the org's schema.
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use serde::{Deserialize, Deserializer, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::{ApiJson, ApiPath, ApiQuery, OrgScope};
+use super::TenantApi;
+
+pub fn router() -> Router<TenantApi> {
+    Router::new()
+        .route(
+            "/v1/orgs/{slug}/statuses",
+            get(list_named::<Statuses>).post(create_named::<Statuses>),
+        )
+        .route(
+            "/v1/orgs/{slug}/statuses/{id}",
+            get(get_named::<Statuses>)
+                .patch(update_named::<Statuses>)
+                .delete(delete_named::<Statuses>),
+        )
+        .route(
+            "/v1/orgs/{slug}/behaviors",
+            get(list_named::<Behaviors>).post(create_named::<Behaviors>),
+        )
+        .route(
+            "/v1/orgs/{slug}/behaviors/{id}",
+            get(get_named::<Behaviors>)
+                .patch(update_named::<Behaviors>)
+                .delete(delete_named::<Behaviors>),
+        )
+        .route("/v1/orgs/{slug}/tests", get(list_tests).post(create_test))
+        .route(
+            "/v1/orgs/{slug}/tests/{id}",
+            get(get_test).patch(update_test).delete(delete_test),
+        )
+}
+
+pub const DEFAULT_PAGE: i64 = 50;
+pub const MAX_PAGE: i64 = 200;
+pub const NAME_MAX: usize = 100;
+pub const DESCRIPTION_MAX: usize = 2_000;
+pub const TEXT_MAX: usize = 100_000;
+
+/// Checks a text field: length in characters within `min..=max`, and no
+/// NUL or (for one-line fields) control characters.
+fn check_text(
+    field: &str,
+    value: &str,
+    min: usize,
+    max: usize,
+    one_line: bool,
+) -> Result<(), ApiError> {
+    let len = value.chars().count();
+    if len < min || len > max {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("must be {min} to {max} characters (got {len})"),
+        ));
+    }
+    if value.contains('\0') || (one_line && value.chars().any(char::is_control)) {
+        return Err(ApiError::invalid_field(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Distinguishes an absent field (leave unchanged) from `null` (clear it).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Page size, 1 to 200 (default 50).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    fn parse(&self) -> Result<(i64, Option<Uuid>), ApiError> {
+        let limit = self.limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("limit must be between 1 and {MAX_PAGE}"),
+            ));
+        }
+        let cursor = self
+            .cursor
+            .as_deref()
+            .map(|c| {
+                Uuid::parse_str(c)
+                    .map_err(|_| ApiError::bad_request("invalid_query", "cursor is not valid"))
+            })
+            .transpose()?;
+        Ok((limit, cursor))
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Rows are fetched `limit + 1` at a time: the extra row only says whether
+/// there is a next page.
+fn page<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> Uuid) -> Page<T> {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_cursor = if more {
+        rows.last().map(|r| id(r).to_string())
+    } else {
+        None
+    };
+    Page {
+        items: rows,
+        next_cursor,
+    }
+}
+
+// ---- statuses and behaviors: the same shape, different tables ----
+
+/// A status or behavior.
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Named {
+    pub id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+    pub created_by: Uuid,
+    pub updated_by: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewNamed {
+    /// 1 to 100 characters, unique (case-insensitive) within the org.
+    pub name: String,
+    /// Up to 2,000 characters.
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedPatch {
+    pub name: Option<String>,
+    /// `null` clears the description.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub description: Option<Option<String>>,
+}
+
+fn check_named(name: Option<&str>, description: Option<&str>) -> Result<(), ApiError> {
+    if let Some(name) = name {
+        if name.trim() != name {
+            return Err(ApiError::invalid_field(
+                "name",
+                "must not start or end with whitespace",
+            ));
+        }
+        check_text("name", name, 1, NAME_MAX, true)?;
+    }
+    if let Some(d) = description {
+        check_text("description", d, 0, DESCRIPTION_MAX, false)?;
+    }
+    Ok(())
+}
+
+/// The SQL of one named-entity table. Table names are compile-time
+/// constants, never input.
+pub trait NamedTable: Send + Sync + 'static {
+    const NOUN: &'static str;
+    const LIST: &'static str;
+    const GET: &'static str;
+    const INSERT: &'static str;
+    const UPDATE: &'static str;
+    const DELETE: &'static str;
+}
+
+macro_rules! named_table {
+    ($ty:ident, $table:literal, $noun:literal) => {
+        pub struct $ty;
+        impl NamedTable for $ty {
+            const NOUN: &'static str = $noun;
+            const LIST: &'static str = concat!(
+                "SELECT id, name, description, created_by, updated_by, created_at, updated_at FROM ",
+                $table,
+                " WHERE ($1::uuid IS NULL OR id > $1) ORDER BY id LIMIT $2"
+            );
+            const GET: &'static str = concat!(
+                "SELECT id, name, description, created_by, updated_by, created_at, updated_at FROM ",
+                $table,
+                " WHERE id = $1"
+            );
+            const INSERT: &'static str = concat!(
+                "INSERT INTO ",
+                $table,
+                " (name, description, created_by, updated_by) VALUES ($1, $2, $3, $3) \
+                 RETURNING id, name, description, created_by, updated_by, created_at, updated_at"
+            );
+            const UPDATE: &'static str = concat!(
+                "UPDATE ",
+                $table,
+                " SET name = COALESCE($2, name), \
+                      description = CASE WHEN $3 THEN $4 ELSE description END, \
+                      updated_by = $5, updated_at = now() \
+                 WHERE id = $1 \
+                 RETURNING id, name, description, created_by, updated_by, created_at, updated_at"
+            );
+            const DELETE: &'static str = concat!("DELETE FROM ", $table, " WHERE id = $1");
+        }
+    };
+}
+
+named_table!(Statuses, "statuses", "status");
+named_table!(Behaviors, "behaviors", "behavior");
+
+fn not_found<T: NamedTable>(id: Uuid) -> ApiError {
+    ApiError::not_found(format!("{} {id} not found", T::NOUN))
+}
+
+/// Duplicate names are a conflict on the `name` field.
+fn name_taken(e: sqlx::Error) -> ApiError {
+    let api = ApiError::from(e);
+    if api.status == StatusCode::CONFLICT {
+        ApiError::conflict("name is already taken in this organization")
+            .with_details(serde_json::json!({ "fields": { "name": "already taken" } }))
+    } else {
+        api
+    }
+}
+
+pub async fn list_named<T: NamedTable>(
+    org: OrgScope,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<axum::Json<Page<Named>>, ApiError> {
+    let (limit, cursor) = q.parse()?;
+    let mut tx = org.begin().await?;
+    let rows: Vec<Named> = sqlx::query_as(T::LIST)
+        .bind(cursor)
+        .bind(limit + 1)
+        .fetch_all(tx.conn())
+        .await?;
+    tx.commit().await?;
+    Ok(axum::Json(page(rows, limit, |r| r.id)))
+}
+
+pub async fn get_named<T: NamedTable>(
+    org: OrgScope,
+    ApiPath((_, id)): ApiPath<(String, Uuid)>,
+) -> Result<axum::Json<Named>, ApiError> {
+    let mut tx = org.begin().await?;
+    let row: Option<Named> = sqlx::query_as(T::GET)
+        .bind(id)
+        .fetch_optional(tx.conn())
+        .await?;
+    tx.commit().await?;
+    row.map(axum::Json).ok_or_else(|| not_found::<T>(id))
+}
+
+pub async fn create_named<T: NamedTable>(
+    org: OrgScope,
+    ApiJson(body): ApiJson<NewNamed>,
+) -> Result<impl IntoResponse, ApiError> {
+    check_named(Some(&body.name), body.description.as_deref())?;
+    let mut tx = org.begin().await?;
+    let row: Named = sqlx::query_as(T::INSERT)
+        .bind(&body.name)
+        .bind(&body.description)
+        .bind(org.user_id())
+        .fetch_one(tx.conn())
+        .await
+        .map_err(name_taken)?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, axum::Json(row)))
+}
+
+pub async fn update_named<T: NamedTable>(
+    org: OrgScope,
+    ApiPath((_, id)): ApiPath<(String, Uuid)>,
+    ApiJson(body): ApiJson<NamedPatch>,
+) -> Result<axum::Json<Named>, ApiError> {
+    check_named(
+        body.name.as_deref(),
+        body.description.as_ref().and_then(|d| d.as_deref()),
+    )?;
+    let mut tx = org.begin().await?;
+    let row: Option<Named> = sqlx::query_as(T::UPDATE)
+        .bind(id)
+        .bind(&body.name)
+        .bind(body.description.is_some())
+        .bind(body.description.flatten())
+        .bind(org.user_id())
+        .fetch_optional(tx.conn())
+        .await
+        .map_err(name_taken)?;
+    tx.commit().await?;
+    row.map(axum::Json).ok_or_else(|| not_found::<T>(id))
+}
+
+pub async fn delete_named<T: NamedTable>(
+    org: OrgScope,
+    ApiPath((_, id)): ApiPath<(String, Uuid)>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = org.begin().await?;
+    let done = sqlx::query(T::DELETE).bind(id).execute(tx.conn()).await?;
+    tx.commit().await?;
+    if done.rows_affected() == 0 {
+        return Err(not_found::<T>(id));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- tests ----
+
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct TestCase {
+    pub id: Uuid,
+    pub prompt: String,
+    pub expected_outcome: String,
+    pub behavior_id: Uuid,
+    pub status_id: Uuid,
+    pub created_by: Uuid,
+    pub updated_by: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTestCase {
+    /// 1 to 100,000 characters.
+    pub prompt: String,
+    /// Up to 100,000 characters.
+    pub expected_outcome: String,
+    pub behavior_id: Uuid,
+    pub status_id: Uuid,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestCasePatch {
+    pub prompt: Option<String>,
+    pub expected_outcome: Option<String>,
+    pub behavior_id: Option<Uuid>,
+    pub status_id: Option<Uuid>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TestQuery {
+    /// Page size, 1 to 200 (default 50).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Only tests with this status.
+    pub status_id: Option<Uuid>,
+    /// Only tests of this behavior.
+    pub behavior_id: Option<Uuid>,
+}
+
+const TEST_COLUMNS: &str =
+    "id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at";
+
+fn check_test(prompt: Option<&str>, expected: Option<&str>) -> Result<(), ApiError> {
+    if let Some(p) = prompt {
+        check_text("prompt", p, 1, TEXT_MAX, false)?;
+    }
+    if let Some(e) = expected {
+        check_text("expected_outcome", e, 0, TEXT_MAX, false)?;
+    }
+    Ok(())
+}
+
+fn test_not_found(id: Uuid) -> ApiError {
+    ApiError::not_found(format!("test {id} not found"))
+}
+
+pub async fn list_tests(
+    org: OrgScope,
+    ApiQuery(q): ApiQuery<TestQuery>,
+) -> Result<axum::Json<Page<TestCase>>, ApiError> {
+    let (limit, cursor) = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor,
+    }
+    .parse()?;
+    let mut tx = org.begin().await?;
+    let rows: Vec<TestCase> = sqlx::query_as(
+        "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
+         FROM tests \
+         WHERE ($1::uuid IS NULL OR id > $1) \
+           AND ($2::uuid IS NULL OR status_id = $2) \
+           AND ($3::uuid IS NULL OR behavior_id = $3) \
+         ORDER BY id LIMIT $4",
+    )
+    .bind(cursor)
+    .bind(q.status_id)
+    .bind(q.behavior_id)
+    .bind(limit + 1)
+    .fetch_all(tx.conn())
+    .await?;
+    tx.commit().await?;
+    Ok(axum::Json(page(rows, limit, |r| r.id)))
+}
+
+pub const GET_TEST: &str = "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
+     FROM tests WHERE id = $1";
+
+pub async fn get_test(
+    org: OrgScope,
+    ApiPath((_, id)): ApiPath<(String, Uuid)>,
+) -> Result<axum::Json<TestCase>, ApiError> {
+    let mut tx = org.begin().await?;
+    let row: Option<TestCase> = sqlx::query_as(GET_TEST)
+        .bind(id)
+        .fetch_optional(tx.conn())
+        .await?;
+    tx.commit().await?;
+    row.map(axum::Json).ok_or_else(|| test_not_found(id))
+}
+
+pub async fn create_test(
+    org: OrgScope,
+    ApiJson(body): ApiJson<NewTestCase>,
+) -> Result<impl IntoResponse, ApiError> {
+    check_test(Some(&body.prompt), Some(&body.expected_outcome))?;
+    let mut tx = org.begin().await?;
+    let row: TestCase = sqlx::query_as(&format!(
+        "INSERT INTO tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+         VALUES ($1, $2, $3, $4, $5, $5) RETURNING {TEST_COLUMNS}"
+    ))
+    .bind(&body.prompt)
+    .bind(&body.expected_outcome)
+    .bind(body.behavior_id)
+    .bind(body.status_id)
+    .bind(org.user_id())
+    .fetch_one(tx.conn())
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, axum::Json(row)))
+}
+
+pub async fn update_test(
+    org: OrgScope,
+    ApiPath((_, id)): ApiPath<(String, Uuid)>,
+    ApiJson(body): ApiJson<TestCasePatch>,
+) -> Result<axum::Json<TestCase>, ApiError> {
+    check_test(body.prompt.as_deref(), body.expected_outcome.as_deref())?;
+    let mut tx = org.begin().await?;
+    let row: Option<TestCase> = sqlx::query_as(&format!(
+        "UPDATE tests SET prompt = COALESCE($2, prompt), \
+             expected_outcome = COALESCE($3, expected_outcome), \
+             behavior_id = COALESCE($4, behavior_id), \
+             status_id = COALESCE($5, status_id), \
+             updated_by = $6, updated_at = now() \
+         WHERE id = $1 RETURNING {TEST_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(&body.prompt)
+    .bind(&body.expected_outcome)
+    .bind(body.behavior_id)
+    .bind(body.status_id)
+    .bind(org.user_id())
+    .fetch_optional(tx.conn())
+    .await?;
+    tx.commit().await?;
+    row.map(axum::Json).ok_or_else(|| test_not_found(id))
+}
+
+pub async fn delete_test(
+    org: OrgScope,
+    ApiPath((_, id)): ApiPath<(String, Uuid)>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = org.begin().await?;
+    let done = sqlx::query("DELETE FROM tests WHERE id = $1")
+        .bind(id)
+        .execute(tx.conn())
+        .await?;
+    tx.commit().await?;
+    if done.rows_affected() == 0 {
+        return Err(test_not_found(id));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,240 @@
+//! The tenant router: resolves an org slug to its tenant through a moka cache
+//! and opens tenant transactions whose `search_path` is exactly the tenant's
+//! schema, set transaction-locally in the same message as BEGIN.
+//!
+//! Invariants this module carries (see `shared/design.md`):
+//! 1. a tenant transaction's search_path is the tenant schema alone: if the
+//!    schema vanished, queries fail instead of falling through to `public`;
+//! 2. no tenant state outlives the transaction: `SET LOCAL` ends with COMMIT
+//!    or ROLLBACK, and [`TenantRouter::begin`] survives cancellation;
+//! 6. suspend, resume, rename and delete invalidate the cache at once in this
+//!    process; other processes converge through NOTIFY or, at worst, the TTL.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::Expiry;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::ident::{SchemaName, Slug};
+use crate::registry::{self, OrgStatus};
+
+/// What a [`TenantRouter::with_tenant`] closure returns: a boxed future
+/// borrowing the tenant transaction.
+pub type TenantFuture<'t, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Error>> + Send + 't>>;
+
+/// NOTIFY channel on which registry changes that affect routing are
+/// announced; the payload is the affected slug, or empty for "everything".
+pub const REGISTRY_CHANNEL: &str = "tenantry_registry";
+
+/// What the router knows about an org.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: Uuid,
+    pub slug: Slug,
+    pub schema: SchemaName,
+    pub status: OrgStatus,
+    pub template_version: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// How long a resolved tenant is trusted without asking the registry.
+    pub ttl: Duration,
+    /// How long an unknown slug is remembered as unknown.
+    pub negative_ttl: Duration,
+    pub max_tenants: u64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(2),
+            max_tenants: 100_000,
+        }
+    }
+}
+
+type Entry = Option<Arc<Tenant>>;
+
+/// Known tenants live for `ttl`, unknown slugs for `negative_ttl`.
+struct EntryExpiry {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl Expiry<Slug, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &Slug, value: &Entry, _: Instant) -> Option<Duration> {
+        Some(match value {
+            Some(_) => self.ttl,
+            None => self.negative_ttl,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct TenantRouter {
+    pool: PgPool,
+    cache: Cache<Slug, Entry>,
+}
+
+impl TenantRouter {
+    pub fn new(pool: PgPool, config: &RouterConfig) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(config.max_tenants)
+            .expire_after(EntryExpiry {
+                ttl: config.ttl,
+                negative_ttl: config.negative_ttl,
+            })
+            .build();
+        TenantRouter { pool, cache }
+    }
+
+    /// The tenant for `slug`, or `None` for an unknown slug. A cache hit
+    /// costs no SQL; concurrent misses for one slug share one registry query.
+    pub async fn resolve(&self, slug: &Slug) -> Result<Option<Arc<Tenant>>, Error> {
+        let pool = &self.pool;
+        self.cache
+            .try_get_with_by_ref(slug, async move {
+                let mut conn = pool.acquire().await?;
+                let org = registry::find_org(&mut conn, slug).await?;
+                Ok::<_, Error>(org.map(|o| {
+                    Arc::new(Tenant {
+                        id: o.id,
+                        slug: o.slug,
+                        schema: o.schema_name,
+                        status: o.status,
+                        template_version: o.template_version,
+                    })
+                }))
+            })
+            .await
+            .map_err(|e: Arc<Error>| match Arc::try_unwrap(e) {
+                Ok(e) => e,
+                Err(shared) => Error::Shared(shared),
+            })
+    }
+
+    /// Opens a transaction scoped to `tenant`: `BEGIN; SET LOCAL search_path`
+    /// in one round trip. The begin runs on its own task so that a caller
+    /// cancelled while BEGIN is in flight cannot hand a connection that is
+    /// inside a tenant transaction back to the pool: the task finishes the
+    /// BEGIN, then drops the transaction, which queues its ROLLBACK.
+    pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
+        let sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
+        let pool = self.pool.clone();
+        let tx = tokio::spawn(async move { pool.begin_with(sql).await })
+            .await
+            .map_err(|e| Error::Internal(format!("begin task failed: {e}")))??;
+        Ok(TenantTx {
+            tx,
+            tenant: tenant.clone(),
+        })
+    }
+
+    /// Runs `f` in a transaction of the org `slug` and commits when it
+    /// returns `Ok`: for background jobs and scripts.
+    pub async fn with_tenant<T, F>(&self, slug: &Slug, f: F) -> Result<T, Error>
+    where
+        F: for<'t> FnOnce(&'t mut TenantTx) -> TenantFuture<'t, T>,
+    {
+        let tenant = self
+            .resolve(slug)
+            .await?
+            .ok_or_else(|| Error::OrgNotFound(slug.to_string()))?;
+        let mut tx = self.begin(&tenant).await?;
+        let out = f(&mut tx).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Forgets what this process knows about `slug`.
+    pub async fn invalidate(&self, slug: &Slug) {
+        self.cache.invalidate(slug).await;
+    }
+
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
+    /// Listens for registry changes announced by other processes and
+    /// invalidates accordingly. Notifications sent while the listener is
+    /// reconnecting are lost, so a reconnect invalidates everything.
+    pub fn spawn_listener(&self) -> tokio::task::JoinHandle<()> {
+        let router = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = router.listen().await {
+                    tracing::warn!(error = %e, "registry listener failed; retrying");
+                }
+                router.invalidate_all();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    }
+
+    async fn listen(&self) -> Result<(), sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(REGISTRY_CHANNEL).await?;
+        // Anything announced before LISTEN took effect is unknown to us.
+        self.invalidate_all();
+        loop {
+            let n = listener.try_recv().await?;
+            match n {
+                Some(n) => match Slug::parse(n.payload()) {
+                    Ok(slug) => self.invalidate(&slug).await,
+                    Err(_) => self.invalidate_all(),
+                },
+                None => {
+                    // the connection dropped and was re-established
+                    self.invalidate_all();
+                }
+            }
+        }
+    }
+}
+
+/// Announces, inside the caller's transaction, that routing for `slug`
+/// changed; delivered to listeners when the transaction commits.
+pub(crate) async fn notify_change(conn: &mut PgConnection, slug: &Slug) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(REGISTRY_CHANNEL)
+        .bind(slug.as_str())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A transaction confined to one tenant's schema. Dropping it without
+/// [`TenantTx::commit`] rolls back. The only database access tenant handlers
+/// get.
+pub struct TenantTx {
+    tx: Transaction<'static, Postgres>,
+    tenant: Arc<Tenant>,
+}
+
+impl TenantTx {
+    pub fn tenant(&self) -> &Tenant {
+        &self.tenant
+    }
+
+    /// The connection, inside this tenant's transaction.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    pub async fn commit(self) -> Result<(), Error> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn rollback(self) -> Result<(), Error> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+}
