@@ -53,7 +53,7 @@ impl NewOrg {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Created {
     pub organization: Organization,
     pub owner: Option<User>,

@@ -46,7 +46,7 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<String>, Error> {
     Ok(applied.migrations)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum OrgStatus {
@@ -73,11 +73,13 @@ impl std::fmt::Display for OrgStatus {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Organization {
     pub id: Uuid,
+    #[schema(value_type = String)]
     pub slug: Slug,
     pub name: String,
+    #[schema(value_type = String)]
     pub schema_name: SchemaName,
     pub status: OrgStatus,
     pub template_version: i32,
@@ -159,7 +161,7 @@ pub async fn list_orgs(pool: &PgPool) -> Result<Vec<Organization>, Error> {
     rows.into_iter().map(Organization::try_from).collect()
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct User {
     pub id: Uuid,
     pub organization_id: Option<Uuid>,
@@ -234,7 +236,7 @@ pub async fn find_user(
 }
 
 /// Metadata of a token; the secret itself is never stored.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -250,7 +252,7 @@ pub struct TokenInfo {
 }
 
 /// A token just created: the plaintext secret is available this once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct IssuedToken {
     pub token: String,
     #[serde(flatten)]

@@ -10,12 +10,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, Superuser};
 use super::AppState;
 use crate::ident::Slug;
-use crate::provision::{self, NewOrg};
-use crate::registry::{self, Organization};
+use crate::provision::{self, Created, NewOrg};
+use crate::registry::{self, IssuedToken, Organization, User};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -41,6 +41,10 @@ pub struct CreateOrg {
     pub owner_email: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/admin/orgs", tag = "admin", request_body = CreateOrg,
+    responses((status = 201, body = Created), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn create_org(
     State(app): State<AppState>,
     _: Superuser,
@@ -53,6 +57,9 @@ pub async fn create_org(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
+#[utoipa::path(get, path = "/v1/admin/orgs", tag = "admin",
+    responses((status = 200, body = Vec<Organization>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn list_orgs(
     State(app): State<AppState>,
     _: Superuser,
@@ -60,6 +67,10 @@ pub async fn list_orgs(
     Ok(Json(registry::list_orgs(&app.pool).await?))
 }
 
+#[utoipa::path(get, path = "/v1/admin/orgs/{slug}", tag = "admin", params(("slug" = String, Path)),
+    responses((status = 200, body = Organization), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn get_org(
     State(app): State<AppState>,
     _: Superuser,
@@ -70,6 +81,10 @@ pub async fn get_org(
     Ok(Json(registry::get_org(&mut conn, &slug).await?))
 }
 
+#[utoipa::path(post, path = "/v1/admin/orgs/{slug}/suspend", tag = "admin", params(("slug" = String, Path)),
+    responses((status = 200, body = Organization), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "not active", body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn suspend_org(
     State(app): State<AppState>,
     _: Superuser,
@@ -81,6 +96,10 @@ pub async fn suspend_org(
     Ok(Json(org))
 }
 
+#[utoipa::path(post, path = "/v1/admin/orgs/{slug}/resume", tag = "admin", params(("slug" = String, Path)),
+    responses((status = 200, body = Organization), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "not suspended", body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn resume_org(
     State(app): State<AppState>,
     _: Superuser,
@@ -98,6 +117,11 @@ pub struct RenameOrg {
     pub new_slug: String,
 }
 
+#[utoipa::path(post, path = "/v1/admin/orgs/{slug}/rename", tag = "admin", params(("slug" = String, Path)),
+    request_body = RenameOrg,
+    responses((status = 200, body = Organization), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn rename_org(
     State(app): State<AppState>,
     _: Superuser,
@@ -113,6 +137,10 @@ pub async fn rename_org(
     Ok(Json(org))
 }
 
+#[utoipa::path(delete, path = "/v1/admin/orgs/{slug}", tag = "admin", params(("slug" = String, Path)),
+    responses((status = 204, description = "deleted with its schema"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn delete_org(
     State(app): State<AppState>,
     _: Superuser,
@@ -133,6 +161,12 @@ pub struct CreateToken {
     pub name: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/admin/orgs/{slug}/tokens", tag = "admin", params(("slug" = String, Path)),
+    request_body = CreateToken,
+    responses((status = 201, description = "the token; its secret is shown this once", body = UserToken),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn create_token(
     State(app): State<AppState>,
     _: Superuser,
@@ -150,12 +184,19 @@ pub async fn create_token(
     }
     let (user, token) =
         provision::issue_org_token(&app.pool, &slug, &body.email, body.name.as_deref()).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::json!({ "user": user, "token": token })),
-    ))
+    Ok((StatusCode::CREATED, Json(UserToken { user, token })))
 }
 
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct UserToken {
+    pub user: User,
+    pub token: IssuedToken,
+}
+
+#[utoipa::path(delete, path = "/v1/admin/tokens/{id}", tag = "admin", params(("id" = Uuid, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn revoke_token(
     State(app): State<AppState>,
     _: Superuser,

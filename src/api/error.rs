@@ -9,6 +9,23 @@ use serde_json::{json, Value};
 
 use crate::error::{sqlstate, Error};
 
+/// The error body every endpoint returns (for the OpenAPI document).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `unauthorized`, `not_found`,
+    /// `org_suspended`, `validation_failed`, `conflict`, ...
+    pub code: String,
+    pub message: String,
+    /// For validation errors: `{"fields": {"<field>": "<problem>"}}`.
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<Value>,
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -61,6 +78,14 @@ impl ApiError {
 
     pub fn conflict(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// For deletes: a foreign-key violation means the row is still in use.
+    pub fn still_referenced(e: sqlx::Error) -> Self {
+        if sqlstate(&e).as_deref() == Some("23503") {
+            return ApiError::conflict("the row is still referenced by other rows");
+        }
+        ApiError::from(e)
     }
 
     fn internal() -> Self {
@@ -128,20 +153,14 @@ impl From<sqlx::Error> for ApiError {
                     .with_details(json!({ "constraint": constraint }))
                 }
                 Some("23503") => {
-                    // Which side of the foreign key we are on decides the
-                    // meaning: inserting a dangling reference is bad input;
-                    // deleting a referenced row is a conflict.
-                    if db.message().contains("is still referenced") {
-                        return ApiError::conflict(
-                            "the row is still referenced by other rows".to_string(),
-                        )
-                        .with_details(json!({ "constraint": constraint }));
-                    }
-                    let field = constraint
-                        .strip_prefix("tests_")
-                        .and_then(|c| c.strip_suffix("_fkey"))
+                    // Inserting or updating a row that points nowhere: bad
+                    // input on that column. (Deletes of referenced rows map
+                    // to a conflict with `ApiError::still_referenced`.)
+                    let column = constraint
+                        .split_once('_')
+                        .and_then(|(_, rest)| rest.strip_suffix("_fkey"))
                         .unwrap_or("reference");
-                    return ApiError::invalid_field(field, "refers to a row that does not exist");
+                    return ApiError::invalid_field(column, "refers to a row that does not exist");
                 }
                 Some("23514") | Some("23502") => {
                     return ApiError::new(

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod resources;
 
 use std::sync::Arc;
@@ -102,10 +103,15 @@ pub fn app(state: AppState) -> Router {
         )
 }
 
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "up")))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
+/// The database is reachable.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "ready"), (status = 503, body = error::ErrorBody)))]
 async fn readyz(State(app): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(&app.pool).await {
         Ok(_) => Json(serde_json::json!({ "status": "ready" })).into_response(),
@@ -121,8 +127,10 @@ async fn readyz(State(app): State<AppState>) -> Response {
     }
 }
 
-async fn openapi_json() -> Json<serde_json::Value> {
-    Json(serde_json::json!({}))
+async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+    static DOC: std::sync::LazyLock<utoipa::openapi::OpenApi> =
+        std::sync::LazyLock::new(<openapi::ApiDoc as utoipa::OpenApi>::openapi);
+    Json(&DOC)
 }
 
 async fn not_found() -> ApiError {

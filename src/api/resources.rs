@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, OrgScope};
 use super::TenantApi;
 
@@ -19,23 +19,23 @@ pub fn router() -> Router<TenantApi> {
     Router::new()
         .route(
             "/v1/orgs/{slug}/statuses",
-            get(list_named::<Statuses>).post(create_named::<Statuses>),
+            get(statuses::list).post(statuses::create),
         )
         .route(
             "/v1/orgs/{slug}/statuses/{id}",
-            get(get_named::<Statuses>)
-                .patch(update_named::<Statuses>)
-                .delete(delete_named::<Statuses>),
+            get(statuses::get)
+                .patch(statuses::update)
+                .delete(statuses::delete),
         )
         .route(
             "/v1/orgs/{slug}/behaviors",
-            get(list_named::<Behaviors>).post(create_named::<Behaviors>),
+            get(behaviors::list).post(behaviors::create),
         )
         .route(
             "/v1/orgs/{slug}/behaviors/{id}",
-            get(get_named::<Behaviors>)
-                .patch(update_named::<Behaviors>)
-                .delete(delete_named::<Behaviors>),
+            get(behaviors::get)
+                .patch(behaviors::update)
+                .delete(behaviors::delete),
         )
         .route("/v1/orgs/{slug}/tests", get(list_tests).post(create_test))
         .route(
@@ -84,6 +84,7 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Page size, 1 to 200 (default 50).
     pub limit: Option<i64>,
@@ -235,6 +236,81 @@ macro_rules! named_table {
 named_table!(Statuses, "statuses", "status");
 named_table!(Behaviors, "behaviors", "behavior");
 
+/// Concrete, OpenAPI-documented handlers for one named-entity table, over
+/// the generic ones below.
+macro_rules! named_handlers {
+    ($module:ident, $table:ty, $tag:literal, $collection:literal, $item:literal) => {
+        pub mod $module {
+            use super::*;
+
+            #[utoipa::path(get, path = $collection, tag = $tag,
+                params(("slug" = String, Path, description = "Organization slug"), PageQuery),
+                responses((status = 200, body = Page<Named>), (status = 400, body = ErrorBody),
+                    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+                security(("bearer" = [])))]
+            pub async fn list(org: OrgScope, q: ApiQuery<PageQuery>) -> Result<axum::Json<Page<Named>>, ApiError> {
+                list_named::<$table>(org, q).await
+            }
+
+            #[utoipa::path(post, path = $collection, tag = $tag, request_body = NewNamed,
+                params(("slug" = String, Path, description = "Organization slug")),
+                responses((status = 201, body = Named), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+                    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+                    (status = 415, body = ErrorBody), (status = 422, body = ErrorBody)),
+                security(("bearer" = [])))]
+            pub async fn create(org: OrgScope, body: ApiJson<NewNamed>) -> Result<impl IntoResponse, ApiError> {
+                create_named::<$table>(org, body).await
+            }
+
+            #[utoipa::path(get, path = $item, tag = $tag,
+                params(("slug" = String, Path, description = "Organization slug"), ("id" = Uuid, Path)),
+                responses((status = 200, body = Named), (status = 400, body = ErrorBody),
+                    (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+                security(("bearer" = [])))]
+            pub async fn get(org: OrgScope, path: ApiPath<(String, Uuid)>) -> Result<axum::Json<Named>, ApiError> {
+                get_named::<$table>(org, path).await
+            }
+
+            #[utoipa::path(patch, path = $item, tag = $tag, request_body = NamedPatch,
+                params(("slug" = String, Path, description = "Organization slug"), ("id" = Uuid, Path)),
+                responses((status = 200, body = Named), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+                    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+                security(("bearer" = [])))]
+            pub async fn update(
+                org: OrgScope,
+                path: ApiPath<(String, Uuid)>,
+                body: ApiJson<NamedPatch>,
+            ) -> Result<axum::Json<Named>, ApiError> {
+                update_named::<$table>(org, path, body).await
+            }
+
+            #[utoipa::path(delete, path = $item, tag = $tag,
+                params(("slug" = String, Path, description = "Organization slug"), ("id" = Uuid, Path)),
+                responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+                    (status = 409, description = "still used by tests", body = ErrorBody)),
+                security(("bearer" = [])))]
+            pub async fn delete(org: OrgScope, path: ApiPath<(String, Uuid)>) -> Result<StatusCode, ApiError> {
+                delete_named::<$table>(org, path).await
+            }
+        }
+    };
+}
+
+named_handlers!(
+    statuses,
+    Statuses,
+    "statuses",
+    "/v1/orgs/{slug}/statuses",
+    "/v1/orgs/{slug}/statuses/{id}"
+);
+named_handlers!(
+    behaviors,
+    Behaviors,
+    "behaviors",
+    "/v1/orgs/{slug}/behaviors",
+    "/v1/orgs/{slug}/behaviors/{id}"
+);
+
 fn not_found<T: NamedTable>(id: Uuid) -> ApiError {
     ApiError::not_found(format!("{} {id} not found", T::NOUN))
 }
@@ -323,7 +399,11 @@ pub async fn delete_named<T: NamedTable>(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = org.begin().await?;
-    let done = sqlx::query(T::DELETE).bind(id).execute(tx.conn()).await?;
+    let done = sqlx::query(T::DELETE)
+        .bind(id)
+        .execute(tx.conn())
+        .await
+        .map_err(ApiError::still_referenced)?;
     tx.commit().await?;
     if done.rows_affected() == 0 {
         return Err(not_found::<T>(id));
@@ -370,6 +450,7 @@ pub struct TestCasePatch {
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TestQuery {
     /// Page size, 1 to 200 (default 50).
     pub limit: Option<i64>,
@@ -398,6 +479,11 @@ fn test_not_found(id: Uuid) -> ApiError {
     ApiError::not_found(format!("test {id} not found"))
 }
 
+#[utoipa::path(get, path = "/v1/orgs/{slug}/tests", tag = "tests",
+    params(("slug" = String, Path, description = "Organization slug"), TestQuery),
+    responses((status = 200, body = Page<TestCase>), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn list_tests(
     org: OrgScope,
     ApiQuery(q): ApiQuery<TestQuery>,
@@ -429,6 +515,11 @@ pub async fn list_tests(
 pub const GET_TEST: &str = "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
      FROM tests WHERE id = $1";
 
+#[utoipa::path(get, path = "/v1/orgs/{slug}/tests/{id}", tag = "tests",
+    params(("slug" = String, Path, description = "Organization slug"), ("id" = Uuid, Path)),
+    responses((status = 200, body = TestCase), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn get_test(
     org: OrgScope,
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
@@ -442,6 +533,12 @@ pub async fn get_test(
     row.map(axum::Json).ok_or_else(|| test_not_found(id))
 }
 
+#[utoipa::path(post, path = "/v1/orgs/{slug}/tests", tag = "tests", request_body = NewTestCase,
+    params(("slug" = String, Path, description = "Organization slug")),
+    responses((status = 201, body = TestCase), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn create_test(
     org: OrgScope,
     ApiJson(body): ApiJson<NewTestCase>,
@@ -463,6 +560,11 @@ pub async fn create_test(
     Ok((StatusCode::CREATED, axum::Json(row)))
 }
 
+#[utoipa::path(patch, path = "/v1/orgs/{slug}/tests/{id}", tag = "tests", request_body = TestCasePatch,
+    params(("slug" = String, Path, description = "Organization slug"), ("id" = Uuid, Path)),
+    responses((status = 200, body = TestCase), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn update_test(
     org: OrgScope,
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
@@ -490,6 +592,10 @@ pub async fn update_test(
     row.map(axum::Json).ok_or_else(|| test_not_found(id))
 }
 
+#[utoipa::path(delete, path = "/v1/orgs/{slug}/tests/{id}", tag = "tests",
+    params(("slug" = String, Path, description = "Organization slug"), ("id" = Uuid, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn delete_test(
     org: OrgScope,
     ApiPath((_, id)): ApiPath<(String, Uuid)>,

@@ -108,3 +108,106 @@ impl TestDb {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
 }
+
+/// A running server on port 0 over its own fresh database, with a
+/// superuser token.
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub db: TestDb,
+    pub http: reqwest::Client,
+    pub superuser: String,
+    pub state: tenantry::api::AppState,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(tenantry::server::ServerConfig::default()).await
+}
+
+pub async fn spawn_app_with(config: tenantry::server::ServerConfig) -> TestApp {
+    let db = TestDb::new().await;
+    spawn_app_on(db, config).await
+}
+
+/// Another server process (own caches, own pool) on an existing database.
+pub async fn spawn_app_on(db: TestDb, config: tenantry::server::ServerConfig) -> TestApp {
+    let pool = tenantry::db::connect(&db.url, &tenantry::db::PoolConfig::default())
+        .await
+        .expect("server pool");
+    let (_, token) = tenantry::provision::issue_superuser_token(&pool, "root@tenantry.test", None)
+        .await
+        .expect("superuser");
+    let state = tenantry::server::state(pool, &config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_state = state.clone();
+    tokio::spawn(async move {
+        tenantry::server::serve(listener, server_state, std::future::pending())
+            .await
+            .unwrap()
+    });
+    TestApp {
+        addr,
+        db,
+        http: reqwest::Client::new(),
+        superuser: token.token,
+        state,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A request with a bearer token.
+    pub fn req(&self, method: reqwest::Method, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path)).bearer_auth(token)
+    }
+
+    /// GET/POST/... with a JSON body (or none); returns status and JSON body
+    /// (Null for empty bodies).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self.req(method, path, token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap();
+        let json = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body: {text}"))
+        };
+        (status, json)
+    }
+
+    /// Creates an org through the admin API and a token for one of its users.
+    pub async fn org_with_token(&self, slug: &str) -> String {
+        let (s, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/admin/orgs",
+                &self.superuser,
+                Some(serde_json::json!({"slug": slug, "name": format!("Org {slug}"), "owner_email": format!("owner@{slug}.test")})),
+            )
+            .await;
+        assert_eq!(s, 201, "{body}");
+        let (s, body) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/admin/orgs/{slug}/tokens"),
+                &self.superuser,
+                Some(serde_json::json!({"email": format!("member@{slug}.test")})),
+            )
+            .await;
+        assert_eq!(s, 201, "{body}");
+        body["token"]["token"].as_str().unwrap().to_owned()
+    }
+}

@@ -1,0 +1,723 @@
+//! Black-box tests of the HTTP API: a real server on port 0 over a real
+//! PostgreSQL, spoken to over HTTP.
+
+mod common;
+
+use common::spawn_app;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+const PATCH: Method = Method::PATCH;
+const DELETE: Method = Method::DELETE;
+
+fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["error"]["code"], want_code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = spawn_app().await;
+    let res = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "ready");
+}
+
+#[tokio::test]
+async fn authentication_failures_are_401_with_json() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("auth-org").await;
+    let path = "/v1/orgs/auth-org/statuses";
+    let res = app.http.get(app.url(path)).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["error"]["code"],
+        "unauthorized"
+    );
+    for bad in [
+        "Bearer",
+        "Bearer ",
+        "Basic Zm9vOmJhcg==",
+        "Bearer tny_00000000_0000000000000000000000000000000000000000000000000000000000000000",
+        "Bearer not-a-token",
+        "Bearer ' OR 1=1 --",
+    ] {
+        let res = app
+            .http
+            .get(app.url(path))
+            .header("authorization", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{bad}");
+    }
+    // a tampered copy of a valid token
+    let mut tampered = token.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'a' { 'b' } else { 'a' });
+    let (s, b) = app.call(GET, path, &tampered, None).await;
+    assert_error(s, &b, 401, "unauthorized");
+    let (s, _) = app.call(GET, path, &token, None).await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
+async fn revoked_token_stops_working_at_once() {
+    let app = spawn_app().await;
+    app.org_with_token("rev").await;
+    let (s, body) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/rev/tokens",
+            &app.superuser,
+            Some(json!({"email": "x@rev.test", "name": "ci"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let token = body["token"]["token"].as_str().unwrap().to_owned();
+    let id = body["token"]["id"].as_str().unwrap().to_owned();
+    assert!(body["token"].get("secret_hash").is_none());
+    // warm the principal cache
+    let (s, _) = app.call(GET, "/v1/orgs/rev/tests", &token, None).await;
+    assert_eq!(s, 200);
+    let (s, _) = app
+        .call(
+            DELETE,
+            &format!("/v1/admin/tokens/{id}"),
+            &app.superuser,
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, b) = app.call(GET, "/v1/orgs/rev/tests", &token, None).await;
+    assert_error(s, &b, 401, "unauthorized");
+    let (s, b) = app
+        .call(
+            DELETE,
+            &format!("/v1/admin/tokens/{id}"),
+            &app.superuser,
+            None,
+        )
+        .await;
+    assert_error(s, &b, 404, "not_found");
+}
+
+#[tokio::test]
+async fn statuses_and_behaviors_crud() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("crud").await;
+    for kind in ["statuses", "behaviors"] {
+        let base = format!("/v1/orgs/crud/{kind}");
+        let (s, list) = app.call(GET, &base, &token, None).await;
+        assert_eq!(s, 200);
+        assert_eq!(list["items"].as_array().unwrap().len(), 3, "initial data");
+        assert!(list["next_cursor"].is_null());
+
+        let (s, created) = app
+            .call(
+                POST,
+                &base,
+                &token,
+                Some(json!({"name": "Custom", "description": "mine"})),
+            )
+            .await;
+        assert_eq!(s, 201, "{created}");
+        let id = created["id"].as_str().unwrap().to_owned();
+        assert_eq!(created["name"], "Custom");
+        assert_eq!(created["created_by"], created["updated_by"]);
+
+        let (s, got) = app.call(GET, &format!("{base}/{id}"), &token, None).await;
+        assert_eq!(s, 200);
+        assert_eq!(got, created);
+
+        // partial update: name only keeps the description
+        let (s, upd) = app
+            .call(
+                PATCH,
+                &format!("{base}/{id}"),
+                &token,
+                Some(json!({"name": "Renamed"})),
+            )
+            .await;
+        assert_eq!(s, 200, "{upd}");
+        assert_eq!(upd["name"], "Renamed");
+        assert_eq!(upd["description"], "mine");
+        // null clears the description
+        let (s, upd) = app
+            .call(
+                PATCH,
+                &format!("{base}/{id}"),
+                &token,
+                Some(json!({"description": null})),
+            )
+            .await;
+        assert_eq!(s, 200);
+        assert!(upd["description"].is_null());
+        assert_eq!(upd["name"], "Renamed");
+
+        // duplicate name (case-insensitive) -> 409
+        let (s, b) = app
+            .call(POST, &base, &token, Some(json!({"name": "renamed"})))
+            .await;
+        assert_error(s, &b, 409, "conflict");
+
+        let (s, _) = app
+            .call(DELETE, &format!("{base}/{id}"), &token, None)
+            .await;
+        assert_eq!(s, 204);
+        let (s, b) = app.call(GET, &format!("{base}/{id}"), &token, None).await;
+        assert_error(s, &b, 404, "not_found");
+        let (s, b) = app
+            .call(DELETE, &format!("{base}/{id}"), &token, None)
+            .await;
+        assert_error(s, &b, 404, "not_found");
+    }
+}
+
+async fn first_id(app: &common::TestApp, token: &str, kind: &str) -> String {
+    let (_, list) = app
+        .call(GET, &format!("/v1/orgs/crud-tests/{kind}"), token, None)
+        .await;
+    list["items"][0]["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn tests_crud_pagination_filters_and_authorship() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("crud-tests").await;
+    let status = first_id(&app, &token, "statuses").await;
+    let behavior = first_id(&app, &token, "behaviors").await;
+    let (_, statuses) = app
+        .call(GET, "/v1/orgs/crud-tests/statuses", &token, None)
+        .await;
+    let other_status = statuses["items"][1]["id"].as_str().unwrap().to_owned();
+
+    let mut ids = vec![];
+    for i in 0..7 {
+        let st = if i % 2 == 0 { &status } else { &other_status };
+        let (s, t) = app
+            .call(
+                POST,
+                "/v1/orgs/crud-tests/tests",
+                &token,
+                Some(json!({"prompt": format!("prompt {i}"), "expected_outcome": "ok", "behavior_id": behavior, "status_id": st})),
+            )
+            .await;
+        assert_eq!(s, 201, "{t}");
+        ids.push(t["id"].as_str().unwrap().to_owned());
+    }
+    // created_by is the token's user, not the org owner or the superuser
+    let (_, me) = app
+        .call(
+            GET,
+            &format!("/v1/orgs/crud-tests/tests/{}", ids[0]),
+            &token,
+            None,
+        )
+        .await;
+    let user: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM tenantry.users WHERE email = 'member@crud-tests.test'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(me["created_by"], user.to_string());
+
+    // pages of 3 walk all 7 rows exactly once
+    let mut seen = vec![];
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/orgs/crud-tests/tests?limit=3&cursor={c}"),
+            None => "/v1/orgs/crud-tests/tests?limit=3".to_string(),
+        };
+        let (s, page) = app.call(GET, &path, &token, None).await;
+        assert_eq!(s, 200, "{page}");
+        pages += 1;
+        for t in page["items"].as_array().unwrap() {
+            seen.push(t["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(seen, want);
+
+    let (_, filtered) = app
+        .call(
+            GET,
+            &format!("/v1/orgs/crud-tests/tests?status_id={status}"),
+            &token,
+            None,
+        )
+        .await;
+    let items = filtered["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    assert!(items.iter().all(|t| t["status_id"] == status.as_str()));
+
+    // update by another user records updated_by
+    let (s, other) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/crud-tests/tokens",
+            &app.superuser,
+            Some(json!({"email": "editor@crud-tests.test"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let editor = other["token"]["token"].as_str().unwrap();
+    let (s, upd) = app
+        .call(
+            PATCH,
+            &format!("/v1/orgs/crud-tests/tests/{}", ids[0]),
+            editor,
+            Some(json!({"prompt": "changed"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{upd}");
+    assert_eq!(upd["prompt"], "changed");
+    assert_eq!(upd["expected_outcome"], "ok");
+    assert_eq!(upd["created_by"], user.to_string());
+    assert_eq!(upd["updated_by"], other["user"]["id"]);
+
+    // a status in use cannot be deleted
+    let (s, b) = app
+        .call(
+            DELETE,
+            &format!("/v1/orgs/crud-tests/statuses/{status}"),
+            &token,
+            None,
+        )
+        .await;
+    assert_error(s, &b, 409, "conflict");
+
+    let (s, _) = app
+        .call(
+            DELETE,
+            &format!("/v1/orgs/crud-tests/tests/{}", ids[0]),
+            &token,
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, b) = app
+        .call(
+            GET,
+            &format!("/v1/orgs/crud-tests/tests/{}", ids[0]),
+            &token,
+            None,
+        )
+        .await;
+    assert_error(s, &b, 404, "not_found");
+}
+
+#[tokio::test]
+async fn client_errors_get_precise_statuses_never_500() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("errs").await;
+    let base = "/v1/orgs/errs/statuses";
+
+    // 422 with field details
+    for (body, field) in [
+        (json!({"name": ""}), "name"),
+        (json!({"name": "x".repeat(101)}), "name"),
+        (json!({"name": " padded "}), "name"),
+        (json!({"name": "nul\u{0}byte"}), "name"),
+        (
+            json!({"name": "ok", "description": "d".repeat(2001)}),
+            "description",
+        ),
+    ] {
+        let (s, b) = app.call(POST, base, &token, Some(body)).await;
+        assert_error(s, &b, 422, "validation_failed");
+        assert!(b["error"]["details"]["fields"][field].is_string(), "{b}");
+    }
+    // wrong shapes: 422
+    for body in [
+        json!({}),
+        json!({"name": 5}),
+        json!({"name": "a", "extra": 1}),
+        json!([1, 2]),
+    ] {
+        let (s, b) = app.call(POST, base, &token, Some(body)).await;
+        assert_error(s, &b, 422, "validation_failed");
+    }
+    // malformed JSON: 400
+    let res = app
+        .req(POST, base, &token)
+        .header("content-type", "application/json")
+        .body("{\"name\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["error"]["code"],
+        "malformed_json"
+    );
+    // wrong content type: 415
+    let res = app
+        .req(POST, base, &token)
+        .header("content-type", "text/plain")
+        .body("{\"name\": \"x\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 415);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["error"]["code"],
+        "unsupported_media_type"
+    );
+    // too large: 413
+    let huge = json!({"name": "big", "description": "x".repeat(tenantry::api::BODY_LIMIT)});
+    let (s, b) = app.call(POST, base, &token, Some(huge)).await;
+    assert_error(s, &b, 413, "payload_too_large");
+    // bad ids and queries: 400; unknown ids: 404
+    let (s, b) = app
+        .call(GET, &format!("{base}/not-a-uuid"), &token, None)
+        .await;
+    assert_error(s, &b, 400, "invalid_path");
+    let (s, b) = app
+        .call(
+            GET,
+            &format!("{base}/{}", uuid::Uuid::new_v4()),
+            &token,
+            None,
+        )
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    for q in ["limit=0", "limit=201", "limit=abc", "cursor=zzz", "bogus=1"] {
+        let (s, b) = app.call(GET, &format!("{base}?{q}"), &token, None).await;
+        assert_error(s, &b, 400, "invalid_query");
+    }
+    // a test pointing at a status that does not exist: 422 on that field
+    let (_, behaviors) = app.call(GET, "/v1/orgs/errs/behaviors", &token, None).await;
+    let behavior = behaviors["items"][0]["id"].clone();
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/orgs/errs/tests",
+            &token,
+            Some(json!({"prompt": "p", "expected_outcome": "", "behavior_id": behavior, "status_id": uuid::Uuid::new_v4()})),
+        )
+        .await;
+    assert_error(s, &b, 422, "validation_failed");
+    assert!(
+        b["error"]["details"]["fields"]["status_id"].is_string(),
+        "{b}"
+    );
+    let (s, b) = app
+        .call(POST, "/v1/orgs/errs/tests", &token, Some(json!({"prompt": "", "expected_outcome": "", "behavior_id": behavior, "status_id": behavior})))
+        .await;
+    assert_error(s, &b, 422, "validation_failed");
+    // unknown route and method
+    let (s, b) = app.call(GET, "/v1/nope", &token, None).await;
+    assert_error(s, &b, 404, "not_found");
+    let (s, b) = app.call(Method::PUT, base, &token, Some(json!({}))).await;
+    assert_error(s, &b, 405, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn other_orgs_are_invisible_and_superusers_see_all() {
+    let app = spawn_app().await;
+    let alpha = app.org_with_token("alpha").await;
+    let beta = app.org_with_token("beta").await;
+    // beta's token on alpha: the same 404 as for an org that does not exist
+    let (s, cross) = app.call(GET, "/v1/orgs/alpha/tests", &beta, None).await;
+    assert_error(s, &cross, 404, "not_found");
+    let (s, missing) = app.call(GET, "/v1/orgs/gamma/tests", &beta, None).await;
+    assert_error(s, &missing, 404, "not_found");
+    assert_eq!(
+        cross["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("alpha", "X"),
+        missing["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("gamma", "X")
+    );
+    // writes too
+    let (s, _) = app
+        .call(
+            POST,
+            "/v1/orgs/alpha/statuses",
+            &beta,
+            Some(json!({"name": "evil"})),
+        )
+        .await;
+    assert_eq!(s, 404);
+    // invalid slugs are not found either (no parser details leak)
+    let (s, b) = app
+        .call(GET, "/v1/orgs/Alpha%22%3B/tests", &beta, None)
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    // superuser reaches both
+    for org in ["alpha", "beta"] {
+        let (s, _) = app
+            .call(
+                GET,
+                &format!("/v1/orgs/{org}/statuses"),
+                &app.superuser,
+                None,
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    // org tokens cannot administer
+    let (s, b) = app.call(GET, "/v1/admin/orgs", &alpha, None).await;
+    assert_error(s, &b, 403, "forbidden");
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/orgs",
+            &alpha,
+            Some(json!({"slug": "x1", "name": "x"})),
+        )
+        .await;
+    assert_error(s, &b, 403, "forbidden");
+}
+
+#[tokio::test]
+async fn admin_lifecycle_suspend_rename_delete() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("life").await;
+    let (s, _) = app.call(GET, "/v1/orgs/life/tests", &token, None).await;
+    assert_eq!(s, 200); // now cached
+
+    let (s, org) = app
+        .call(POST, "/v1/admin/orgs/life/suspend", &app.superuser, None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(org["status"], "suspended");
+    let (s, b) = app.call(GET, "/v1/orgs/life/tests", &token, None).await;
+    assert_error(s, &b, 403, "org_suspended");
+    let (s, b) = app
+        .call(POST, "/v1/admin/orgs/life/suspend", &app.superuser, None)
+        .await;
+    assert_error(s, &b, 409, "invalid_state");
+    let (s, _) = app
+        .call(POST, "/v1/admin/orgs/life/resume", &app.superuser, None)
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = app.call(GET, "/v1/orgs/life/tests", &token, None).await;
+    assert_eq!(s, 200);
+
+    let (s, org) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/life/rename",
+            &app.superuser,
+            Some(json!({"new_slug": "renewed"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{org}");
+    assert_eq!(org["schema_name"], "t_renewed");
+    let (s, _) = app.call(GET, "/v1/orgs/life/tests", &token, None).await;
+    assert_eq!(s, 404);
+    let (s, page) = app
+        .call(GET, "/v1/orgs/renewed/statuses", &token, None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/renewed/rename",
+            &app.superuser,
+            Some(json!({"new_slug": "Bad Slug"})),
+        )
+        .await;
+    assert_error(s, &b, 422, "validation_failed");
+
+    let (s, got) = app
+        .call(GET, "/v1/admin/orgs/renewed", &app.superuser, None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(got["slug"], "renewed");
+    let (s, list) = app.call(GET, "/v1/admin/orgs", &app.superuser, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    let (s, _) = app
+        .call(DELETE, "/v1/admin/orgs/renewed", &app.superuser, None)
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = app
+        .call(GET, "/v1/orgs/renewed/statuses", &app.superuser, None)
+        .await;
+    assert_eq!(s, 404);
+    let (s, b) = app
+        .call(DELETE, "/v1/admin/orgs/renewed", &app.superuser, None)
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    // the member token died with its org
+    let (s, _) = app
+        .call(GET, "/v1/orgs/renewed/statuses", &token, None)
+        .await;
+    assert!(s == 401 || s == 404, "{s}");
+}
+
+#[tokio::test]
+async fn admin_create_validates_and_conflicts() {
+    let app = spawn_app().await;
+    let su = app.superuser.clone();
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/orgs",
+            &su,
+            Some(json!({"slug": "x\"; drop", "name": "x"})),
+        )
+        .await;
+    assert_error(s, &b, 422, "validation_failed");
+    assert!(
+        b["error"]["details"]["fields"]["slug"]
+            .as_str()
+            .unwrap()
+            .contains("'\"'"),
+        "{b}"
+    );
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/orgs",
+            &su,
+            Some(json!({"slug": "admin", "name": "x"})),
+        )
+        .await;
+    assert_error(s, &b, 422, "validation_failed");
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/orgs",
+            &su,
+            Some(json!({"slug": "okay", "name": "x", "owner_email": "nope"})),
+        )
+        .await;
+    assert_error(s, &b, 422, "validation_failed");
+    let (s, _) = app
+        .call(
+            POST,
+            "/v1/admin/orgs",
+            &su,
+            Some(json!({"slug": "okay", "name": "x"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/orgs",
+            &su,
+            Some(json!({"slug": "okay", "name": "x"})),
+        )
+        .await;
+    assert_error(s, &b, 409, "conflict");
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/nope/tokens",
+            &su,
+            Some(json!({"email": "a@b.c"})),
+        )
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/okay/tokens",
+            &su,
+            Some(json!({"email": "bad"})),
+        )
+        .await;
+    assert_error(s, &b, 422, "validation_failed");
+}
+
+#[tokio::test]
+async fn a_second_process_converges_on_suspend_and_rename() {
+    let a = spawn_app().await;
+    let token = a.org_with_token("shared").await;
+    let b_db = common::TestDb {
+        pool: a.db.pool.clone(),
+        url: a.db.url.clone(),
+        name: a.db.name.clone(),
+    };
+    let b = common::spawn_app_on(b_db, tenantry::server::ServerConfig::default()).await;
+    let (s, _) = b.call(GET, "/v1/orgs/shared/tests", &token, None).await;
+    assert_eq!(s, 200); // b has it cached now
+    let (s, _) = a
+        .call(POST, "/v1/admin/orgs/shared/suspend", &a.superuser, None)
+        .await;
+    assert_eq!(s, 200);
+    // b hears about it through LISTEN/NOTIFY, well before its 30 s TTL
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (s, _) = b.call(GET, "/v1/orgs/shared/tests", &token, None).await;
+        if s == 403 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second process still serves a suspended org"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn openapi_describes_every_route() {
+    let app = spawn_app().await;
+    let res = app.http.get(app.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let doc: Value = res.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, methods) in [
+        ("/v1/orgs/{slug}/statuses", &["get", "post"][..]),
+        (
+            "/v1/orgs/{slug}/statuses/{id}",
+            &["get", "patch", "delete"][..],
+        ),
+        ("/v1/orgs/{slug}/behaviors", &["get", "post"][..]),
+        (
+            "/v1/orgs/{slug}/behaviors/{id}",
+            &["get", "patch", "delete"][..],
+        ),
+        ("/v1/orgs/{slug}/tests", &["get", "post"][..]),
+        (
+            "/v1/orgs/{slug}/tests/{id}",
+            &["get", "patch", "delete"][..],
+        ),
+        ("/v1/admin/orgs", &["get", "post"][..]),
+        ("/v1/admin/orgs/{slug}", &["get", "delete"][..]),
+        ("/v1/admin/orgs/{slug}/suspend", &["post"][..]),
+        ("/v1/admin/orgs/{slug}/resume", &["post"][..]),
+        ("/v1/admin/orgs/{slug}/rename", &["post"][..]),
+        ("/v1/admin/orgs/{slug}/tokens", &["post"][..]),
+        ("/v1/admin/tokens/{id}", &["delete"][..]),
+        ("/healthz", &["get"][..]),
+        ("/readyz", &["get"][..]),
+    ] {
+        let item = paths
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} missing from OpenAPI"));
+        for m in methods {
+            assert!(item.get(*m).is_some(), "{m} {path} missing from OpenAPI");
+        }
+    }
+}
