@@ -177,6 +177,16 @@ impl From<sqlx::Error> for ApiError {
                         "a value is out of range or malformed",
                     )
                 }
+                // Our SQL names only template tables; if they are missing, the
+                // tenant's schema vanished or is broken. Never fall through.
+                Some("42P01") | Some("3F000") => {
+                    tracing::error!(error = %e, "tenant schema is missing or incomplete");
+                    return ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "tenant_unavailable",
+                        "this organization's data is unavailable; an operator has been alerted",
+                    );
+                }
                 Some("57014") => {
                     return ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,

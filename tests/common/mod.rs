@@ -130,7 +130,15 @@ pub async fn spawn_app_with(config: tenantry::server::ServerConfig) -> TestApp {
 
 /// Another server process (own caches, own pool) on an existing database.
 pub async fn spawn_app_on(db: TestDb, config: tenantry::server::ServerConfig) -> TestApp {
-    let pool = tenantry::db::connect(&db.url, &tenantry::db::PoolConfig::default())
+    spawn_app_with_pool(db, &tenantry::db::PoolConfig::default(), config).await
+}
+
+pub async fn spawn_app_with_pool(
+    db: TestDb,
+    pool_config: &tenantry::db::PoolConfig,
+    config: tenantry::server::ServerConfig,
+) -> TestApp {
+    let pool = tenantry::db::connect(&db.url, pool_config)
         .await
         .expect("server pool");
     let (_, token) = tenantry::provision::issue_superuser_token(&pool, "root@tenantry.test", None)

@@ -1,0 +1,409 @@
+//! The router's invariants, adversarially: a vanished schema never falls
+//! through to another one (invariant 1), and no tenant state survives its
+//! transaction on a shared pool under cancellation, errors and rollbacks
+//! (invariant 2).
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestDb;
+use reqwest::Method;
+use tenantry::db::PoolConfig;
+use tenantry::ident::Slug;
+use tenantry::provision::{self, NewOrg};
+use tenantry::router::{RouterConfig, TenantRouter, TenantTx};
+use tenantry::template::Template;
+use uuid::Uuid;
+
+const MARKER: &str = "PUBLIC-SCHEMA-MARKER";
+
+/// Tables in `public` shaped like the tenant's, holding a marker row: any
+/// query that falls through to `public` would find it.
+async fn plant_public_marker(db: &TestDb) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::raw_sql(
+        "CREATE TABLE public.tests (id uuid PRIMARY KEY, prompt text, expected_outcome text, behavior_id uuid, \
+           status_id uuid, created_by uuid, updated_by uuid, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now()); \
+         CREATE TABLE public.statuses (id uuid PRIMARY KEY, name text, description text, created_by uuid, \
+           updated_by uuid, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO public.tests (id, prompt, expected_outcome) VALUES ($1, $2, $2)")
+        .bind(id)
+        .bind(MARKER)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO public.statuses (id, name) VALUES ($1, $2)")
+        .bind(id)
+        .bind(MARKER)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    id
+}
+
+fn slug(s: &str) -> Slug {
+    Slug::parse(s).unwrap()
+}
+
+#[tokio::test]
+async fn tenant_transaction_search_path_is_exactly_the_schema() {
+    let db = TestDb::new().await;
+    provision::create_org(
+        &db.pool,
+        &Template::embedded(),
+        &NewOrg::parse("exact", "Exact", None).unwrap(),
+    )
+    .await
+    .unwrap();
+    let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
+        .await
+        .unwrap();
+    let router = TenantRouter::new(pool.clone(), &RouterConfig::default());
+    let (path, schemas): (String, Vec<String>) = router
+        .with_tenant(&slug("exact"), |tx| {
+            Box::pin(async move {
+                Ok(sqlx::query_as(
+                    "SELECT current_setting('search_path'), current_schemas(false)::text[]",
+                )
+                .fetch_one(tx.conn())
+                .await?)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(path, "t_exact");
+    assert_eq!(schemas, ["t_exact"]);
+    // and after the transaction, the pooled connection is back to nothing
+    let after: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(after, "\"\"");
+}
+
+#[tokio::test]
+async fn vanished_schema_fails_cleanly_and_never_reads_public() {
+    let app = common::spawn_app().await;
+    let marker = plant_public_marker(&app.db).await;
+    let token = app.org_with_token("vanish").await;
+    // warm every cache: the router keeps believing in the org
+    let (s, _) = app
+        .call(Method::GET, "/v1/orgs/vanish/tests", &token, None)
+        .await;
+    assert_eq!(s, 200);
+
+    sqlx::raw_sql("DROP SCHEMA t_vanish CASCADE")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+
+    for path in [
+        format!("/v1/orgs/vanish/tests/{marker}"),
+        "/v1/orgs/vanish/tests".to_string(),
+        format!("/v1/orgs/vanish/statuses/{marker}"),
+        "/v1/orgs/vanish/statuses".to_string(),
+    ] {
+        let res = app.req(Method::GET, &path, &token).send().await.unwrap();
+        let status = res.status().as_u16();
+        let body = res.text().await.unwrap();
+        assert!(!body.contains(MARKER), "{path} read public: {body}");
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(body.contains("tenant_unavailable"), "{body}");
+    }
+    // writes fail too, and write nothing into public
+    let (s, _) = app
+        .call(
+            Method::POST,
+            "/v1/orgs/vanish/statuses",
+            &token,
+            Some(serde_json::json!({"name": "x"})),
+        )
+        .await;
+    assert_eq!(s, 503);
+    assert_eq!(
+        app.db.count("SELECT count(*) FROM public.statuses").await,
+        1
+    );
+
+    // the library path reports "relation does not exist"
+    let err = app
+        .state
+        .router
+        .with_tenant(&slug("vanish"), |tx| {
+            Box::pin(async move {
+                let rows: Vec<String> = sqlx::query_scalar("SELECT prompt FROM tests")
+                    .fetch_all(tx.conn())
+                    .await?;
+                Ok(rows)
+            })
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+/// A small deterministic PRNG (xorshift64*), so a failing run can be
+/// replayed with the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    checked_reads: AtomicU64,
+    rows_checked: AtomicU64,
+    leaks: AtomicU64,
+    cancelled: AtomicU64,
+    failed_queries: AtomicU64,
+    rollbacks: AtomicU64,
+    commits: AtomicU64,
+    pool_checks: AtomicU64,
+}
+
+/// Reads everything a tenant transaction can see and counts any row or
+/// setting that belongs to someone else.
+async fn checked_read(tx: &mut TenantTx, c: &Counters) {
+    let me = tx.tenant().slug.to_string();
+    let schema = tx.tenant().schema.to_string();
+    let (path, schemas): (String, Vec<String>) =
+        sqlx::query_as("SELECT current_setting('search_path'), current_schemas(false)::text[]")
+            .fetch_one(tx.conn())
+            .await
+            .unwrap();
+    let prompts: Vec<String> = sqlx::query_scalar("SELECT prompt FROM tests")
+        .fetch_all(tx.conn())
+        .await
+        .unwrap();
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM statuses")
+        .fetch_all(tx.conn())
+        .await
+        .unwrap();
+    let mut leaks = u64::from(path != schema || schemas != [schema.clone()]);
+    leaks += prompts.iter().filter(|p| **p != me).count() as u64;
+    // committed statuses are named "<slug>:<n>"; the three defaults stay
+    leaks += names
+        .iter()
+        .filter(|n| n.contains(':') && !n.starts_with(&format!("{me}:")))
+        .count() as u64;
+    // rolled-back writes must never be visible anywhere
+    leaks += names.iter().filter(|n| n.contains("rolled-back")).count() as u64;
+    if leaks > 0 {
+        eprintln!("LEAK in {me}: path={path} prompts={prompts:?} names={names:?}");
+    }
+    c.leaks.fetch_add(leaks, Ordering::Relaxed);
+    c.rows_checked
+        .fetch_add((prompts.len() + names.len()) as u64, Ordering::Relaxed);
+    c.checked_reads.fetch_add(1, Ordering::Relaxed);
+}
+
+async fn chaos_step(
+    router: &TenantRouter,
+    pool: &sqlx::PgPool,
+    slugs: &[Slug],
+    rng: &mut Rng,
+    c: &Counters,
+    n: u64,
+) {
+    let slug = &slugs[rng.below(slugs.len() as u64) as usize];
+    let tenant = router.resolve(slug).await.unwrap().unwrap();
+    match rng.below(6) {
+        // a read that runs to the end and checks everything it sees
+        0 | 1 => {
+            let mut tx = router.begin(&tenant).await.unwrap();
+            checked_read(&mut tx, c).await;
+            tx.commit().await.unwrap();
+        }
+        // cancelled at a random point: during BEGIN, a query, or COMMIT
+        2 => {
+            let budget = Duration::from_micros(1 + rng.below(3000));
+            let write = rng.below(2) == 0;
+            let name = format!("{slug}:{n}");
+            let outcome = tokio::time::timeout(budget, async {
+                let mut tx = router.begin(&tenant).await.unwrap();
+                sqlx::query("SELECT pg_sleep(0.0005)")
+                    .execute(tx.conn())
+                    .await
+                    .unwrap();
+                if write {
+                    sqlx::query(
+                        "INSERT INTO statuses (name, created_by, updated_by) VALUES ($1, $2, $2)",
+                    )
+                    .bind(&name)
+                    .bind(Uuid::nil())
+                    .execute(tx.conn())
+                    .await
+                    .unwrap();
+                }
+                tx.commit().await.unwrap();
+            })
+            .await;
+            if outcome.is_err() {
+                c.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // a failing query, then the transaction is dropped
+        3 => {
+            let mut tx = router.begin(&tenant).await.unwrap();
+            let err = sqlx::query("SELECT 1/0").execute(tx.conn()).await;
+            assert!(err.is_err());
+            c.failed_queries.fetch_add(1, Ordering::Relaxed);
+            drop(tx);
+        }
+        // writes rolled back explicitly
+        4 => {
+            let mut tx = router.begin(&tenant).await.unwrap();
+            sqlx::query("INSERT INTO statuses (name, created_by, updated_by) VALUES ($1, $2, $2)")
+                .bind(format!("{slug}:rolled-back-{n}"))
+                .bind(Uuid::nil())
+                .execute(tx.conn())
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+            c.rollbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        // committed writes tagged with the tenant's own slug
+        _ => {
+            let mut tx = router.begin(&tenant).await.unwrap();
+            let (status, behavior): (Uuid, Uuid) = sqlx::query_as(
+                "SELECT (SELECT id FROM statuses LIMIT 1), (SELECT id FROM behaviors LIMIT 1)",
+            )
+            .fetch_one(tx.conn())
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+                 VALUES ($1, '', $2, $3, $4, $4)",
+            )
+            .bind(slug.as_str())
+            .bind(behavior)
+            .bind(status)
+            .bind(Uuid::nil())
+            .execute(tx.conn())
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+            c.commits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // Outside any tenant transaction a pooled connection carries no tenant
+    // state: empty search_path, and no transaction left open.
+    if rng.below(4) == 0 {
+        let mut conn = pool.acquire().await.unwrap();
+        let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        // SAVEPOINT fails outside a transaction block (25P01), so success
+        // means the connection was handed out inside a leftover transaction.
+        let in_tx = sqlx::Executor::execute(&mut *conn, "SAVEPOINT leak_probe")
+            .await
+            .is_ok();
+        if path != "\"\"" || in_tx {
+            eprintln!("LEAK on pooled connection: search_path={path} in_transaction={in_tx}");
+            c.leaks.fetch_add(1, Ordering::Relaxed);
+            conn.close_on_drop();
+        }
+        c.pool_checks.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_tenant_state_leaks_across_a_small_shared_pool() {
+    let db = TestDb::new().await;
+    let template = Template::embedded();
+    let tenants = 40;
+    let mut slugs = vec![];
+    for i in 0..tenants {
+        let s = format!("leak-{i:02}");
+        provision::create_org(
+            &db.pool,
+            &template,
+            &NewOrg::parse(&s, "Leak", None).unwrap(),
+        )
+        .await
+        .unwrap();
+        slugs.push(slug(&s));
+    }
+    let pool = tenantry::db::connect(
+        &db.url,
+        &PoolConfig {
+            max_connections: 4,
+            ..PoolConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let router = TenantRouter::new(pool.clone(), &RouterConfig::default());
+    let counters = Arc::new(Counters::default());
+    let seed: u64 = std::env::var("LEAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1234);
+    let workers = 16;
+    let steps = 120;
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let (router, pool, slugs, c) = (
+                router.clone(),
+                pool.clone(),
+                slugs.clone(),
+                counters.clone(),
+            );
+            tokio::spawn(async move {
+                let mut rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                for n in 0..steps {
+                    chaos_step(&router, &pool, &slugs, &mut rng, &c, (w * steps + n) as u64).await;
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    // a final pass over every tenant
+    for s in &slugs {
+        let tenant = router.resolve(s).await.unwrap().unwrap();
+        let mut tx = router.begin(&tenant).await.unwrap();
+        checked_read(&mut tx, &counters).await;
+        tx.commit().await.unwrap();
+    }
+    let c = &*counters;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    println!(
+        "seed {seed:#x}: {} checked reads over {} rows, {} pool checks, {} cancelled, {} failed queries, {} rollbacks, {} commits; leaks: {}",
+        get(&c.checked_reads),
+        get(&c.rows_checked),
+        get(&c.pool_checks),
+        get(&c.cancelled),
+        get(&c.failed_queries),
+        get(&c.rollbacks),
+        get(&c.commits),
+        get(&c.leaks)
+    );
+    assert_eq!(get(&c.leaks), 0, "tenant state leaked");
+    // the test exercised what it claims to
+    assert!(get(&c.checked_reads) >= 500);
+    assert!(
+        get(&c.cancelled) >= 20,
+        "too few cancellations to mean anything"
+    );
+    assert!(get(&c.failed_queries) >= 20 && get(&c.rollbacks) >= 20 && get(&c.commits) >= 20);
+    assert!(get(&c.rows_checked) > get(&c.checked_reads) * 3);
+}
