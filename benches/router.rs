@@ -1,0 +1,386 @@
+//! Router benchmark. In one run, on one database and one pool:
+//!
+//! - HTTP: `GET /v1/orgs/{slug}/tests/{id}` spread over N tenants through the
+//!   router (token auth, cached resolve, `BEGIN; SET LOCAL search_path`,
+//!   query, COMMIT) against (a) a baseline route that serves the same query
+//!   from one fixed schema without routing and (b) a "qualified" route that
+//!   spreads over the same N schemas without the router (schema named in the
+//!   SQL); same auth, plain transactions, same concurrency, phases
+//!   alternating. CPU per request of PostgreSQL and of this process is
+//!   printed too: both share the machine's cores;
+//! - library: `TenantRouter::resolve` on a cache hit, and `begin` + COMMIT
+//!   against a plain pool transaction.
+//!
+//!     cargo bench --bench router -- --tenants 100 --concurrency 32 --seconds 5 --rounds 3
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use common::{arg, bench_pool, ms, Stats};
+use tenantry::api::error::ApiError;
+use tenantry::api::extract::{ApiPath, Auth};
+use tenantry::api::resources::TestCase;
+use tenantry::db::PoolConfig;
+use tenantry::ident::{SchemaName, Slug};
+use tenantry::provision::{self, NewOrg};
+use tenantry::server::{self, ServerConfig};
+use tenantry::template::Template;
+use uuid::Uuid;
+
+const BASELINE_SCHEMA: &str = "bench_fixed";
+
+/// The baseline: the same query, one fixed schema, no routing.
+async fn baseline_get(
+    State(app): State<tenantry::api::AppState>,
+    _auth: Auth,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<TestCase>, ApiError> {
+    let mut tx = app.pool.begin().await?;
+    let row: Option<TestCase> = sqlx::query_as(
+        "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
+         FROM bench_fixed.tests WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    row.map(Json).ok_or_else(|| ApiError::not_found("no such test"))
+}
+
+/// Spreads over the tenants' schemas like the router, but without it: the
+/// schema is named in the SQL, in a plain pool transaction.
+async fn qualified_get(
+    State(app): State<tenantry::api::AppState>,
+    _auth: Auth,
+    ApiPath((schema, id)): ApiPath<(String, Uuid)>,
+) -> Result<Json<TestCase>, ApiError> {
+    let schema = SchemaName::parse(&schema).map_err(|_| ApiError::not_found("no such schema"))?;
+    let mut tx = app.pool.begin().await?;
+    let row: Option<TestCase> = sqlx::query_as(&format!(
+        "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
+         FROM {}.tests WHERE id = $1",
+        schema.quoted()
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    row.map(Json).ok_or_else(|| ApiError::not_found("no such test"))
+}
+
+struct Target {
+    path: String,
+    token: String,
+}
+
+/// CPU time (clock ticks, user + system) of a process from /proc.
+fn process_ticks(stat_path: &std::path::Path) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else { return 0 };
+    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// CPU ticks so far of (all postgres processes, this process): where each
+/// side's requests spend their CPU on a machine where both share 2 cores.
+fn cpu_ticks() -> (u64, u64) {
+    let mut pg = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let is_pg = std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres");
+        if is_pg {
+            pg += process_ticks(&e.path().join("stat"));
+        }
+    }
+    (pg, process_ticks(std::path::Path::new("/proc/self/stat")))
+}
+
+async fn load(client: &reqwest::Client, base: &str, targets: &Arc<Vec<Target>>, concurrency: usize, secs: f64) -> (Stats, f64) {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (client, base, targets) = (client.clone(), base.to_owned(), targets.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = w;
+                while Instant::now() < deadline {
+                    let t = &targets[i % targets.len()];
+                    i += concurrency + 1;
+                    let start = Instant::now();
+                    let res = client.get(format!("{base}{}", t.path)).bearer_auth(&t.token).send().await.unwrap();
+                    assert_eq!(res.status(), 200);
+                    res.bytes().await.unwrap();
+                    lat.push(start.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = all.len() as f64;
+    (Stats::of(all), n / elapsed)
+}
+
+#[tokio::main]
+async fn main() {
+    let tenants: usize = arg("--tenants", 100);
+    let concurrency: usize = arg("--concurrency", 32);
+    let seconds: f64 = arg("--seconds", 5.0);
+    let rounds: usize = arg("--rounds", 3);
+    let pool_size: u32 = arg("--pool", 16);
+
+    let (setup_pool, url) = bench_pool(4).await;
+    tenantry::registry::migrate(&setup_pool).await.unwrap();
+    let template = Template::embedded();
+    let mut targets = Vec::new();
+    let mut baseline_targets = Vec::new();
+    let mut qualified_targets = Vec::new();
+    let mut slugs = Vec::new();
+    for i in 0..tenants {
+        let slug = format!("bench-{i:04}");
+        provision::create_org(&setup_pool, &template, &NewOrg::parse(&slug, "Bench", None).unwrap())
+            .await
+            .unwrap();
+        let (_, token) = provision::issue_org_token(&setup_pool, &Slug::parse(&slug).unwrap(), "bench@bench.test", None)
+            .await
+            .unwrap();
+        let schema = format!("t_{}", slug.replace('-', "_"));
+        let id: Uuid = sqlx::query_scalar(&format!(
+            "INSERT INTO {schema}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+             SELECT 'prompt ' || g, 'ok', (SELECT id FROM {schema}.behaviors LIMIT 1), (SELECT id FROM {schema}.statuses LIMIT 1), \
+                    '00000000-0000-0000-0000-000000000000', '00000000-0000-0000-0000-000000000000' \
+             FROM generate_series(1, 20) g RETURNING id"
+        ))
+        .fetch_all(&setup_pool)
+        .await
+        .unwrap()[7];
+        targets.push(Target {
+            path: format!("/v1/orgs/{slug}/tests/{id}"),
+            token: token.token.clone(),
+        });
+        qualified_targets.push(Target {
+            path: format!("/qualified/{schema}/tests/{id}"),
+            token: token.token.clone(),
+        });
+        slugs.push(Slug::parse(&slug).unwrap());
+        if i == 0 {
+            // the baseline schema: a copy of one tenant's rows
+            sqlx::raw_sql(&format!(
+                "CREATE SCHEMA {BASELINE_SCHEMA}; CREATE TABLE {BASELINE_SCHEMA}.tests (LIKE {schema}.tests INCLUDING ALL); \
+                 INSERT INTO {BASELINE_SCHEMA}.tests SELECT * FROM {schema}.tests;"
+            ))
+            .execute(&setup_pool)
+            .await
+            .unwrap();
+        }
+    }
+    // baseline targets: the same ids, the same tokens, one schema
+    let fixed_ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM bench_fixed.tests ORDER BY id")
+        .fetch_all(&setup_pool)
+        .await
+        .unwrap();
+    for (i, t) in targets.iter().enumerate() {
+        baseline_targets.push(Target {
+            path: format!("/baseline/tests/{}", fixed_ids[i % fixed_ids.len()]),
+            token: t.token.clone(),
+        });
+    }
+    setup_pool.close().await;
+
+    let pool = tenantry::db::connect(
+        &url,
+        &PoolConfig {
+            max_connections: pool_size,
+            ..PoolConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let state = server::state(pool.clone(), &ServerConfig::default());
+    let app = Router::new()
+        .route("/baseline/tests/{id}", get(baseline_get))
+        .route("/qualified/{schema}/tests/{id}", get(qualified_get))
+        .with_state(state.clone())
+        .merge(tenantry::api::app(state.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+    let routed_targets = Arc::new(targets);
+    let baseline_targets = Arc::new(baseline_targets);
+    let qualified_targets = Arc::new(qualified_targets);
+    // warm-up: caches, prepared statements, connections
+    load(&client, &base, &routed_targets, concurrency, 1.0).await;
+    load(&client, &base, &baseline_targets, concurrency, 1.0).await;
+    load(&client, &base, &qualified_targets, concurrency, 1.0).await;
+
+    println!("HTTP GET one test by id: {tenants} tenants, concurrency {concurrency}, pool {pool_size}, {rounds} x {seconds}s per side, alternating");
+    println!(
+        "{:<10} {:>6} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "side", "round", "req/s", "p50 ms", "p99 ms", "requests", "pg us/req", "app us/req"
+    );
+    let mut sums = [(0.0, Vec::new()), (0.0, Vec::new()), (0.0, Vec::new())];
+    for round in 0..rounds {
+        let sides = [("baseline", &baseline_targets), ("qualified", &qualified_targets), ("routed", &routed_targets)];
+        for (side, (name, t)) in sides.into_iter().enumerate() {
+            let (pg0, me0) = cpu_ticks();
+            let (stats, rps) = load(&client, &base, t, concurrency, seconds).await;
+            let (pg1, me1) = cpu_ticks();
+            let per_req = |ticks: u64| ticks as f64 * 10_000.0 / stats.n as f64; // 100 ticks/s -> us
+            println!(
+                "{name:<10} {round:>6} {rps:>10.0} {:>9.2} {:>9.2} {:>9} {:>10.0} {:>10.0}",
+                ms(stats.median),
+                ms(stats.p99),
+                stats.n,
+                per_req(pg1 - pg0),
+                per_req(me1 - me0)
+            );
+            sums[side].0 += rps;
+            sums[side].1.push((stats.median, stats.p99));
+        }
+    }
+    let avg = |side: usize| {
+        let (rps, lat) = &sums[side];
+        let n = lat.len() as f64;
+        (
+            rps / n,
+            lat.iter().map(|l| ms(l.0)).sum::<f64>() / n,
+            lat.iter().map(|l| ms(l.1)).sum::<f64>() / n,
+        )
+    };
+    let (b_rps, b_p50, b_p99) = avg(0);
+    let (q_rps, q_p50, q_p99) = avg(1);
+    let (r_rps, r_p50, r_p99) = avg(2);
+    println!("mean baseline:  {b_rps:.0} req/s, p50 {b_p50:.2} ms, p99 {b_p99:.2} ms");
+    println!("mean qualified: {q_rps:.0} req/s, p50 {q_p50:.2} ms, p99 {q_p99:.2} ms");
+    println!("mean routed:    {r_rps:.0} req/s, p50 {r_p50:.2} ms, p99 {r_p99:.2} ms");
+    println!(
+        "ratio routed/baseline (one fixed schema): throughput {:.3}x, p50 {:.3}x, p99 {:.3}x",
+        r_rps / b_rps,
+        r_p50 / b_p50,
+        r_p99 / b_p99
+    );
+    println!(
+        "ratio routed/qualified (same {tenants} schemas, no router): throughput {:.3}x, p50 {:.3}x, p99 {:.3}x",
+        r_rps / q_rps,
+        r_p50 / q_p50,
+        r_p99 / q_p99
+    );
+
+    // library level
+    let router = state.router.clone();
+    for s in &slugs {
+        router.resolve(s).await.unwrap();
+    }
+    let n = 200_000;
+    let t = Instant::now();
+    for i in 0..n {
+        std::hint::black_box(router.resolve(&slugs[i % slugs.len()]).await.unwrap());
+    }
+    let resolve_ns = t.elapsed().as_nanos() as f64 / n as f64;
+    let tenant = router.resolve(&slugs[0]).await.unwrap().unwrap();
+    let m = 5_000;
+    let mut routed_begin = Vec::with_capacity(m);
+    let mut plain_begin = Vec::with_capacity(m);
+    for _ in 0..m {
+        let t = Instant::now();
+        let tx = router.begin(&tenant).await.unwrap();
+        tx.commit().await.unwrap();
+        routed_begin.push(t.elapsed());
+        let t = Instant::now();
+        let tx = pool.begin().await.unwrap();
+        tx.commit().await.unwrap();
+        plain_begin.push(t.elapsed());
+    }
+    // the same BEGIN message without the router's spawned task
+    let mut unspawned = Vec::with_capacity(m);
+    let begin_sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
+    for _ in 0..m {
+        let t = Instant::now();
+        let tx = pool.begin_with(begin_sql.clone()).await.unwrap();
+        tx.commit().await.unwrap();
+        unspawned.push(t.elapsed());
+    }
+    let ub = Stats::of(unspawned);
+    println!(
+        "library: pool.begin_with(BEGIN; SET LOCAL ..)+commit, no spawn: median {:.1} us",
+        ms(ub.median) * 1000.0
+    );
+    let rb = Stats::of(routed_begin);
+    let pb = Stats::of(plain_begin);
+    // One query through each path, sequentially: where the per-request cost goes.
+    let ids: Vec<Uuid> = {
+        let mut v = Vec::new();
+        for t in routed_targets.iter() {
+            v.push(t.path.rsplit('/').next().unwrap().parse().unwrap());
+        }
+        v
+    };
+    let tenants_arc: Vec<_> = {
+        let mut v = Vec::new();
+        for s in &slugs {
+            v.push(router.resolve(s).await.unwrap().unwrap());
+        }
+        v
+    };
+    let get_sql = tenantry::api::resources::GET_TEST;
+    let mut one_tenant = Vec::with_capacity(m);
+    let mut many_tenants = Vec::with_capacity(m);
+    let mut fixed = Vec::with_capacity(m);
+    for i in 0..m {
+        let t = Instant::now();
+        let mut tx = router.begin(&tenants_arc[0]).await.unwrap();
+        let _: Option<TestCase> = sqlx::query_as(get_sql).bind(ids[0]).fetch_optional(tx.conn()).await.unwrap();
+        tx.commit().await.unwrap();
+        one_tenant.push(t.elapsed());
+
+        let k = i % tenants_arc.len();
+        let t = Instant::now();
+        let mut tx = router.begin(&tenants_arc[k]).await.unwrap();
+        let _: Option<TestCase> = sqlx::query_as(get_sql).bind(ids[k]).fetch_optional(tx.conn()).await.unwrap();
+        tx.commit().await.unwrap();
+        many_tenants.push(t.elapsed());
+
+        let t = Instant::now();
+        let mut tx = pool.begin().await.unwrap();
+        let _: Option<TestCase> = sqlx::query_as(
+            "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
+             FROM bench_fixed.tests WHERE id = $1",
+        )
+        .bind(fixed_ids[0])
+        .fetch_optional(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        fixed.push(t.elapsed());
+    }
+    let (o, mt, f) = (Stats::of(one_tenant), Stats::of(many_tenants), Stats::of(fixed));
+    println!(
+        "library: begin+GET+commit median: fixed schema {:.1} us, routed one tenant {:.1} us ({:.2}x), routed rotating {} tenants {:.1} us ({:.2}x)",
+        ms(f.median) * 1000.0,
+        ms(o.median) * 1000.0,
+        o.median.as_secs_f64() / f.median.as_secs_f64(),
+        tenants_arc.len(),
+        ms(mt.median) * 1000.0,
+        mt.median.as_secs_f64() / f.median.as_secs_f64()
+    );
+    println!("library: resolve (cache hit) {resolve_ns:.0} ns/op over {n} calls");
+    println!(
+        "library: router.begin+commit median {:.1} us (p99 {:.1} us) vs pool.begin+commit median {:.1} us (p99 {:.1} us): {:.2}x",
+        ms(rb.median) * 1000.0,
+        ms(rb.p99) * 1000.0,
+        ms(pb.median) * 1000.0,
+        ms(pb.p99) * 1000.0,
+        rb.median.as_secs_f64() / pb.median.as_secs_f64()
+    );
+}
