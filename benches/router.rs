@@ -49,7 +49,8 @@ async fn baseline_get(
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;
-    row.map(Json).ok_or_else(|| ApiError::not_found("no such test"))
+    row.map(Json)
+        .ok_or_else(|| ApiError::not_found("no such test"))
 }
 
 /// Spreads over the tenants' schemas like the router, but without it: the
@@ -70,7 +71,8 @@ async fn qualified_get(
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;
-    row.map(Json).ok_or_else(|| ApiError::not_found("no such test"))
+    row.map(Json)
+        .ok_or_else(|| ApiError::not_found("no such test"))
 }
 
 struct Target {
@@ -80,10 +82,13 @@ struct Target {
 
 /// CPU time (clock ticks, user + system) of a process from /proc.
 fn process_ticks(stat_path: &std::path::Path) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(stat_path) else { return 0 };
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
+        return 0;
+    };
     let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
     let f: Vec<&str> = rest.split(' ').collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 /// CPU ticks so far of (all postgres processes, this process): where each
@@ -91,7 +96,8 @@ fn process_ticks(stat_path: &std::path::Path) -> u64 {
 fn cpu_ticks() -> (u64, u64) {
     let mut pg = 0;
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let is_pg = std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres");
+        let is_pg =
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres");
         if is_pg {
             pg += process_ticks(&e.path().join("stat"));
         }
@@ -99,7 +105,13 @@ fn cpu_ticks() -> (u64, u64) {
     (pg, process_ticks(std::path::Path::new("/proc/self/stat")))
 }
 
-async fn load(client: &reqwest::Client, base: &str, targets: &Arc<Vec<Target>>, concurrency: usize, secs: f64) -> (Stats, f64) {
+async fn load(
+    client: &reqwest::Client,
+    base: &str,
+    targets: &Arc<Vec<Target>>,
+    concurrency: usize,
+    secs: f64,
+) -> (Stats, f64) {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let handles: Vec<_> = (0..concurrency)
@@ -112,7 +124,12 @@ async fn load(client: &reqwest::Client, base: &str, targets: &Arc<Vec<Target>>, 
                     let t = &targets[i % targets.len()];
                     i += concurrency + 1;
                     let start = Instant::now();
-                    let res = client.get(format!("{base}{}", t.path)).bearer_auth(&t.token).send().await.unwrap();
+                    let res = client
+                        .get(format!("{base}{}", t.path))
+                        .bearer_auth(&t.token)
+                        .send()
+                        .await
+                        .unwrap();
                     assert_eq!(res.status(), 200);
                     res.bytes().await.unwrap();
                     lat.push(start.elapsed());
@@ -147,12 +164,21 @@ async fn main() {
     let mut slugs = Vec::new();
     for i in 0..tenants {
         let slug = format!("bench-{i:04}");
-        provision::create_org(&setup_pool, &template, &NewOrg::parse(&slug, "Bench", None).unwrap())
-            .await
-            .unwrap();
-        let (_, token) = provision::issue_org_token(&setup_pool, &Slug::parse(&slug).unwrap(), "bench@bench.test", None)
-            .await
-            .unwrap();
+        provision::create_org(
+            &setup_pool,
+            &template,
+            &NewOrg::parse(&slug, "Bench", None).unwrap(),
+        )
+        .await
+        .unwrap();
+        let (_, token) = provision::issue_org_token(
+            &setup_pool,
+            &Slug::parse(&slug).unwrap(),
+            "bench@bench.test",
+            None,
+        )
+        .await
+        .unwrap();
         let schema = format!("t_{}", slug.replace('-', "_"));
         let id: Uuid = sqlx::query_scalar(&format!(
             "INSERT INTO {schema}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
@@ -215,7 +241,10 @@ async fn main() {
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
     let routed_targets = Arc::new(targets);
     let baseline_targets = Arc::new(baseline_targets);
     let qualified_targets = Arc::new(qualified_targets);
@@ -231,7 +260,11 @@ async fn main() {
     );
     let mut sums = [(0.0, Vec::new()), (0.0, Vec::new()), (0.0, Vec::new())];
     for round in 0..rounds {
-        let sides = [("baseline", &baseline_targets), ("qualified", &qualified_targets), ("routed", &routed_targets)];
+        let sides = [
+            ("baseline", &baseline_targets),
+            ("qualified", &qualified_targets),
+            ("routed", &routed_targets),
+        ];
         for (side, (name, t)) in sides.into_iter().enumerate() {
             let (pg0, me0) = cpu_ticks();
             let (stats, rps) = load(&client, &base, t, concurrency, seconds).await;
@@ -302,7 +335,7 @@ async fn main() {
         tx.commit().await.unwrap();
         plain_begin.push(t.elapsed());
     }
-    // the same BEGIN message without the router's spawned task
+    // the same BEGIN message without the router's cancellation guard
     let mut unspawned = Vec::with_capacity(m);
     let begin_sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
     for _ in 0..m {
@@ -313,7 +346,7 @@ async fn main() {
     }
     let ub = Stats::of(unspawned);
     println!(
-        "library: pool.begin_with(BEGIN; SET LOCAL ..)+commit, no spawn: median {:.1} us",
+        "library: pool.begin_with(BEGIN; SET LOCAL ..)+commit, without the router's cancellation guard: median {:.1} us",
         ms(ub.median) * 1000.0
     );
     let rb = Stats::of(routed_begin);
@@ -340,14 +373,22 @@ async fn main() {
     for i in 0..m {
         let t = Instant::now();
         let mut tx = router.begin(&tenants_arc[0]).await.unwrap();
-        let _: Option<TestCase> = sqlx::query_as(get_sql).bind(ids[0]).fetch_optional(tx.conn()).await.unwrap();
+        let _: Option<TestCase> = sqlx::query_as(get_sql)
+            .bind(ids[0])
+            .fetch_optional(tx.conn())
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         one_tenant.push(t.elapsed());
 
         let k = i % tenants_arc.len();
         let t = Instant::now();
         let mut tx = router.begin(&tenants_arc[k]).await.unwrap();
-        let _: Option<TestCase> = sqlx::query_as(get_sql).bind(ids[k]).fetch_optional(tx.conn()).await.unwrap();
+        let _: Option<TestCase> = sqlx::query_as(get_sql)
+            .bind(ids[k])
+            .fetch_optional(tx.conn())
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         many_tenants.push(t.elapsed());
 
@@ -364,7 +405,11 @@ async fn main() {
         tx.commit().await.unwrap();
         fixed.push(t.elapsed());
     }
-    let (o, mt, f) = (Stats::of(one_tenant), Stats::of(many_tenants), Stats::of(fixed));
+    let (o, mt, f) = (
+        Stats::of(one_tenant),
+        Stats::of(many_tenants),
+        Stats::of(fixed),
+    );
     println!(
         "library: begin+GET+commit median: fixed schema {:.1} us, routed one tenant {:.1} us ({:.2}x), routed rotating {} tenants {:.1} us ({:.2}x)",
         ms(f.median) * 1000.0,

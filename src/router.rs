@@ -121,16 +121,19 @@ impl TenantRouter {
     }
 
     /// Opens a transaction scoped to `tenant`: `BEGIN; SET LOCAL search_path`
-    /// in one round trip. The begin runs on its own task so that a caller
-    /// cancelled while BEGIN is in flight cannot hand a connection that is
-    /// inside a tenant transaction back to the pool: the task finishes the
-    /// BEGIN, then drops the transaction, which queues its ROLLBACK.
+    /// in one round trip.
+    ///
+    /// Cancellation safety: sqlx counts a transaction only once BEGIN has
+    /// answered, so a caller dropped while BEGIN is in flight would return a
+    /// connection to the pool that is, on the server, inside a transaction
+    /// with this tenant's search_path. [`DetachOnDrop`] hands such an
+    /// unfinished BEGIN to a background task that completes it and drops the
+    /// transaction, which queues its ROLLBACK before the connection is reused.
     pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
         let sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
         let pool = self.pool.clone();
-        let tx = tokio::spawn(async move { pool.begin_with(sql).await })
-            .await
-            .map_err(|e| Error::Internal(format!("begin task failed: {e}")))??;
+        let mut begin = DetachOnDrop(Some(Box::pin(async move { pool.begin_with(sql).await })));
+        let tx = begin.run().await?;
         Ok(TenantTx {
             tx,
             tenant: tenant.clone(),
@@ -194,6 +197,45 @@ impl TenantRouter {
                     // the connection dropped and was re-established
                     self.invalidate_all();
                 }
+            }
+        }
+    }
+}
+
+type BeginFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Transaction<'static, Postgres>, sqlx::Error>>
+            + Send,
+    >,
+>;
+
+/// A BEGIN in progress that, if abandoned half-way, is finished on a
+/// background task instead of being dropped (see [`TenantRouter::begin`]).
+/// The happy path costs one allocation and no task.
+struct DetachOnDrop(Option<BeginFuture>);
+
+impl DetachOnDrop {
+    async fn run(&mut self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let fut = self.0.as_mut().expect("run once");
+        let result = fut.await;
+        self.0 = None;
+        result
+    }
+}
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        if let Some(unfinished) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        // The transaction, if BEGIN succeeded, is dropped
+                        // here: sqlx queues its ROLLBACK.
+                        let _ = unfinished.await;
+                    });
+                }
+                // No runtime left (shutdown): the pool is going away too.
+                Err(_) => drop(unfinished),
             }
         }
     }
