@@ -9,7 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use std::time::Duration;
 
+use std::io::IsTerminal;
+
 use crate::db::PoolConfig;
+use crate::fleet;
 use crate::router::RouterConfig;
 use crate::server::{self, ServerConfig};
 use sqlx::PgPool;
@@ -53,8 +56,17 @@ pub struct DbArgs {
 pub enum Command {
     /// Run the HTTP API server.
     Serve(ServeArgs),
-    /// Apply the registry migrations.
-    Migrate,
+    /// Apply registry migrations, then the tenant template to every tenant.
+    Migrate(MigrateArgs),
+    /// Run a read-only query in every active tenant.
+    Query(QueryArgs),
+    /// Find (and with --repair, fix what is safe) registry/schema drift.
+    Doctor {
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Create, list, suspend, resume, rename and delete organizations.
     #[command(subcommand)]
     Orgs(OrgsCommand),
@@ -84,6 +96,64 @@ pub struct ServeArgs {
     pub auth_ttl: u64,
     #[arg(long, env = "TENANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    #[command(subcommand)]
+    pub command: Option<MigrateCommand>,
+    /// List the tenants that are behind and what would be applied; change nothing.
+    #[arg(long, visible_alias = "dry-run")]
+    pub plan: bool,
+    /// Only these orgs.
+    #[arg(long, num_args = 1..)]
+    pub only: Vec<String>,
+    /// Migrate up to this template version (default: the latest).
+    #[arg(long)]
+    pub target: Option<i32>,
+    /// Tenants migrated at once (default: 4).
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
+    /// Apply the migrations in this directory instead of the template built
+    /// into this binary (V{n}__{name}.sql files).
+    #[arg(long)]
+    pub template_dir: Option<PathBuf>,
+    /// Print a JSON summary instead of progress and a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum MigrateCommand {
+    /// How many tenants are at each template version, and which failed.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueryArgs {
+    /// Run in every active tenant (required: the scope is explicit).
+    #[arg(long, required = true)]
+    pub all: bool,
+    /// One SELECT statement, run with search_path set to each tenant.
+    pub sql: String,
+    #[arg(long, value_enum, default_value_t = QueryFormat::Table)]
+    pub format: QueryFormat,
+    /// Tenants queried at once.
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
+    /// Per-tenant statement timeout, milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,9 +311,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return serve(&cli.db, args).await;
     }
     // Check arguments before touching (or starting) a database.
+    let jobs = match &cli.command {
+        Command::Migrate(a) => a.jobs,
+        Command::Query(a) => a.jobs,
+        _ => 3,
+    };
+    if jobs == 0 || jobs > 256 {
+        anyhow::bail!("--jobs must be between 1 and 256");
+    }
     let action = Action::parse(cli.command)?;
     let pool_config = PoolConfig {
-        max_connections: 4,
+        max_connections: jobs as u32 + 1,
         ..PoolConfig::default()
     };
     let db = Database::connect(&cli.db, &pool_config).await?;
@@ -251,6 +329,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     db.close().await?;
     result
 }
+
+/// Exit with a failure status after printing everything: some tenants failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PartialFailure(pub String);
 
 async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     let pool_config = PoolConfig {
@@ -287,7 +370,10 @@ async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
 
 /// A command with its arguments already validated.
 enum Action {
-    Migrate,
+    Migrate(MigrateArgs, Template, Vec<Slug>),
+    MigrateStatus(bool),
+    Query(QueryArgs),
+    Doctor(bool, bool),
     CreateOrg(NewOrg, bool),
     ListOrgs(bool),
     Suspend(Slug, bool),
@@ -303,7 +389,26 @@ impl Action {
     fn parse(command: Command) -> anyhow::Result<Self> {
         Ok(match command {
             Command::Serve(_) => unreachable!("serve is handled before"),
-            Command::Migrate => Action::Migrate,
+            Command::Migrate(args) => match args.command {
+                Some(MigrateCommand::Status { json }) => Action::MigrateStatus(json),
+                None => {
+                    let template = match &args.template_dir {
+                        Some(dir) => Template::from_dir(dir)?,
+                        None => Template::embedded(),
+                    };
+                    let only = args
+                        .only
+                        .iter()
+                        .map(|s| Slug::parse(s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Action::Migrate(args, template, only)
+                }
+            },
+            Command::Query(args) => {
+                crate::fleet::prepare_query(&args.sql)?;
+                Action::Query(args)
+            }
+            Command::Doctor { repair, json } => Action::Doctor(repair, json),
             Command::Orgs(cmd) => match cmd {
                 OrgsCommand::Create {
                     slug,
@@ -349,9 +454,63 @@ impl Action {
 
     async fn run(self, pool: &PgPool) -> anyhow::Result<()> {
         match self {
-            Action::Migrate => {
-                // Connecting already applied the registry migrations.
-                println!("registry is up to date");
+            Action::Migrate(args, template, only) => migrate(pool, args, template, only).await?,
+            Action::MigrateStatus(json) => {
+                let status = fleet::status(pool).await?;
+                if json {
+                    print_json(&status)?;
+                } else {
+                    let rows: Vec<[String; 2]> = status
+                        .versions
+                        .iter()
+                        .map(|(v, n)| [v.to_string(), n.to_string()])
+                        .collect();
+                    print_table(&["TEMPLATE VERSION", "TENANTS"], &rows);
+                    if !status.failed.is_empty() {
+                        println!();
+                        let rows: Vec<[String; 4]> = status
+                            .failed
+                            .iter()
+                            .map(|f| {
+                                [
+                                    f.slug.clone(),
+                                    format!("{} -> {}", f.from_version, f.target_version),
+                                    f.migration.clone().unwrap_or_default(),
+                                    f.error.clone(),
+                                ]
+                            })
+                            .collect();
+                        print_table(&["FAILED", "VERSIONS", "MIGRATION", "ERROR"], &rows);
+                    }
+                }
+            }
+            Action::Query(args) => query(pool, args).await?,
+            Action::Doctor(repair, json) => {
+                let report = fleet::doctor(pool, repair).await?;
+                if json {
+                    print_json(&report)?;
+                } else {
+                    if report.findings.is_empty() {
+                        println!("no problems found");
+                    }
+                    for f in &report.findings {
+                        println!("found: {}", serde_json::to_string(f)?);
+                    }
+                    for r in &report.repaired {
+                        println!("repaired: {r}");
+                    }
+                    for l in &report.left {
+                        println!("left for an operator: {l}");
+                    }
+                }
+                if !report.left.is_empty() || (!repair && !report.findings.is_empty()) {
+                    return Err(PartialFailure(format!(
+                        "{} problem(s) found, {} repaired",
+                        report.findings.len(),
+                        report.repaired.len()
+                    ))
+                    .into());
+                }
             }
             Action::CreateOrg(new, json) => {
                 let created = provision::create_org(pool, &Template::embedded(), &new).await?;
@@ -425,6 +584,254 @@ impl Action {
             }
         }
         Ok(())
+    }
+}
+
+async fn migrate(
+    pool: &PgPool,
+    args: MigrateArgs,
+    template: Template,
+    only: Vec<Slug>,
+) -> anyhow::Result<()> {
+    let opts = fleet::MigrateOptions {
+        jobs: args.jobs,
+        only,
+        target: args.target,
+    };
+    if args.plan {
+        let plan = fleet::plan(pool, &template, &opts).await?;
+        let rows: Vec<[String; 3]> = plan
+            .behind
+            .iter()
+            .map(|t| {
+                [
+                    t.slug.to_string(),
+                    format!("{} -> {}", t.template_version, plan.target),
+                    fleet::pending(&template, t.template_version, plan.target).join(", "),
+                ]
+            })
+            .collect();
+        if args.json {
+            let behind: Vec<_> = plan
+                .behind
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "slug": t.slug.as_str(),
+                        "from": t.template_version,
+                        "to": plan.target,
+                        "pending": fleet::pending(&template, t.template_version, plan.target),
+                    })
+                })
+                .collect();
+            print_json(&serde_json::json!({
+                "target": plan.target, "up_to_date": plan.up_to_date, "behind": behind
+            }))?;
+        } else {
+            println!(
+                "{} tenant(s) behind version {}, {} up to date",
+                plan.behind.len(),
+                plan.target,
+                plan.up_to_date
+            );
+            if !rows.is_empty() {
+                print_table(&["ORG", "VERSIONS", "WOULD APPLY"], &rows);
+            }
+        }
+        return Ok(());
+    }
+    let interactive = !args.json && std::io::stderr().is_terminal();
+    let bar = interactive.then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tenants {elapsed} {msg}")
+                .expect("valid progress template"),
+        );
+        bar
+    });
+    if let Some(bar) = &bar {
+        let plan = fleet::plan(pool, &template, &opts).await?;
+        bar.set_length(plan.behind.len() as u64);
+    }
+    let json = args.json;
+    let report = fleet::migrate(pool, &template, &opts, |outcome| {
+        if let Some(bar) = &bar {
+            bar.inc(1);
+            if let fleet::TenantOutcome::Failed { slug, .. } = outcome {
+                bar.println(format!("failed: {slug}"));
+            }
+        } else if !json {
+            match outcome {
+                fleet::TenantOutcome::Migrated {
+                    slug, from, to, ms, ..
+                } => {
+                    println!("migrated {slug}: {from} -> {to} in {ms:.0} ms")
+                }
+                fleet::TenantOutcome::Skipped { slug, reason } => {
+                    println!("skipped {slug}: {reason}")
+                }
+                fleet::TenantOutcome::Failed { slug, .. } => println!("failed {slug}"),
+            }
+        }
+    })
+    .await?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    if json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "version {}: {} migrated, {} skipped, {} failed, {} already up to date, in {:.2} s",
+            report.target,
+            report.migrated,
+            report.skipped,
+            report.failed,
+            report.up_to_date,
+            report.seconds
+        );
+        for f in &report.failures {
+            if let fleet::TenantOutcome::Failed {
+                slug,
+                migration,
+                error,
+                diverged,
+                ..
+            } = f
+            {
+                let what = if *diverged {
+                    "history differs from the template"
+                } else {
+                    "failed"
+                };
+                println!(
+                    "  {slug}: {what} at {}: {error}",
+                    migration.as_deref().unwrap_or("?")
+                );
+            }
+        }
+    }
+    if report.failed > 0 {
+        return Err(PartialFailure(format!(
+            "{} tenant(s) failed and were rolled back; fix them and run migrate again",
+            report.failed
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+async fn query(pool: &PgPool, args: QueryArgs) -> anyhow::Result<()> {
+    let mut failed = 0;
+    let mut table: Vec<(String, serde_json::Map<String, serde_json::Value>)> = vec![];
+    let mut csv_header: Option<Vec<String>> = None;
+    fleet::query_all(
+        pool,
+        &args.sql,
+        args.jobs,
+        Duration::from_millis(args.timeout_ms),
+        |outcome| match outcome {
+            fleet::QueryOutcome::Failed { slug, error } => {
+                failed += 1;
+                eprintln!("{slug}: {error}");
+            }
+            fleet::QueryOutcome::Rows { slug, rows } => {
+                for row in rows {
+                    match args.format {
+                        QueryFormat::Json => {
+                            let mut tagged = serde_json::Map::new();
+                            tagged.insert("org".into(), slug.clone().into());
+                            tagged.extend(row);
+                            println!("{}", serde_json::Value::Object(tagged));
+                        }
+                        QueryFormat::Csv => {
+                            let header = csv_header.get_or_insert_with(|| {
+                                let cols: Vec<String> = row.keys().cloned().collect();
+                                println!(
+                                    "org,{}",
+                                    cols.iter()
+                                        .map(|c| csv_field(c))
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                );
+                                cols
+                            });
+                            let cells: Vec<String> = header
+                                .iter()
+                                .map(|c| csv_field(&cell_text(row.get(c))))
+                                .collect();
+                            println!("{},{}", csv_field(&slug), cells.join(","));
+                        }
+                        QueryFormat::Table => table.push((slug.clone(), row)),
+                    }
+                }
+            }
+        },
+    )
+    .await?;
+    if args.format == QueryFormat::Table {
+        table.sort_by(|a, b| a.0.cmp(&b.0));
+        let cols: Vec<String> = table
+            .first()
+            .map(|(_, r)| r.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut widths: Vec<usize> = std::iter::once(3)
+            .chain(cols.iter().map(|c| c.len()))
+            .collect();
+        let lines: Vec<Vec<String>> = table
+            .iter()
+            .map(|(slug, row)| {
+                std::iter::once(slug.clone())
+                    .chain(cols.iter().map(|c| cell_text(row.get(c))))
+                    .collect()
+            })
+            .collect();
+        for l in &lines {
+            for (w, c) in widths.iter_mut().zip(l) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let render = |cells: Vec<&str>| {
+            cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_owned()
+        };
+        println!(
+            "{}",
+            render(
+                std::iter::once("ORG")
+                    .chain(cols.iter().map(String::as_str))
+                    .collect()
+            )
+        );
+        for l in &lines {
+            println!("{}", render(l.iter().map(String::as_str).collect()));
+        }
+    }
+    if failed > 0 {
+        return Err(PartialFailure(format!("the query failed in {failed} tenant(s)")).into());
+    }
+    Ok(())
+}
+
+fn cell_text(v: Option<&serde_json::Value>) -> String {
+    match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
     }
 }
 

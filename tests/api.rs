@@ -710,6 +710,7 @@ async fn openapi_describes_every_route() {
         ("/v1/admin/orgs/{slug}/rename", &["post"][..]),
         ("/v1/admin/orgs/{slug}/tokens", &["post"][..]),
         ("/v1/admin/tokens/{id}", &["delete"][..]),
+        ("/v1/admin/stats", &["get"][..]),
         ("/healthz", &["get"][..]),
         ("/readyz", &["get"][..]),
     ] {

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, Superuser};
 use super::AppState;
+use crate::fleet::OrgStats;
 use crate::ident::Slug;
 use crate::provision::{self, Created, NewOrg};
 use crate::registry::{self, IssuedToken, Organization, User};
@@ -26,6 +27,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/orgs/{slug}/rename", post(rename_org))
         .route("/v1/admin/orgs/{slug}/tokens", post(create_token))
         .route("/v1/admin/tokens/{id}", delete(revoke_token))
+        .route("/v1/admin/stats", get(stats))
 }
 
 /// Slugs in admin paths: invalid ones are simply not found.
@@ -206,4 +208,19 @@ pub async fn revoke_token(
         return Err(ApiError::not_found(format!("no active token {id}")));
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Per-org counts of tests, behaviors and statuses, read tenant by tenant in
+/// read-only transactions; an org whose counts cannot be read carries an
+/// `error` instead.
+#[utoipa::path(get, path = "/v1/admin/stats", tag = "admin",
+    responses((status = 200, body = Vec<OrgStats>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn stats(
+    State(app): State<AppState>,
+    _: Superuser,
+) -> Result<Json<Vec<OrgStats>>, ApiError> {
+    // Leave most of the pool to org-scoped requests.
+    let jobs = (app.pool.options().get_max_connections() as usize / 4).max(1);
+    Ok(Json(crate::fleet::stats(&app.pool, jobs).await?))
 }

@@ -40,6 +40,7 @@ use super::{admin, resources};
         admin::delete_org,
         admin::create_token,
         admin::revoke_token,
+        admin::stats,
     ),
     modifiers(&BearerAuth),
     tags(

@@ -1,0 +1,768 @@
+//! Operations over every tenant: applying the tenant template to the whole
+//! fleet, read-only queries across all tenants, per-org statistics and the
+//! doctor. Each tenant gets its own transaction; a failing tenant is
+//! reported and the others go on.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::ident::{quote_ident, SchemaName, Slug, TENANT_SCHEMA_PREFIX};
+use crate::registry::OrgStatus;
+use crate::template::{Template, TemplateError, HISTORY_TABLE};
+
+/// One tenant as the fleet sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetTenant {
+    pub id: Uuid,
+    #[serde(serialize_with = "display")]
+    pub slug: Slug,
+    #[serde(serialize_with = "display")]
+    pub schema: SchemaName,
+    pub status: OrgStatus,
+    pub template_version: i32,
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+#[derive(sqlx::FromRow)]
+struct FleetRow {
+    id: Uuid,
+    slug: String,
+    schema_name: String,
+    status: OrgStatus,
+    template_version: i32,
+}
+
+impl TryFrom<FleetRow> for FleetTenant {
+    type Error = Error;
+    fn try_from(r: FleetRow) -> Result<Self, Error> {
+        Ok(FleetTenant {
+            id: r.id,
+            slug: Slug::parse(&r.slug)
+                .map_err(|e| Error::Corrupt(format!("slug {:?}: {e}", r.slug)))?,
+            schema: SchemaName::parse(&r.schema_name)
+                .map_err(|e| Error::Corrupt(format!("schema {:?}: {e}", r.schema_name)))?,
+            status: r.status,
+            template_version: r.template_version,
+        })
+    }
+}
+
+/// Runs `work` over `items` with at most `jobs` at a time, calling `done`
+/// with each result as it arrives. Workers pull from a shared queue, so
+/// memory stays proportional to `jobs`, not to the number of items.
+pub async fn for_each_bounded<T, R, F, Fut>(
+    items: Vec<T>,
+    jobs: usize,
+    work: F,
+    mut done: impl FnMut(R),
+) where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = R> + Send,
+{
+    let queue = Arc::new(Mutex::new(VecDeque::from(items)));
+    let work = Arc::new(work);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(jobs.max(1) * 2);
+    for _ in 0..jobs.max(1) {
+        let (queue, work, tx) = (queue.clone(), work.clone(), tx.clone());
+        tokio::spawn(async move {
+            loop {
+                let next = queue.lock().expect("queue lock").pop_front();
+                let Some(item) = next else { break };
+                if tx.send(work(item).await).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    while let Some(r) = rx.recv().await {
+        done(r);
+    }
+}
+
+// ---------------------------------------------------------------- migrate
+
+#[derive(Debug, Clone, Default)]
+pub struct MigrateOptions {
+    /// Tenants migrated at once.
+    pub jobs: usize,
+    /// Only these orgs (all when empty).
+    pub only: Vec<Slug>,
+    /// Stop at this template version (the template's latest when `None`).
+    pub target: Option<i32>,
+}
+
+/// What happened to one tenant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum TenantOutcome {
+    Migrated {
+        slug: String,
+        from: i32,
+        to: i32,
+        applied: Vec<String>,
+        ms: f64,
+    },
+    /// Already current when its turn came (e.g. another runner did it), or
+    /// deleted/suspended-for-deletion in the meantime.
+    Skipped { slug: String, reason: String },
+    Failed {
+        slug: String,
+        from: i32,
+        migration: Option<String>,
+        error: String,
+        /// An applied migration differs from (or is missing in) the template.
+        diverged: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetReport {
+    pub target: i32,
+    /// Tenants the registry already showed at the target, untouched.
+    pub up_to_date: usize,
+    pub migrated: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub failures: Vec<TenantOutcome>,
+    pub seconds: f64,
+}
+
+/// The registry's view of who is behind `target`, from one query.
+pub struct Plan {
+    pub target: i32,
+    pub behind: Vec<FleetTenant>,
+    pub up_to_date: usize,
+}
+
+/// Reads the plan: tenants (active or suspended) whose `template_version` is
+/// below `target`. No tenant schema is touched.
+pub async fn plan(
+    pool: &PgPool,
+    template: &Template,
+    opts: &MigrateOptions,
+) -> Result<Plan, Error> {
+    let target = resolve_target(template, opts.target)?;
+    let only: Vec<String> = opts.only.iter().map(|s| s.to_string()).collect();
+    let rows: Vec<(FleetRow, i64)> = sqlx::query_as::<_, (Uuid, String, String, OrgStatus, i32, i64)>(
+        "WITH scope AS ( \
+           SELECT id, slug, schema_name, status, template_version FROM tenantry.organizations \
+           WHERE status IN ('active', 'suspended') AND (cardinality($2::text[]) = 0 OR slug = ANY($2))) \
+         SELECT id, slug, schema_name, status, template_version, \
+                (SELECT count(*) FROM scope WHERE template_version >= $1) \
+         FROM scope WHERE template_version < $1 ORDER BY slug",
+    )
+    .bind(target)
+    .bind(&only)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|(id, slug, schema_name, status, template_version, up)| {
+        (
+            FleetRow {
+                id,
+                slug,
+                schema_name,
+                status,
+                template_version,
+            },
+            up,
+        )
+    })
+    .collect();
+    let up_to_date = match rows.first() {
+        Some((_, up)) => *up as usize,
+        None => sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM tenantry.organizations \
+             WHERE status IN ('active', 'suspended') AND (cardinality($1::text[]) = 0 OR slug = ANY($1))",
+        )
+        .bind(&only)
+        .fetch_one(pool)
+        .await? as usize,
+    };
+    if !only.is_empty() {
+        let known: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tenantry.organizations WHERE slug = ANY($1)")
+                .bind(&only)
+                .fetch_one(pool)
+                .await?;
+        if known as usize != only.len() {
+            return Err(Error::Validation {
+                field: "only",
+                message: "some of the given orgs do not exist".into(),
+            });
+        }
+    }
+    let behind = rows
+        .into_iter()
+        .map(|(r, _)| FleetTenant::try_from(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Plan {
+        target,
+        behind,
+        up_to_date,
+    })
+}
+
+fn resolve_target(template: &Template, target: Option<i32>) -> Result<i32, Error> {
+    let latest = template.latest_version();
+    match target {
+        None => Ok(latest),
+        Some(t) if template.migrations().iter().any(|m| m.version() == t) => Ok(t),
+        Some(t) => Err(Error::Validation {
+            field: "target",
+            message: format!("the template has no version {t} (latest is {latest})"),
+        }),
+    }
+}
+
+/// Names of the template's migrations above `from` up to `target`.
+pub fn pending(template: &Template, from: i32, target: i32) -> Vec<String> {
+    template
+        .migrations()
+        .iter()
+        .filter(|m| m.version() > from && m.version() <= target)
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// Serialises work on one tenant across processes: fleet migrations, and
+/// the doctor's repairs.
+const TENANT_LOCK_SQL: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('tenantry:' || $1::text, 0))";
+
+/// Applies the template to every tenant behind `target`, `jobs` at a time,
+/// each in its own transaction under a per-tenant advisory lock. Calls
+/// `progress` with each tenant's outcome as it completes.
+pub async fn migrate(
+    pool: &PgPool,
+    template: &Template,
+    opts: &MigrateOptions,
+    mut progress: impl FnMut(&TenantOutcome),
+) -> Result<FleetReport, Error> {
+    let started = Instant::now();
+    let plan = plan(pool, template, opts).await?;
+    let target = plan.target;
+    let mut report = FleetReport {
+        target,
+        up_to_date: plan.up_to_date,
+        migrated: 0,
+        skipped: 0,
+        failed: 0,
+        failures: vec![],
+        seconds: 0.0,
+    };
+    let template = Arc::new(template.clone());
+    let pool2 = pool.clone();
+    for_each_bounded(
+        plan.behind,
+        opts.jobs.max(1),
+        move |tenant| {
+            let (pool, template) = (pool2.clone(), template.clone());
+            async move { migrate_tenant(&pool, &template, &tenant, target).await }
+        },
+        |outcome| {
+            match &outcome {
+                TenantOutcome::Migrated { .. } => report.migrated += 1,
+                TenantOutcome::Skipped { .. } => report.skipped += 1,
+                TenantOutcome::Failed { .. } => {
+                    report.failed += 1;
+                    report.failures.push(outcome.clone());
+                }
+            }
+            progress(&outcome);
+        },
+    )
+    .await;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// One tenant, one transaction: lock, re-check, apply, record.
+async fn migrate_tenant(
+    pool: &PgPool,
+    template: &Template,
+    t: &FleetTenant,
+    target: i32,
+) -> TenantOutcome {
+    let started = Instant::now();
+    let slug = t.slug.to_string();
+    match try_migrate_tenant(pool, template, t, target).await {
+        Ok(Some((from, applied))) => TenantOutcome::Migrated {
+            slug,
+            from,
+            to: target,
+            applied,
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+        },
+        Ok(None) => TenantOutcome::Skipped {
+            slug,
+            reason: "already at the target, or no longer active".into(),
+        },
+        Err(e) => {
+            let (migration, diverged, error) = match &e {
+                Error::Template(TemplateError::Migration {
+                    migration,
+                    message,
+                    diverged,
+                    ..
+                }) => (migration.clone(), *diverged, message.clone()),
+                other => (None, false, crate::error::chain(other)),
+            };
+            if let Err(record) =
+                record_failure(pool, t, target, migration.as_deref(), &error, diverged).await
+            {
+                tracing::warn!(slug = %t.slug, error = %record, "could not record the failure");
+            }
+            TenantOutcome::Failed {
+                slug,
+                from: t.template_version,
+                migration,
+                error,
+                diverged,
+            }
+        }
+    }
+}
+
+async fn try_migrate_tenant(
+    pool: &PgPool,
+    template: &Template,
+    t: &FleetTenant,
+    target: i32,
+) -> Result<Option<(i32, Vec<String>)>, Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(TENANT_LOCK_SQL)
+        .bind(t.id)
+        .execute(&mut *tx)
+        .await?;
+    // Re-read under the lock: another runner may have finished this tenant,
+    // or it may have been renamed or deleted since the plan was made.
+    let current: Option<(String, OrgStatus, i32)> = sqlx::query_as(
+        "SELECT schema_name, status, template_version FROM tenantry.organizations WHERE id = $1 FOR UPDATE",
+    )
+    .bind(t.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((schema_name, status, from)) = current else {
+        return Ok(None);
+    };
+    if from >= target || !matches!(status, OrgStatus::Active | OrgStatus::Suspended) {
+        return Ok(None);
+    }
+    let schema = SchemaName::parse(&schema_name)?;
+    let applied = template
+        .apply(&mut tx, &schema, Some(target), false)
+        .await?;
+    let now_at: Option<i32> =
+        sqlx::query_scalar(&format!("SELECT max(version) FROM {HISTORY_TABLE}"))
+            .persistent(false)
+            .fetch_one(&mut *tx)
+            .await?;
+    sqlx::query(
+        "UPDATE tenantry.organizations SET template_version = $2, updated_at = now() WHERE id = $1",
+    )
+    .bind(t.id)
+    .bind(now_at.unwrap_or(0))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM tenantry.migration_failures WHERE organization_id = $1")
+        .bind(t.id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some((from, applied.migrations)))
+}
+
+async fn record_failure(
+    pool: &PgPool,
+    t: &FleetTenant,
+    target: i32,
+    migration: Option<&str>,
+    error: &str,
+    diverged: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO tenantry.migration_failures \
+           (organization_id, from_version, target_version, migration, error, diverged) \
+         SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM tenantry.organizations WHERE id = $1) \
+         ON CONFLICT (organization_id) DO UPDATE SET from_version = EXCLUDED.from_version, \
+           target_version = EXCLUDED.target_version, migration = EXCLUDED.migration, \
+           error = EXCLUDED.error, diverged = EXCLUDED.diverged, failed_at = now()",
+    )
+    .bind(t.id)
+    .bind(t.template_version)
+    .bind(target)
+    .bind(migration)
+    .bind(error)
+    .bind(diverged)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetStatus {
+    /// (template_version, number of tenants), ascending.
+    pub versions: Vec<(i32, i64)>,
+    pub failed: Vec<RecordedFailure>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RecordedFailure {
+    pub slug: String,
+    pub from_version: i32,
+    pub target_version: i32,
+    pub migration: Option<String>,
+    pub error: String,
+    pub diverged: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub failed_at: time::OffsetDateTime,
+}
+
+pub async fn status(pool: &PgPool) -> Result<FleetStatus, Error> {
+    let versions = sqlx::query_as(
+        "SELECT template_version, count(*) FROM tenantry.organizations \
+         WHERE status IN ('active', 'suspended') GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let failed = sqlx::query_as(
+        "SELECT o.slug, f.from_version, f.target_version, f.migration, f.error, f.diverged, f.failed_at \
+         FROM tenantry.migration_failures f JOIN tenantry.organizations o ON o.id = f.organization_id \
+         ORDER BY o.slug",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(FleetStatus { versions, failed })
+}
+
+// ---------------------------------------------------------------- query
+
+/// Rows of one tenant's read-only query, each a JSON object in column order.
+#[derive(Debug, Clone)]
+pub enum QueryOutcome {
+    Rows {
+        slug: String,
+        rows: Vec<serde_json::Map<String, serde_json::Value>>,
+    },
+    Failed {
+        slug: String,
+        error: String,
+    },
+}
+
+pub async fn active_tenants(pool: &PgPool) -> Result<Vec<FleetTenant>, Error> {
+    let rows: Vec<FleetRow> = sqlx::query_as(
+        "SELECT id, slug, schema_name, status, template_version FROM tenantry.organizations \
+         WHERE status = 'active' ORDER BY slug",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(FleetTenant::try_from).collect()
+}
+
+/// Checks a cross-tenant query before it is run: it must start like a
+/// read-only statement (SELECT, WITH, VALUES, TABLE), and trailing
+/// semicolons are dropped. It then runs wrapped as
+/// `SELECT to_json(q)::text FROM (<sql>) q` in a READ ONLY transaction
+/// through the extended protocol, which accepts one statement only; the
+/// read-only transaction is what really refuses writes (e.g. a
+/// data-modifying WITH), the first-word check gives a clear message early.
+pub fn prepare_query(sql: &str) -> Result<String, Error> {
+    let body = sql
+        .trim()
+        .trim_end_matches(|c: char| c == ';' || c.is_whitespace());
+    let invalid = |message: &str| Error::Validation {
+        field: "query",
+        message: message.into(),
+    };
+    if body.is_empty() {
+        return Err(invalid("the query is empty"));
+    }
+    let first = first_keyword(body).to_ascii_lowercase();
+    if !matches!(first.as_str(), "select" | "with" | "values" | "table") {
+        return Err(invalid(&format!(
+            "only read-only SELECT statements can run across tenants; writes are refused (got {first:?})"
+        )));
+    }
+    Ok(format!("SELECT to_json(q)::text FROM ({body}\n) q"))
+}
+
+/// The first word of `sql`, after leading comments, whitespace and `(`.
+fn first_keyword(mut sql: &str) -> &str {
+    loop {
+        sql = sql.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
+        if let Some(rest) = sql.strip_prefix("--") {
+            sql = rest.split_once('\n').map(|(_, r)| r).unwrap_or("");
+        } else if let Some(rest) = sql.strip_prefix("/*") {
+            sql = rest.split_once("*/").map(|(_, r)| r).unwrap_or("");
+        } else {
+            break;
+        }
+    }
+    let end = sql
+        .find(|c: char| !c.is_alphanumeric() && c != '_')
+        .unwrap_or(sql.len());
+    &sql[..end]
+}
+
+/// Runs a read-only query in every active tenant, `jobs` at a time, each
+/// in a READ ONLY transaction with a statement timeout. A failing tenant is
+/// reported and does not stop the others.
+pub async fn query_all(
+    pool: &PgPool,
+    sql: &str,
+    jobs: usize,
+    statement_timeout: Duration,
+    each: impl FnMut(QueryOutcome),
+) -> Result<(), Error> {
+    let wrapped = Arc::new(prepare_query(sql)?);
+    let tenants = active_tenants(pool).await?;
+    let pool = pool.clone();
+    let timeout_ms = statement_timeout.as_millis().max(1);
+    for_each_bounded(
+        tenants,
+        jobs,
+        move |t| {
+            let (pool, wrapped) = (pool.clone(), wrapped.clone());
+            async move {
+                let slug = t.slug.to_string();
+                match query_tenant(&pool, &t, &wrapped, timeout_ms).await {
+                    Ok(rows) => QueryOutcome::Rows { slug, rows },
+                    Err(e) => QueryOutcome::Failed {
+                        slug,
+                        error: read_only_message(&e),
+                    },
+                }
+            }
+        },
+        each,
+    )
+    .await;
+    Ok(())
+}
+
+fn read_only_message(e: &sqlx::Error) -> String {
+    match crate::error::sqlstate(e).as_deref() {
+        Some("25006") => format!("writes are refused: {e}"),
+        _ => e.to_string(),
+    }
+}
+
+async fn query_tenant(
+    pool: &PgPool,
+    t: &FleetTenant,
+    wrapped: &str,
+    timeout_ms: u128,
+) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, sqlx::Error> {
+    let begin = format!(
+        "BEGIN READ ONLY; SET LOCAL search_path TO {}; SET LOCAL statement_timeout = {timeout_ms}",
+        t.schema.quoted()
+    );
+    let mut tx = pool.begin_with(begin).await?;
+    let rows: Vec<String> = sqlx::query_scalar(wrapped)
+        .persistent(false)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    rows.into_iter()
+        .map(|r| match serde_json::from_str::<serde_json::Value>(&r) {
+            Ok(serde_json::Value::Object(m)) => Ok(m),
+            _ => Err(sqlx::Error::Decode("query row is not a JSON object".into())),
+        })
+        .collect()
+}
+
+/// Per-org row counts, computed tenant by tenant.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct OrgStats {
+    pub slug: String,
+    pub tests: Option<i64>,
+    pub behaviors: Option<i64>,
+    pub statuses: Option<i64>,
+    /// Set when the org's counts could not be read.
+    pub error: Option<String>,
+}
+
+pub async fn stats(pool: &PgPool, jobs: usize) -> Result<Vec<OrgStats>, Error> {
+    let mut out = Vec::new();
+    query_all(
+        pool,
+        "SELECT (SELECT count(*) FROM tests) AS tests, (SELECT count(*) FROM behaviors) AS behaviors, \
+                (SELECT count(*) FROM statuses) AS statuses",
+        jobs,
+        Duration::from_secs(30),
+        |o| {
+            out.push(match o {
+                QueryOutcome::Rows { slug, rows } => {
+                    let get = |k: &str| rows.first().and_then(|r| r.get(k)).and_then(|v| v.as_i64());
+                    OrgStats {
+                        tests: get("tests"),
+                        behaviors: get("behaviors"),
+                        statuses: get("statuses"),
+                        slug,
+                        error: None,
+                    }
+                }
+                QueryOutcome::Failed { slug, error } => OrgStats {
+                    slug,
+                    tests: None,
+                    behaviors: None,
+                    statuses: None,
+                    error: Some(error),
+                },
+            })
+        },
+    )
+    .await?;
+    out.sort_by(|a, b| a.slug.cmp(&b.slug));
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- doctor
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+pub enum Finding {
+    /// A `t_*` schema no organization owns.
+    OrphanSchema { schema: String },
+    /// An organization whose schema does not exist.
+    MissingSchema { slug: String, schema: String },
+    /// An organization left in `provisioning` or `deleting`.
+    StuckStatus { slug: String, status: String },
+    /// `template_version` disagrees with the schema's refinery history.
+    VersionMismatch {
+        slug: String,
+        registry: i32,
+        history: Option<i32>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DoctorReport {
+    pub findings: Vec<Finding>,
+    /// What `--repair` did, one line per fix.
+    pub repaired: Vec<String>,
+    /// Findings left alone because no automatic fix is safe.
+    pub left: Vec<String>,
+}
+
+pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> {
+    let mut findings = vec![];
+    let orphans: Vec<String> = sqlx::query_scalar(
+        "SELECT n.nspname::text FROM pg_namespace n \
+         WHERE left(n.nspname, length($1)) = $1 \
+           AND NOT EXISTS (SELECT 1 FROM tenantry.organizations o WHERE o.schema_name = n.nspname) \
+         ORDER BY 1",
+    )
+    .bind(TENANT_SCHEMA_PREFIX)
+    .fetch_all(pool)
+    .await?;
+    findings.extend(
+        orphans
+            .into_iter()
+            .map(|schema| Finding::OrphanSchema { schema }),
+    );
+    let orgs: Vec<(String, String, OrgStatus, i32, bool)> = sqlx::query_as(
+        "SELECT o.slug, o.schema_name, o.status, o.template_version, \
+                EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = o.schema_name) \
+         FROM tenantry.organizations o ORDER BY o.slug",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (slug, schema, status, version, exists) in orgs {
+        if matches!(status, OrgStatus::Provisioning | OrgStatus::Deleting) {
+            findings.push(Finding::StuckStatus {
+                slug: slug.clone(),
+                status: status.to_string(),
+            });
+        }
+        if !exists {
+            findings.push(Finding::MissingSchema { slug, schema });
+            continue;
+        }
+        let Ok(parsed) = SchemaName::parse(&schema) else {
+            continue;
+        };
+        let history: Option<i32> = history_version(pool, &parsed).await?;
+        if history != Some(version) {
+            findings.push(Finding::VersionMismatch {
+                slug,
+                registry: version,
+                history,
+            });
+        }
+    }
+    let mut report = DoctorReport {
+        findings: findings.clone(),
+        repaired: vec![],
+        left: vec![],
+    };
+    for f in findings {
+        match (&f, repair) {
+            (Finding::VersionMismatch { slug, history: Some(h), .. }, true) => {
+                sqlx::query("UPDATE tenantry.organizations SET template_version = $2, updated_at = now() WHERE slug = $1")
+                    .bind(slug)
+                    .bind(h)
+                    .execute(pool)
+                    .await?;
+                report.repaired.push(format!("{slug}: template_version set to {h}, as its history says"));
+            }
+            (Finding::StuckStatus { slug, status }, true) if status == "deleting" => {
+                let slug = Slug::parse(slug)?;
+                crate::provision::delete_org(pool, &slug).await?;
+                report.repaired.push(format!("{slug}: finished its deletion (schema dropped, row removed)"));
+            }
+            (Finding::OrphanSchema { schema }, _) => report.left.push(format!(
+                "{schema}: no organization owns it; inspect it, then DROP SCHEMA {} CASCADE or recreate its org",
+                quote_ident(schema)
+            )),
+            (Finding::MissingSchema { slug, schema }, _) => report.left.push(format!(
+                "{slug}: schema {schema} is missing; restore it from a backup or delete the org"
+            )),
+            (other, _) => report.left.push(format!("{other:?}")),
+        }
+    }
+    Ok(report)
+}
+
+async fn history_version(pool: &PgPool, schema: &SchemaName) -> Result<Option<i32>, Error> {
+    let has_history: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
+    )
+    .bind(schema.as_str())
+    .bind(HISTORY_TABLE)
+    .fetch_one(pool)
+    .await?;
+    if !has_history {
+        return Ok(None);
+    }
+    let mut conn = pool.acquire().await?;
+    Ok(read_history_version(&mut conn, schema).await?)
+}
+
+async fn read_history_version(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+) -> Result<Option<i32>, sqlx::Error> {
+    let sql = format!(
+        "SELECT max(version) FROM {}.{HISTORY_TABLE}",
+        schema.quoted()
+    );
+    sqlx::query_scalar(&sql)
+        .persistent(false)
+        .fetch_one(conn)
+        .await
+}

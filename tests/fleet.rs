@@ -1,0 +1,588 @@
+//! Fleet migrations, cross-tenant queries, stats and the doctor, against a
+//! real PostgreSQL.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::TestDb;
+use tenantry::fleet::{self, Finding, MigrateOptions, QueryOutcome, TenantOutcome};
+use tenantry::ident::Slug;
+use tenantry::provision::{self, NewOrg};
+use tenantry::template::Template;
+
+const V2_PRIORITY: &str = "ALTER TABLE tests ADD COLUMN priority integer NOT NULL DEFAULT 0;\n\
+                           CREATE INDEX tests_priority_idx ON tests (priority);\n";
+
+/// A template directory: the real V1 plus the given later migrations.
+fn template_dir(later: &[(&str, &str)]) -> (tempfile::TempDir, Template) {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tenant_template/V1__initial.sql"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("V1__initial.sql"), v1).unwrap();
+    for (name, sql) in later {
+        std::fs::write(dir.path().join(name), sql).unwrap();
+    }
+    let template = Template::from_dir(dir.path()).unwrap();
+    (dir, template)
+}
+
+async fn create_orgs(db: &TestDb, prefix: &str, n: usize) -> Vec<String> {
+    let template = Template::embedded();
+    let mut slugs = vec![];
+    for i in 0..n {
+        let slug = format!("{prefix}-{i:02}");
+        provision::create_org(
+            &db.pool,
+            &template,
+            &NewOrg::parse(&slug, "Fleet", None).unwrap(),
+        )
+        .await
+        .unwrap();
+        slugs.push(slug);
+    }
+    slugs
+}
+
+fn schema(slug: &str) -> String {
+    format!("t_{}", slug.replace('-', "_"))
+}
+
+async fn has_priority(db: &TestDb, slug: &str) -> bool {
+    db.count(&format!(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = '{}' AND table_name = 'tests' AND column_name = 'priority'",
+        schema(slug)
+    ))
+    .await
+        == 1
+}
+
+async fn version_of(db: &TestDb, slug: &str) -> i64 {
+    db.count(&format!(
+        "SELECT template_version::int8 FROM tenantry.organizations WHERE slug = '{slug}'"
+    ))
+    .await
+}
+
+fn opts(jobs: usize) -> MigrateOptions {
+    MigrateOptions {
+        jobs,
+        ..MigrateOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn fifty_tenants_move_to_v2_and_a_noop_run_touches_no_schema() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "fifty", 50).await;
+    let (_dir, v2) = template_dir(&[("V2__priority.sql", V2_PRIORITY)]);
+
+    let plan = fleet::plan(&db.pool, &v2, &opts(4)).await.unwrap();
+    assert_eq!(
+        (plan.behind.len(), plan.up_to_date, plan.target),
+        (50, 0, 2)
+    );
+
+    let report = fleet::migrate(&db.pool, &v2, &opts(4), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.migrated, report.failed, report.skipped),
+        (50, 0, 0),
+        "{report:?}"
+    );
+    for s in &slugs {
+        assert!(has_priority(&db, s).await, "{s}");
+        assert_eq!(version_of(&db, s).await, 2);
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) FROM {}.refinery_schema_history",
+                schema(s)
+            ))
+            .await,
+            2
+        );
+    }
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_indexes WHERE indexname = 'tests_priority_idx'")
+            .await,
+        50
+    );
+
+    // No-op: with every tenant schema moved out of reach, a run that touched
+    // any of them would fail.
+    for s in &slugs {
+        sqlx::raw_sql(&format!(
+            "ALTER SCHEMA {} RENAME TO {}_away",
+            schema(s),
+            schema(s)
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let noop = fleet::migrate(&db.pool, &v2, &opts(4), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (noop.migrated, noop.failed, noop.skipped, noop.up_to_date),
+        (0, 0, 0, 50),
+        "{noop:?}"
+    );
+    let status = fleet::status(&db.pool).await.unwrap();
+    assert_eq!(status.versions, [(2, 50)]);
+    assert!(status.failed.is_empty());
+}
+
+fn cli(db: &TestDb, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn failing_tenants_roll_back_alone_and_a_rerun_finishes_them() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "part", 50).await;
+    let doomed = [&slugs[3], &slugs[17], &slugs[42]];
+    for s in doomed {
+        sqlx::raw_sql(&format!(
+            "INSERT INTO {0}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+             SELECT 'forbidden', '', (SELECT id FROM {0}.behaviors LIMIT 1), (SELECT id FROM {0}.statuses LIMIT 1), \
+                    gen_random_uuid(), gen_random_uuid()",
+            schema(s)
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let v2 = format!("{V2_PRIORITY}ALTER TABLE tests ADD CONSTRAINT no_forbidden CHECK (prompt <> 'forbidden');\n");
+    let (dir, template) = template_dir(&[("V2__priority_and_check.sql", &v2)]);
+
+    let dir_arg = dir.path().to_str().unwrap();
+    let (ok, out, err) = cli(&db, &["migrate", "--template-dir", dir_arg, "--jobs", "4"]);
+    assert!(!ok, "exit status must be non-zero: {out}");
+    assert!(
+        out.contains("47 migrated") && out.contains("3 failed"),
+        "{out}"
+    );
+    for s in doomed {
+        assert!(out.contains(s.as_str()), "{out}");
+    }
+    assert!(out.contains("V2__priority_and_check"), "{out}");
+    assert!(err.contains("3 tenant(s) failed"), "{err}");
+
+    for s in &slugs {
+        let failed = doomed.contains(&s);
+        assert_eq!(has_priority(&db, s).await, !failed, "{s}");
+        assert_eq!(version_of(&db, s).await, if failed { 1 } else { 2 }, "{s}");
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) FROM {}.refinery_schema_history",
+                schema(s)
+            ))
+            .await,
+            if failed { 1 } else { 2 }
+        );
+    }
+    let status = fleet::status(&db.pool).await.unwrap();
+    assert_eq!(status.versions, [(1, 3), (2, 47)]);
+    let failed: Vec<&str> = status.failed.iter().map(|f| f.slug.as_str()).collect();
+    assert_eq!(failed, doomed.map(|s| s.as_str()));
+    assert!(
+        status.failed[0].error.contains("no_forbidden"),
+        "{:?}",
+        status.failed[0]
+    );
+    let (ok, out, _) = cli(&db, &["migrate", "status"]);
+    assert!(ok);
+    assert!(out.contains(doomed[0].as_str()), "{out}");
+
+    // fix the data, run again: only the three are touched
+    for s in doomed {
+        sqlx::raw_sql(&format!(
+            "UPDATE {}.tests SET prompt = 'allowed'",
+            schema(s)
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let report = fleet::migrate(&db.pool, &template, &opts(4), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.migrated, report.failed, report.up_to_date),
+        (3, 0, 47),
+        "{report:?}"
+    );
+    assert!(fleet::status(&db.pool).await.unwrap().failed.is_empty());
+    assert_eq!(fleet::status(&db.pool).await.unwrap().versions, [(2, 50)]);
+}
+
+#[tokio::test]
+async fn two_concurrent_runners_apply_each_migration_once() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "twin", 20).await;
+    let (_dir, v2) = template_dir(&[("V2__priority.sql", V2_PRIORITY)]);
+    let three = opts(3);
+    let (a, b) = tokio::join!(
+        fleet::migrate(&db.pool, &v2, &three, |_| {}),
+        fleet::migrate(&db.pool, &v2, &three, |_| {})
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.failed + b.failed, 0, "{a:?} {b:?}");
+    assert_eq!(a.migrated + b.migrated, 20, "{a:?} {b:?}");
+    assert_eq!(a.migrated + a.skipped + a.up_to_date, 20);
+    assert_eq!(b.migrated + b.skipped + b.up_to_date, 20);
+    for s in &slugs {
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) FROM {}.refinery_schema_history WHERE version = 2",
+                schema(s)
+            ))
+            .await,
+            1
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_edited_applied_migration_is_reported_and_changes_nothing() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "drift", 4).await;
+    let (dir, _) = template_dir(&[("V2__priority.sql", V2_PRIORITY)]);
+    let v1 = dir.path().join("V1__initial.sql");
+    let edited =
+        std::fs::read_to_string(&v1).unwrap() + "\n-- edited after it was applied\nSELECT 1;\n";
+    std::fs::write(&v1, edited).unwrap();
+    let template = Template::from_dir(dir.path()).unwrap();
+    let report = fleet::migrate(&db.pool, &template, &opts(2), |_| {})
+        .await
+        .unwrap();
+    assert_eq!((report.migrated, report.failed), (0, 4), "{report:?}");
+    for f in &report.failures {
+        match f {
+            TenantOutcome::Failed {
+                diverged,
+                migration,
+                ..
+            } => {
+                assert!(diverged, "{f:?}");
+                assert_eq!(migration.as_deref(), Some("V1__initial"), "{f:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    for s in &slugs {
+        assert!(!has_priority(&db, s).await);
+        assert_eq!(version_of(&db, s).await, 1);
+    }
+}
+
+#[tokio::test]
+async fn only_and_target_stage_a_rollout() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "stage", 4).await;
+    let (_dir, v3) = template_dir(&[
+        ("V2__priority.sql", V2_PRIORITY),
+        ("V3__notes.sql", "ALTER TABLE tests ADD COLUMN notes text;"),
+    ]);
+    let canary = MigrateOptions {
+        jobs: 2,
+        only: vec![
+            Slug::parse(&slugs[0]).unwrap(),
+            Slug::parse(&slugs[1]).unwrap(),
+        ],
+        target: Some(2),
+    };
+    let plan = fleet::plan(&db.pool, &v3, &canary).await.unwrap();
+    assert_eq!(plan.behind.len(), 2);
+    assert_eq!(fleet::pending(&v3, 1, plan.target), ["V2__priority"]);
+    let r = fleet::migrate(&db.pool, &v3, &canary, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r.migrated, 2);
+    assert_eq!(
+        [
+            version_of(&db, &slugs[0]).await,
+            version_of(&db, &slugs[1]).await,
+            version_of(&db, &slugs[2]).await
+        ],
+        [2, 2, 1]
+    );
+    let bad = MigrateOptions {
+        target: Some(9),
+        ..opts(1)
+    };
+    assert!(fleet::migrate(&db.pool, &v3, &bad, |_| {})
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("no version 9"));
+    let unknown = MigrateOptions {
+        only: vec![Slug::parse("nobody").unwrap()],
+        ..opts(1)
+    };
+    assert!(fleet::plan(&db.pool, &v3, &unknown).await.is_err());
+    let rest = fleet::migrate(&db.pool, &v3, &opts(2), |_| {})
+        .await
+        .unwrap();
+    assert_eq!((rest.migrated, rest.failed), (4, 0));
+    for s in &slugs {
+        assert_eq!(version_of(&db, s).await, 3);
+    }
+}
+
+#[tokio::test]
+async fn orgs_created_during_a_run_get_the_latest_template() {
+    let db = TestDb::new().await;
+    create_orgs(&db, "busy", 20).await;
+    let (_dir, v2) = template_dir(&[("V2__priority.sql", V2_PRIORITY)]);
+    let late = NewOrg::parse("late-comer", "Late", None).unwrap();
+    let two = opts(2);
+    let (run, created) = tokio::join!(
+        fleet::migrate(&db.pool, &v2, &two, |_| {}),
+        provision::create_org(&db.pool, &v2, &late)
+    );
+    assert_eq!(run.unwrap().failed, 0);
+    assert_eq!(created.unwrap().organization.template_version, 2);
+    assert!(has_priority(&db, "late-comer").await);
+    assert_eq!(fleet::status(&db.pool).await.unwrap().versions, [(2, 21)]);
+}
+
+#[tokio::test]
+async fn query_all_tags_rows_and_refuses_writes() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "q", 3).await;
+    for (i, s) in slugs.iter().enumerate() {
+        sqlx::raw_sql(&format!(
+            "INSERT INTO {0}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+             SELECT 'p' || g, '', (SELECT id FROM {0}.behaviors LIMIT 1), (SELECT id FROM {0}.statuses LIMIT 1), \
+                    gen_random_uuid(), gen_random_uuid() FROM generate_series(1, {1}) g",
+            schema(s),
+            i + 1
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    provision::suspend_org(&db.pool, &Slug::parse(&slugs[2]).unwrap())
+        .await
+        .unwrap();
+    let mut seen = vec![];
+    fleet::query_all(
+        &db.pool,
+        "SELECT count(*) AS n, 'x,y' AS label FROM tests;",
+        2,
+        Duration::from_secs(5),
+        |o| match o {
+            QueryOutcome::Rows { slug, rows } => seen.push((slug, rows[0]["n"].as_i64().unwrap())),
+            QueryOutcome::Failed { slug, error } => panic!("{slug}: {error}"),
+        },
+    )
+    .await
+    .unwrap();
+    seen.sort();
+    // suspended orgs are not active: only the first two
+    assert_eq!(seen, [(slugs[0].clone(), 1), (slugs[1].clone(), 2)]);
+
+    // refused before running
+    for write in [
+        "UPDATE tests SET prompt = 'hacked'",
+        "/* hi */ DELETE FROM tests",
+        "  drop table tests",
+        "",
+    ] {
+        let err = fleet::query_all(&db.pool, write, 2, Duration::from_secs(5), |o| {
+            panic!("{o:?}")
+        })
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("query"), "{err}");
+    }
+    // refused by PostgreSQL: the transaction is read-only, one statement only
+    for write in [
+        "WITH d AS (DELETE FROM tests RETURNING 1) SELECT count(*) FROM d",
+        "SELECT 1) q; DELETE FROM tests; SELECT (1",
+        "SELECT nextval('x')",
+        "SELECT set_config('default_transaction_read_only', 'off', false); UPDATE tests SET prompt = 'hacked'",
+    ] {
+        let mut failures = 0;
+        fleet::query_all(&db.pool, write, 2, Duration::from_secs(5), |o| match o {
+            QueryOutcome::Failed { .. } => failures += 1,
+            QueryOutcome::Rows { slug, .. } => panic!("{write:?} succeeded in {slug}"),
+        })
+        .await
+        .unwrap();
+        assert_eq!(failures, 2, "{write}");
+    }
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {}.tests WHERE prompt = 'hacked'",
+            schema(&slugs[0])
+        ))
+        .await,
+        0
+    );
+    assert_eq!(
+        db.count(&format!("SELECT count(*) FROM {}.tests", schema(&slugs[1])))
+            .await,
+        2
+    );
+
+    let (ok, out, err) = cli(&db, &["query", "--all", "UPDATE tests SET prompt = 'x'"]);
+    assert!(!ok);
+    assert!(err.contains("writes are refused"), "{err}");
+    assert!(!out.contains("x"), "{out}");
+    let (ok, out, err) = cli(
+        &db,
+        &[
+            "query",
+            "--all",
+            "--format",
+            "csv",
+            "SELECT count(*) AS n, 'x,y' AS label FROM tests",
+        ],
+    );
+    assert!(ok, "{err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.remove(0), "org,n,label");
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            format!("{},1,\"x,y\"", slugs[0]),
+            format!("{},2,\"x,y\"", slugs[1])
+        ]
+    );
+    let (ok, out, _) = cli(
+        &db,
+        &[
+            "query",
+            "--all",
+            "--format",
+            "json",
+            "SELECT count(*) AS n FROM tests",
+        ],
+    );
+    assert!(ok);
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        rows.iter()
+            .any(|r| r["org"] == slugs[1].as_str() && r["n"] == 2),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&db, &["query", "SELECT 1"]);
+    assert!(!ok && err.contains("--all"), "{err}");
+}
+
+#[tokio::test]
+async fn stats_endpoint_counts_per_org() {
+    let app = common::spawn_app().await;
+    let token = app.org_with_token("stats-a").await;
+    app.org_with_token("stats-b").await;
+    let (s, _) = app
+        .call(
+            reqwest::Method::POST,
+            "/v1/orgs/stats-a/statuses",
+            &token,
+            Some(serde_json::json!({"name": "Extra"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, body) = app
+        .call(
+            reqwest::Method::GET,
+            "/v1/admin/stats",
+            &app.superuser,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let rows = body.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["slug"], "stats-a");
+    assert_eq!(
+        (
+            rows[0]["statuses"].as_i64(),
+            rows[0]["behaviors"].as_i64(),
+            rows[0]["tests"].as_i64()
+        ),
+        (Some(4), Some(3), Some(0))
+    );
+    assert_eq!(rows[1]["statuses"], 3);
+    let (s, _) = app
+        .call(reqwest::Method::GET, "/v1/admin/stats", &token, None)
+        .await;
+    assert_eq!(s, 403);
+}
+
+#[tokio::test]
+async fn doctor_finds_orphans_missing_schemas_and_version_drift() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "doc", 3).await;
+    let clean = fleet::doctor(&db.pool, false).await.unwrap();
+    assert!(clean.findings.is_empty(), "{clean:?}");
+
+    sqlx::raw_sql("CREATE SCHEMA t_orphan; CREATE TABLE t_orphan.keep (v int); INSERT INTO t_orphan.keep VALUES (1);")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", schema(&slugs[0])))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "UPDATE tenantry.organizations SET template_version = 7 WHERE slug = '{}'",
+        slugs[1]
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let found = fleet::doctor(&db.pool, false).await.unwrap();
+    assert!(
+        found.findings.contains(&Finding::OrphanSchema {
+            schema: "t_orphan".into()
+        }),
+        "{found:?}"
+    );
+    assert!(found.findings.contains(&Finding::MissingSchema {
+        slug: slugs[0].clone(),
+        schema: schema(&slugs[0])
+    }));
+    assert!(found.findings.contains(&Finding::VersionMismatch {
+        slug: slugs[1].clone(),
+        registry: 7,
+        history: Some(1)
+    }));
+    assert_eq!(found.findings.len(), 3, "{found:?}");
+    assert!(found.repaired.is_empty());
+
+    let (ok, out, _) = cli(&db, &["doctor"]);
+    assert!(!ok, "problems must give a non-zero exit");
+    assert!(out.contains("t_orphan"), "{out}");
+
+    let repaired = fleet::doctor(&db.pool, true).await.unwrap();
+    assert_eq!(repaired.repaired.len(), 1, "{repaired:?}");
+    assert_eq!(version_of(&db, &slugs[1]).await, 1);
+    // the orphan's data is never dropped automatically
+    assert_eq!(db.count("SELECT count(*) FROM t_orphan.keep").await, 1);
+    assert_eq!(repaired.left.len(), 2);
+}
