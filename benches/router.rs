@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use common::{arg, bench_pool, ms, Stats};
+use common::{arg, bench_pool, cpu_ticks, ms, Stats};
 use tenantry::api::error::ApiError;
 use tenantry::api::extract::{ApiPath, Auth};
 use tenantry::api::resources::TestCase;
@@ -78,31 +78,6 @@ async fn qualified_get(
 struct Target {
     path: String,
     token: String,
-}
-
-/// CPU time (clock ticks, user + system) of a process from /proc.
-fn process_ticks(stat_path: &std::path::Path) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(stat_path) else {
-        return 0;
-    };
-    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-/// CPU ticks so far of (all postgres processes, this process): where each
-/// side's requests spend their CPU on a machine where both share 2 cores.
-fn cpu_ticks() -> (u64, u64) {
-    let mut pg = 0;
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let is_pg =
-            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres");
-        if is_pg {
-            pg += process_ticks(&e.path().join("stat"));
-        }
-    }
-    (pg, process_ticks(std::path::Path::new("/proc/self/stat")))
 }
 
 async fn load(
@@ -266,17 +241,17 @@ async fn main() {
             ("routed", &routed_targets),
         ];
         for (side, (name, t)) in sides.into_iter().enumerate() {
-            let (pg0, me0) = cpu_ticks();
+            let before = cpu_ticks();
             let (stats, rps) = load(&client, &base, t, concurrency, seconds).await;
-            let (pg1, me1) = cpu_ticks();
+            let (pg, me) = cpu_ticks().since(&before);
             let per_req = |ticks: u64| ticks as f64 * 10_000.0 / stats.n as f64; // 100 ticks/s -> us
             println!(
                 "{name:<10} {round:>6} {rps:>10.0} {:>9.2} {:>9.2} {:>9} {:>10.0} {:>10.0}",
                 ms(stats.median),
                 ms(stats.p99),
                 stats.n,
-                per_req(pg1 - pg0),
-                per_req(me1 - me0)
+                per_req(pg),
+                per_req(me)
             );
             sums[side].0 += rps;
             sums[side].1.push((stats.median, stats.p99));

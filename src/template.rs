@@ -137,6 +137,8 @@ fn applied_migration(
 pub struct Applied {
     /// Names (`V2__add_index`) of the migrations applied by this call.
     pub migrations: Vec<String>,
+    /// Their versions.
+    pub versions: Vec<i32>,
 }
 
 /// A set of versioned SQL migrations applied to one schema at a time.
@@ -208,6 +210,18 @@ impl Template {
         self.run(conn, schema.as_str(), target, grouped).await
     }
 
+    /// Like [`Template::apply`], for a transaction whose search path the
+    /// caller already set to exactly `schema` (e.g. in its BEGIN message).
+    pub async fn apply_in_search_path(
+        &self,
+        conn: &mut PgConnection,
+        schema: &SchemaName,
+        target: Option<i32>,
+        grouped: bool,
+    ) -> Result<Applied, TemplateError> {
+        self.run(conn, schema.as_str(), target, grouped).await
+    }
+
     /// Creates `schema` and applies the whole template to it, grouped. The
     /// schema, the search path and refinery's history table are set up in one
     /// round trip; a schema that exists already fails with SQLSTATE 42P06.
@@ -256,6 +270,11 @@ impl Template {
                     .applied_migrations()
                     .iter()
                     .map(ToString::to_string)
+                    .collect(),
+                versions: report
+                    .applied_migrations()
+                    .iter()
+                    .map(|m| m.version())
                     .collect(),
             }),
             Err(e) => Err(migration_error(schema, e)),

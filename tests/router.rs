@@ -407,3 +407,30 @@ async fn no_tenant_state_leaks_across_a_small_shared_pool() {
     assert!(get(&c.failed_queries) >= 20 && get(&c.rollbacks) >= 20 && get(&c.commits) >= 20);
     assert!(get(&c.rows_checked) > get(&c.checked_reads) * 3);
 }
+
+/// Invariant 5: tenant routes are built on `TenantApi`, from which an axum
+/// handler cannot extract the pool (`State<PgPool>` needs `FromRef`), while
+/// it can extract the router and the authenticator. Checked at compile time
+/// with the inherent-const-over-trait-const probe.
+#[test]
+fn tenant_handlers_cannot_extract_the_pool() {
+    use axum::extract::FromRef;
+    use std::marker::PhantomData;
+    use tenantry::api::TenantApi;
+
+    trait Fallback {
+        const EXTRACTABLE: bool = false;
+    }
+    struct Probe<T>(PhantomData<T>);
+    impl<T> Fallback for Probe<T> {}
+    impl<T: FromRef<TenantApi>> Probe<T> {
+        #[allow(dead_code)]
+        const EXTRACTABLE: bool = true;
+    }
+
+    // Compile-time assertions: a regression fails the build of this test.
+    const { assert!(!Probe::<sqlx::PgPool>::EXTRACTABLE) };
+    const { assert!(!Probe::<tenantry::api::AppState>::EXTRACTABLE) };
+    const { assert!(Probe::<TenantRouter>::EXTRACTABLE) };
+    const { assert!(Probe::<tenantry::auth::Authenticator>::EXTRACTABLE) };
+}

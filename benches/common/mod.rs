@@ -78,3 +78,53 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .map(|v| v.parse().unwrap_or_else(|_| panic!("bad value for {name}")))
         .unwrap_or(default)
 }
+
+/// CPU time (clock ticks, user + system) of a process from /proc.
+fn process_ticks(stat_path: &std::path::Path) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
+        return 0;
+    };
+    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
+}
+
+/// A snapshot of CPU ticks (100 per second): each postgres process's, and
+/// this process's. Both share the machine's cores, so where the work goes
+/// matters.
+pub struct CpuSnapshot {
+    postgres: std::collections::HashMap<u32, u64>,
+    me: u64,
+}
+
+pub fn cpu_ticks() -> CpuSnapshot {
+    let mut postgres = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let is_pg =
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres");
+        if is_pg {
+            postgres.insert(pid, process_ticks(&e.path().join("stat")));
+        }
+    }
+    CpuSnapshot {
+        postgres,
+        me: process_ticks(std::path::Path::new("/proc/self/stat")),
+    }
+}
+
+impl CpuSnapshot {
+    /// Ticks spent since `earlier` by (postgres, this process). Processes
+    /// that exited in between are not counted; new ones count fully.
+    pub fn since(&self, earlier: &CpuSnapshot) -> (u64, u64) {
+        let pg = self
+            .postgres
+            .iter()
+            .map(|(pid, t)| t.saturating_sub(earlier.postgres.get(pid).copied().unwrap_or(0)))
+            .sum();
+        (pg, self.me.saturating_sub(earlier.me))
+    }
+}
