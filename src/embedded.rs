@@ -73,6 +73,7 @@ impl LocalPostgres {
         let root = root.canonicalize().map_err(io_err(root))?;
         if let Some(owner) = run_as {
             // The server must be able to reach its data and socket directory.
+            check_traversable(&root, owner)?;
             chown(&root, owner)?;
         }
         let mut pg = LocalPostgres {
@@ -331,6 +332,35 @@ fn postgres_owner() -> Result<Owner, EmbeddedError> {
         uid: id("-u").ok_or(EmbeddedError::NoPostgresUser)?,
         gid: id("-g").ok_or(EmbeddedError::NoPostgresUser)?,
     })
+}
+
+/// Every directory above `dir` must let the `postgres` user pass through,
+/// or initdb fails with a confusing "permission denied".
+fn check_traversable(dir: &Path, owner: Owner) -> Result<(), EmbeddedError> {
+    use std::os::unix::fs::MetadataExt;
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = fs::metadata(ancestor).map_err(io_err(ancestor))?;
+        let mode = meta.mode();
+        let passable = if meta.uid() == owner.uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == owner.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !passable {
+            return Err(EmbeddedError::Command {
+                what: "preparing the data directory".into(),
+                detail: format!(
+                    "PostgreSQL runs as user '{SUPERUSER}', which cannot enter {} (mode {:o}); \
+                     choose a --data-dir outside it (e.g. /var/lib/tenantry) or set DATABASE_URL",
+                    ancestor.display(),
+                    mode & 0o7777
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn chown(path: &Path, owner: Owner) -> Result<(), EmbeddedError> {

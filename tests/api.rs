@@ -5,6 +5,8 @@ mod common;
 
 use common::spawn_app;
 use reqwest::Method;
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 const GET: Method = Method::GET;
@@ -721,4 +723,107 @@ async fn openapi_describes_every_route() {
             assert!(item.get(*m).is_some(), "{m} {path} missing from OpenAPI");
         }
     }
+}
+
+/// The README's first quick-start command: `tenantry serve` with no
+/// DATABASE_URL runs its own cluster in a data directory, prints a bootstrap
+/// token once, serves, stops cleanly on SIGTERM, and reuses the data on the
+/// next start.
+#[tokio::test]
+async fn zero_config_serve_bootstraps_serves_and_restarts() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let data = tempfile::tempdir().unwrap();
+    let start = |bind: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+            .args(["serve", "--bind", bind, "--data-dir"])
+            .arg(data.path().join("tenantry"))
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    // Reads stdout until the listening line; returns (address, lines before).
+    async fn until_listening(child: &mut tokio::process::Child) -> (String, Vec<String>) {
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut seen = vec![];
+        let read = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(addr) = line.strip_prefix("tenantry listening on ") {
+                    return addr.to_owned();
+                }
+                seen.push(line);
+            }
+            panic!("serve exited before listening: {seen:?}");
+        };
+        let addr = tokio::time::timeout(Duration::from_secs(120), read)
+            .await
+            .expect("serve did not start within 120 s");
+        (addr, seen)
+    }
+    async fn stop(mut child: tokio::process::Child) {
+        let pid = child.id().unwrap() as i32;
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .expect("serve did not stop within 60 s")
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+
+    let mut first = start("127.0.0.1:0");
+    let (addr, printed) = until_listening(&mut first).await;
+    let token = printed
+        .iter()
+        .find(|l| l.starts_with("tny_"))
+        .unwrap_or_else(|| panic!("no bootstrap token printed: {printed:?}"))
+        .clone();
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{addr}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{addr}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let res = http
+        .post(format!("{addr}/v1/admin/orgs"))
+        .bearer_auth(&token)
+        .json(&json!({"slug": "kept", "name": "Kept"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    stop(first).await;
+    assert!(
+        !data.path().join("tenantry/pgdata/postmaster.pid").exists(),
+        "the local cluster must be stopped with the server"
+    );
+
+    let mut second = start("127.0.0.1:0");
+    let (addr, printed) = until_listening(&mut second).await;
+    assert!(
+        !printed.iter().any(|l| l.starts_with("tny_")),
+        "token printed twice: {printed:?}"
+    );
+    let res = http
+        .get(format!("{addr}/v1/orgs/kept/statuses"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "data and token survive a restart");
+    stop(second).await;
 }

@@ -434,3 +434,39 @@ fn tenant_handlers_cannot_extract_the_pool() {
     const { assert!(Probe::<TenantRouter>::EXTRACTABLE) };
     const { assert!(Probe::<tenantry::auth::Authenticator>::EXTRACTABLE) };
 }
+
+#[tokio::test]
+async fn unknown_slugs_are_cached_briefly_and_invalidation_is_immediate() {
+    let db = TestDb::new().await;
+    let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
+        .await
+        .unwrap();
+    let router = TenantRouter::new(
+        pool,
+        &RouterConfig {
+            negative_ttl: Duration::from_secs(600),
+            ..RouterConfig::default()
+        },
+    );
+    let s = slug("later");
+    assert!(router.resolve(&s).await.unwrap().is_none());
+    // created behind this router's back: the negative entry still answers
+    provision::create_org(
+        &db.pool,
+        &Template::embedded(),
+        &NewOrg::parse("later", "Later", None).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        router.resolve(&s).await.unwrap().is_none(),
+        "unknown slug was not cached"
+    );
+    router.invalidate(&s).await;
+    let t = router
+        .resolve(&s)
+        .await
+        .unwrap()
+        .expect("known after invalidation");
+    assert_eq!(t.schema.as_str(), "t_later");
+}
