@@ -551,30 +551,22 @@ impl Action {
             Action::CreateToken(slug, email, name, json) => {
                 let (user, issued) =
                     provision::issue_org_token(pool, &slug, &email, name.as_deref()).await?;
-                if json {
-                    print_json(&serde_json::json!({ "user": user, "token": issued }))?;
-                } else {
-                    println!(
-                        "token for {} in {slug} (id {}):",
-                        user.email, issued.info.id
-                    );
-                    println!("{}", issued.token);
-                    println!("store it now: it is shown once and cannot be recovered");
-                }
+                print_issued(
+                    &user,
+                    &issued,
+                    &format!("token for {} in {slug}", user.email),
+                    json,
+                )?;
             }
             Action::SuperuserToken(email, name, json) => {
                 let (user, issued) =
                     provision::issue_superuser_token(pool, &email, name.as_deref()).await?;
-                if json {
-                    print_json(&serde_json::json!({ "user": user, "token": issued }))?;
-                } else {
-                    println!(
-                        "superuser token for {} (id {}):",
-                        user.email, issued.info.id
-                    );
-                    println!("{}", issued.token);
-                    println!("store it now: it is shown once and cannot be recovered");
-                }
+                print_issued(
+                    &user,
+                    &issued,
+                    &format!("superuser token for {}", user.email),
+                    json,
+                )?;
             }
             Action::RevokeToken(id) => {
                 if registry::revoke_token(pool, id).await?.is_none() {
@@ -833,6 +825,22 @@ fn csv_field(s: &str) -> String {
     } else {
         s.to_owned()
     }
+}
+
+/// Prints a new token; its secret is shown this once.
+fn print_issued(
+    user: &registry::User,
+    issued: &registry::IssuedToken,
+    label: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(&serde_json::json!({ "user": user, "token": issued }));
+    }
+    println!("{label} (id {}):", issued.info.id);
+    println!("{}", issued.token);
+    println!("store it now: it is shown once and cannot be recovered");
+    Ok(())
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {

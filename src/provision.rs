@@ -330,13 +330,9 @@ pub async fn issue_org_token(
     let email = registry::parse_email(email)?;
     let mut tx = pool.begin().await?;
     let org = registry::get_org(&mut tx, slug).await?;
-    let user = match registry::find_user(&mut tx, Some(org.id), &email).await? {
-        Some(u) => u,
-        None => registry::insert_user(&mut tx, Some(org.id), &email, false).await?,
-    };
-    let token = registry::issue_token(&mut tx, &user, name).await?;
+    let issued = issue_for_email(&mut tx, Some(org.id), &email, name).await?;
     tx.commit().await?;
-    Ok((user, token))
+    Ok(issued)
 }
 
 /// Issues a token for a platform superuser (a user of no organization) with
@@ -349,11 +345,20 @@ pub async fn issue_superuser_token(
 ) -> Result<(User, registry::IssuedToken), Error> {
     let email = registry::parse_email(email)?;
     let mut tx = pool.begin().await?;
-    let user = match registry::find_user(&mut tx, None, &email).await? {
-        Some(u) => u,
-        None => registry::insert_user(&mut tx, None, &email, true).await?,
-    };
-    let token = registry::issue_token(&mut tx, &user, name).await?;
+    let issued = issue_for_email(&mut tx, None, &email, name).await?;
     tx.commit().await?;
+    Ok(issued)
+}
+
+/// The user of `organization_id` (none: a platform superuser) with `email`,
+/// created if missing, and a new token for them.
+async fn issue_for_email(
+    conn: &mut PgConnection,
+    organization_id: Option<Uuid>,
+    email: &str,
+    name: Option<&str>,
+) -> Result<(User, registry::IssuedToken), Error> {
+    let user = registry::ensure_user(conn, organization_id, email).await?;
+    let token = registry::issue_token(conn, &user, name).await?;
     Ok((user, token))
 }

@@ -7,7 +7,7 @@ use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::error::{Error, ResultExt};
+use crate::error::Error;
 use crate::ident::{SchemaName, Slug};
 use crate::secret::{token_hash, NewToken};
 use crate::template::{simple_query, Template, TemplateError};
@@ -198,26 +198,33 @@ pub(crate) fn default_display_name(email: &str) -> String {
     email.split('@').next().unwrap_or(email).to_owned()
 }
 
-/// Inserts a user; the email must be normalised by [`parse_email`].
-pub(crate) async fn insert_user(
+/// The user with `email` in `organization_id` (none: a platform
+/// superuser), inserted if missing. Safe against a concurrent insert of the
+/// same address: the loser of the race reads the winner's row.
+pub(crate) async fn ensure_user(
     conn: &mut PgConnection,
     organization_id: Option<Uuid>,
     email: &str,
-    is_superuser: bool,
 ) -> Result<User, Error> {
-    sqlx::query_as(
+    let inserted: Option<User> = sqlx::query_as(
         "INSERT INTO tenantry.users (id, organization_id, email, display_name, is_superuser) \
-         VALUES ($1, $2, $3, $4, $5) \
+         VALUES ($1, $2, $3, $4, $2 IS NULL) ON CONFLICT DO NOTHING \
          RETURNING id, organization_id, email, display_name, is_superuser",
     )
     .bind(Uuid::new_v4())
     .bind(organization_id)
     .bind(email)
     .bind(default_display_name(email))
-    .bind(is_superuser)
-    .fetch_one(conn)
-    .await
-    .on_unique_violation(|| Error::Conflict(format!("user {email} already exists")))
+    .fetch_optional(&mut *conn)
+    .await?;
+    match inserted {
+        Some(user) => Ok(user),
+        None => find_user(conn, organization_id, email)
+            .await?
+            .ok_or_else(|| {
+                Error::Conflict(format!("user {email} is being changed concurrently; retry"))
+            }),
+    }
 }
 
 pub async fn find_user(

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::TestDb;
@@ -138,20 +137,6 @@ async fn fifty_tenants_move_to_v2_and_a_noop_run_touches_no_schema() {
     assert!(status.failed.is_empty());
 }
 
-fn cli(db: &TestDb, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn failing_tenants_roll_back_alone_and_a_rerun_finishes_them() {
     let db = TestDb::new().await;
@@ -172,7 +157,7 @@ async fn failing_tenants_roll_back_alone_and_a_rerun_finishes_them() {
     let (dir, template) = template_dir(&[("V2__priority_and_check.sql", &v2)]);
 
     let dir_arg = dir.path().to_str().unwrap();
-    let (ok, out, err) = cli(&db, &["migrate", "--template-dir", dir_arg, "--jobs", "4"]);
+    let (ok, out, err) = db.cli(&["migrate", "--template-dir", dir_arg, "--jobs", "4"]);
     assert!(!ok, "exit status must be non-zero: {out}");
     assert!(
         out.contains("47 migrated") && out.contains("3 failed"),
@@ -206,7 +191,7 @@ async fn failing_tenants_roll_back_alone_and_a_rerun_finishes_them() {
         "{:?}",
         status.failed[0]
     );
-    let (ok, out, _) = cli(&db, &["migrate", "status"]);
+    let (ok, out, _) = db.cli(&["migrate", "status"]);
     assert!(ok);
     assert!(out.contains(doomed[0].as_str()), "{out}");
 
@@ -443,20 +428,17 @@ async fn query_all_tags_rows_and_refuses_writes() {
         2
     );
 
-    let (ok, out, err) = cli(&db, &["query", "--all", "UPDATE tests SET prompt = 'x'"]);
+    let (ok, out, err) = db.cli(&["query", "--all", "UPDATE tests SET prompt = 'x'"]);
     assert!(!ok);
     assert!(err.contains("writes are refused"), "{err}");
     assert!(!out.contains("x"), "{out}");
-    let (ok, out, err) = cli(
-        &db,
-        &[
-            "query",
-            "--all",
-            "--format",
-            "csv",
-            "SELECT count(*) AS n, 'x,y' AS label FROM tests",
-        ],
-    );
+    let (ok, out, err) = db.cli(&[
+        "query",
+        "--all",
+        "--format",
+        "csv",
+        "SELECT count(*) AS n, 'x,y' AS label FROM tests",
+    ]);
     assert!(ok, "{err}");
     let mut lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.remove(0), "org,n,label");
@@ -468,16 +450,13 @@ async fn query_all_tags_rows_and_refuses_writes() {
             format!("{},2,\"x,y\"", slugs[1])
         ]
     );
-    let (ok, out, _) = cli(
-        &db,
-        &[
-            "query",
-            "--all",
-            "--format",
-            "json",
-            "SELECT count(*) AS n FROM tests",
-        ],
-    );
+    let (ok, out, _) = db.cli(&[
+        "query",
+        "--all",
+        "--format",
+        "json",
+        "SELECT count(*) AS n FROM tests",
+    ]);
     assert!(ok);
     let rows: Vec<serde_json::Value> = out
         .lines()
@@ -488,7 +467,7 @@ async fn query_all_tags_rows_and_refuses_writes() {
             .any(|r| r["org"] == slugs[1].as_str() && r["n"] == 2),
         "{out}"
     );
-    let (ok, _, err) = cli(&db, &["query", "SELECT 1"]);
+    let (ok, _, err) = db.cli(&["query", "SELECT 1"]);
     assert!(!ok && err.contains("--all"), "{err}");
 }
 
@@ -575,7 +554,7 @@ async fn doctor_finds_orphans_missing_schemas_and_version_drift() {
     assert_eq!(found.findings.len(), 3, "{found:?}");
     assert!(found.repaired.is_empty());
 
-    let (ok, out, _) = cli(&db, &["doctor"]);
+    let (ok, out, _) = db.cli(&["doctor"]);
     assert!(!ok, "problems must give a non-zero exit");
     assert!(out.contains("t_orphan"), "{out}");
 

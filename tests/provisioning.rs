@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::TestDb;
 use tenantry::error::Error;
 use tenantry::ident::Slug;
@@ -404,67 +402,47 @@ async fn invalid_input_is_rejected_with_reasons() {
     assert!(NewOrg::parse("fine", "ok", Some("a b@c.d")).is_err());
 }
 
-fn cli(db: &TestDb, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn cli_manages_orgs_and_tokens() {
     let db = TestDb::new().await;
-    let (ok, out, err) = cli(
-        &db,
-        &[
-            "orgs",
-            "create",
-            "cli-org",
-            "--name",
-            "CLI Org",
-            "--owner-email",
-            "o@cli.example",
-        ],
-    );
+    let (ok, out, err) = db.cli(&[
+        "orgs",
+        "create",
+        "cli-org",
+        "--name",
+        "CLI Org",
+        "--owner-email",
+        "o@cli.example",
+    ]);
     assert!(ok, "{err}");
     assert!(
         out.contains("cli-org") && out.contains("t_cli_org") && out.contains("active"),
         "{out}"
     );
 
-    let (ok, out, _) = cli(&db, &["orgs", "list", "--json"]);
+    let (ok, out, _) = db.cli(&["orgs", "list", "--json"]);
     assert!(ok);
     let orgs: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(orgs[0]["slug"], "cli-org");
     assert_eq!(orgs[0]["schema_name"], "t_cli_org");
     assert_eq!(orgs[0]["template_version"], 1);
 
-    let (ok, _, err) = cli(&db, &["orgs", "create", "cli-org", "--name", "Again"]);
+    let (ok, _, err) = db.cli(&["orgs", "create", "cli-org", "--name", "Again"]);
     assert!(!ok);
     assert!(err.contains("already exists"), "{err}");
 
-    let (ok, _, err) = cli(&db, &["orgs", "create", "Bad\"Slug", "--name", "x"]);
+    let (ok, _, err) = db.cli(&["orgs", "create", "Bad\"Slug", "--name", "x"]);
     assert!(!ok);
     assert!(err.contains("invalid slug"), "{err}");
 
-    let (ok, out, err) = cli(
-        &db,
-        &[
-            "tokens",
-            "create",
-            "cli-org",
-            "--email",
-            "bot@cli.example",
-            "--json",
-        ],
-    );
+    let (ok, out, err) = db.cli(&[
+        "tokens",
+        "create",
+        "cli-org",
+        "--email",
+        "bot@cli.example",
+        "--json",
+    ]);
     assert!(ok, "{err}");
     let issued: serde_json::Value = serde_json::from_str(&out).unwrap();
     let token = issued["token"]["token"].as_str().unwrap();
@@ -474,18 +452,18 @@ async fn cli_manages_orgs_and_tokens() {
         .unwrap()
         .is_some());
 
-    let (ok, _, err) = cli(&db, &["orgs", "suspend", "cli-org"]);
+    let (ok, _, err) = db.cli(&["orgs", "suspend", "cli-org"]);
     assert!(ok, "{err}");
-    let (ok, _, err) = cli(&db, &["orgs", "suspend", "cli-org"]);
+    let (ok, _, err) = db.cli(&["orgs", "suspend", "cli-org"]);
     assert!(!ok && err.contains("suspended"), "{err}");
 
-    let (ok, _, err) = cli(&db, &["orgs", "delete", "cli-org"]);
+    let (ok, _, err) = db.cli(&["orgs", "delete", "cli-org"]);
     assert!(!ok && err.contains("--yes"), "{err}");
     assert!(db.schema_exists("t_cli_org").await);
-    let (ok, _, err) = cli(&db, &["orgs", "delete", "cli-org", "--yes"]);
+    let (ok, _, err) = db.cli(&["orgs", "delete", "cli-org", "--yes"]);
     assert!(ok, "{err}");
     assert!(!db.schema_exists("t_cli_org").await);
-    let (ok, _, err) = cli(&db, &["orgs", "delete", "cli-org", "--yes"]);
+    let (ok, _, err) = db.cli(&["orgs", "delete", "cli-org", "--yes"]);
     assert!(!ok && err.contains("not found"), "{err}");
 }
 
@@ -530,5 +508,36 @@ async fn quoted_identifiers_survive_hostile_names_in_postgres() {
         db.count("SELECT count(*) FROM tenantry.organizations")
             .await,
         0
+    );
+}
+
+#[tokio::test]
+async fn concurrent_tokens_for_a_new_address_share_one_user() {
+    let db = TestDb::new().await;
+    provision::create_org(&db.pool, &Template::embedded(), &new_org("race"))
+        .await
+        .unwrap();
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let pool = db.pool.clone();
+            tokio::spawn(async move {
+                provision::issue_org_token(&pool, &slug("race"), "new@race.example", None).await
+            })
+        })
+        .collect();
+    let mut users = vec![];
+    for h in handles {
+        users.push(h.await.unwrap().unwrap().0.id);
+    }
+    users.dedup();
+    assert_eq!(users.len(), 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM tenantry.users WHERE email = 'new@race.example'")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM tenantry.api_tokens").await,
+        6
     );
 }

@@ -104,6 +104,22 @@ impl TestDb {
         .unwrap()
     }
 
+    /// Runs the `tenantry` binary against this database; returns (success,
+    /// stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run the tenantry binary");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
