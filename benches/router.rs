@@ -348,7 +348,7 @@ async fn main() {
     for i in 0..m {
         let t = Instant::now();
         let mut tx = router.begin(&tenants_arc[0]).await.unwrap();
-        let _: Option<TestCase> = sqlx::query_as(get_sql)
+        let _: Option<TestCase> = sqlx::query_as(&tx.sql(get_sql))
             .bind(ids[0])
             .fetch_optional(tx.conn())
             .await
@@ -359,7 +359,7 @@ async fn main() {
         let k = i % tenants_arc.len();
         let t = Instant::now();
         let mut tx = router.begin(&tenants_arc[k]).await.unwrap();
-        let _: Option<TestCase> = sqlx::query_as(get_sql)
+        let _: Option<TestCase> = sqlx::query_as(&tx.sql(get_sql))
             .bind(ids[k])
             .fetch_optional(tx.conn())
             .await

@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// catalog cache each backend accumulates per tenant).
     #[arg(long, env = "TENANTRY_CONN_MAX_LIFETIME", default_value_t = 900)]
     pub conn_max_lifetime: u64,
+    /// Prepared statements kept per connection (tenant SQL is prepared once
+    /// per tenant and connection).
+    #[arg(long, env = "TENANTRY_STATEMENT_CACHE", default_value_t = 1024)]
+    pub statement_cache: usize,
     /// Seconds a resolved org stays cached in this process (other processes'
     /// changes are also pushed through LISTEN/NOTIFY).
     #[arg(long, env = "TENANTRY_CACHE_TTL", default_value_t = 30)]
@@ -339,6 +343,7 @@ async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     let pool_config = PoolConfig {
         max_connections: args.pool_size,
         max_lifetime: Duration::from_secs(args.conn_max_lifetime),
+        statement_cache: args.statement_cache,
         ..PoolConfig::default()
     };
     let db = Database::connect(db_args, &pool_config).await?;

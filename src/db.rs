@@ -16,6 +16,11 @@ pub struct PoolConfig {
     pub max_lifetime: Duration,
     pub idle_timeout: Duration,
     pub acquire_timeout: Duration,
+    /// Prepared statements kept per connection. Tenant SQL is prepared once
+    /// per tenant and connection (see `TenantTx::sql`), so this should cover
+    /// the statements of the tenants a connection serves in its lifetime;
+    /// each costs a few KB in its backend.
+    pub statement_cache: usize,
 }
 
 impl Default for PoolConfig {
@@ -25,6 +30,7 @@ impl Default for PoolConfig {
             max_lifetime: Duration::from_secs(15 * 60),
             idle_timeout: Duration::from_secs(5 * 60),
             acquire_timeout: Duration::from_secs(10),
+            statement_cache: 1024,
         }
     }
 }
@@ -36,6 +42,7 @@ impl Default for PoolConfig {
 /// and carries no tenant state.
 pub async fn connect(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
     let options: PgConnectOptions = url.parse()?;
+    let options = options.statement_cache_capacity(config.statement_cache);
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         .max_lifetime(config.max_lifetime)

@@ -270,6 +270,21 @@ impl TenantTx {
         &mut self.tx
     }
 
+    /// `sql` tagged with this tenant's schema in a trailing comment.
+    ///
+    /// PostgreSQL re-analyses and re-plans a prepared statement whenever it
+    /// runs under a different `search_path` than it was planned under. With
+    /// one statement text shared by all tenants, a pooled connection that
+    /// serves tenants in turn re-plans on nearly every request. Tagged text
+    /// gives each connection one prepared statement per tenant, whose plan
+    /// stays valid (the statement cache size is `PoolConfig::statement_cache`).
+    /// Measured: 0.72x -> 0.94x of a single fixed schema's throughput at 100
+    /// rotating tenants, see docs/benchmarks.md. Schema names are
+    /// `[a-z0-9_]`, so the tag cannot end the comment.
+    pub fn sql(&self, sql: &str) -> String {
+        format!("{sql} /* {} */", self.tenant.schema)
+    }
+
     pub async fn commit(self) -> Result<(), Error> {
         self.tx.commit().await?;
         Ok(())

@@ -470,3 +470,26 @@ async fn unknown_slugs_are_cached_briefly_and_invalidation_is_immediate() {
         .expect("known after invalidation");
     assert_eq!(t.schema.as_str(), "t_later");
 }
+
+#[tokio::test]
+async fn tenant_sql_tags_are_inert_comments() {
+    let db = TestDb::new().await;
+    provision::create_org(
+        &db.pool,
+        &Template::embedded(),
+        &NewOrg::parse("tag-me", "Tag", None).unwrap(),
+    )
+    .await
+    .unwrap();
+    let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
+        .await
+        .unwrap();
+    let router = TenantRouter::new(pool, &RouterConfig::default());
+    let tenant = router.resolve(&slug("tag-me")).await.unwrap().unwrap();
+    let mut tx = router.begin(&tenant).await.unwrap();
+    let sql = tx.sql("SELECT count(*) FROM statuses");
+    assert_eq!(sql, "SELECT count(*) FROM statuses /* t_tag_me */");
+    let n: i64 = sqlx::query_scalar(&sql).fetch_one(tx.conn()).await.unwrap();
+    assert_eq!(n, 3);
+    tx.commit().await.unwrap();
+}

@@ -332,7 +332,7 @@ pub async fn list_named<T: NamedTable>(
 ) -> Result<axum::Json<Page<Named>>, ApiError> {
     let (limit, cursor) = q.parse()?;
     let mut tx = org.begin().await?;
-    let rows: Vec<Named> = sqlx::query_as(T::LIST)
+    let rows: Vec<Named> = sqlx::query_as(&tx.sql(T::LIST))
         .bind(cursor)
         .bind(limit + 1)
         .fetch_all(tx.conn())
@@ -346,7 +346,7 @@ pub async fn get_named<T: NamedTable>(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<axum::Json<Named>, ApiError> {
     let mut tx = org.begin().await?;
-    let row: Option<Named> = sqlx::query_as(T::GET)
+    let row: Option<Named> = sqlx::query_as(&tx.sql(T::GET))
         .bind(id)
         .fetch_optional(tx.conn())
         .await?;
@@ -360,7 +360,7 @@ pub async fn create_named<T: NamedTable>(
 ) -> Result<impl IntoResponse, ApiError> {
     check_named(Some(&body.name), body.description.as_deref())?;
     let mut tx = org.begin().await?;
-    let row: Named = sqlx::query_as(T::INSERT)
+    let row: Named = sqlx::query_as(&tx.sql(T::INSERT))
         .bind(&body.name)
         .bind(&body.description)
         .bind(org.user_id())
@@ -381,7 +381,7 @@ pub async fn update_named<T: NamedTable>(
         body.description.as_ref().and_then(|d| d.as_deref()),
     )?;
     let mut tx = org.begin().await?;
-    let row: Option<Named> = sqlx::query_as(T::UPDATE)
+    let row: Option<Named> = sqlx::query_as(&tx.sql(T::UPDATE))
         .bind(id)
         .bind(&body.name)
         .bind(body.description.is_some())
@@ -399,7 +399,7 @@ pub async fn delete_named<T: NamedTable>(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = org.begin().await?;
-    let done = sqlx::query(T::DELETE)
+    let done = sqlx::query(&tx.sql(T::DELETE))
         .bind(id)
         .execute(tx.conn())
         .await
@@ -462,8 +462,38 @@ pub struct TestQuery {
     pub behavior_id: Option<Uuid>,
 }
 
-const TEST_COLUMNS: &str =
-    "id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at";
+macro_rules! test_columns {
+    () => {
+        "id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at"
+    };
+}
+
+const LIST_TESTS: &str = concat!(
+    "SELECT ",
+    test_columns!(),
+    " FROM tests WHERE ($1::uuid IS NULL OR id > $1) \
+       AND ($2::uuid IS NULL OR status_id = $2) \
+       AND ($3::uuid IS NULL OR behavior_id = $3) \
+     ORDER BY id LIMIT $4"
+);
+
+pub const GET_TEST: &str = concat!("SELECT ", test_columns!(), " FROM tests WHERE id = $1");
+
+const INSERT_TEST: &str = concat!(
+    "INSERT INTO tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+     VALUES ($1, $2, $3, $4, $5, $5) RETURNING ",
+    test_columns!()
+);
+
+const UPDATE_TEST: &str = concat!(
+    "UPDATE tests SET prompt = COALESCE($2, prompt), \
+         expected_outcome = COALESCE($3, expected_outcome), \
+         behavior_id = COALESCE($4, behavior_id), \
+         status_id = COALESCE($5, status_id), \
+         updated_by = $6, updated_at = now() \
+     WHERE id = $1 RETURNING ",
+    test_columns!()
+);
 
 fn check_test(prompt: Option<&str>, expected: Option<&str>) -> Result<(), ApiError> {
     if let Some(p) = prompt {
@@ -494,26 +524,16 @@ pub async fn list_tests(
     }
     .parse()?;
     let mut tx = org.begin().await?;
-    let rows: Vec<TestCase> = sqlx::query_as(
-        "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
-         FROM tests \
-         WHERE ($1::uuid IS NULL OR id > $1) \
-           AND ($2::uuid IS NULL OR status_id = $2) \
-           AND ($3::uuid IS NULL OR behavior_id = $3) \
-         ORDER BY id LIMIT $4",
-    )
-    .bind(cursor)
-    .bind(q.status_id)
-    .bind(q.behavior_id)
-    .bind(limit + 1)
-    .fetch_all(tx.conn())
-    .await?;
+    let rows: Vec<TestCase> = sqlx::query_as(&tx.sql(LIST_TESTS))
+        .bind(cursor)
+        .bind(q.status_id)
+        .bind(q.behavior_id)
+        .bind(limit + 1)
+        .fetch_all(tx.conn())
+        .await?;
     tx.commit().await?;
     Ok(axum::Json(page(rows, limit, |r| r.id)))
 }
-
-pub const GET_TEST: &str = "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
-     FROM tests WHERE id = $1";
 
 #[utoipa::path(get, path = "/v1/orgs/{slug}/tests/{id}", tag = "tests",
     params(("slug" = String, Path, description = "Organization slug"), ("id" = Uuid, Path)),
@@ -525,7 +545,7 @@ pub async fn get_test(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<axum::Json<TestCase>, ApiError> {
     let mut tx = org.begin().await?;
-    let row: Option<TestCase> = sqlx::query_as(GET_TEST)
+    let row: Option<TestCase> = sqlx::query_as(&tx.sql(GET_TEST))
         .bind(id)
         .fetch_optional(tx.conn())
         .await?;
@@ -545,17 +565,14 @@ pub async fn create_test(
 ) -> Result<impl IntoResponse, ApiError> {
     check_test(Some(&body.prompt), Some(&body.expected_outcome))?;
     let mut tx = org.begin().await?;
-    let row: TestCase = sqlx::query_as(&format!(
-        "INSERT INTO tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
-         VALUES ($1, $2, $3, $4, $5, $5) RETURNING {TEST_COLUMNS}"
-    ))
-    .bind(&body.prompt)
-    .bind(&body.expected_outcome)
-    .bind(body.behavior_id)
-    .bind(body.status_id)
-    .bind(org.user_id())
-    .fetch_one(tx.conn())
-    .await?;
+    let row: TestCase = sqlx::query_as(&tx.sql(INSERT_TEST))
+        .bind(&body.prompt)
+        .bind(&body.expected_outcome)
+        .bind(body.behavior_id)
+        .bind(body.status_id)
+        .bind(org.user_id())
+        .fetch_one(tx.conn())
+        .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, axum::Json(row)))
 }
@@ -572,22 +589,15 @@ pub async fn update_test(
 ) -> Result<axum::Json<TestCase>, ApiError> {
     check_test(body.prompt.as_deref(), body.expected_outcome.as_deref())?;
     let mut tx = org.begin().await?;
-    let row: Option<TestCase> = sqlx::query_as(&format!(
-        "UPDATE tests SET prompt = COALESCE($2, prompt), \
-             expected_outcome = COALESCE($3, expected_outcome), \
-             behavior_id = COALESCE($4, behavior_id), \
-             status_id = COALESCE($5, status_id), \
-             updated_by = $6, updated_at = now() \
-         WHERE id = $1 RETURNING {TEST_COLUMNS}"
-    ))
-    .bind(id)
-    .bind(&body.prompt)
-    .bind(&body.expected_outcome)
-    .bind(body.behavior_id)
-    .bind(body.status_id)
-    .bind(org.user_id())
-    .fetch_optional(tx.conn())
-    .await?;
+    let row: Option<TestCase> = sqlx::query_as(&tx.sql(UPDATE_TEST))
+        .bind(id)
+        .bind(&body.prompt)
+        .bind(&body.expected_outcome)
+        .bind(body.behavior_id)
+        .bind(body.status_id)
+        .bind(org.user_id())
+        .fetch_optional(tx.conn())
+        .await?;
     tx.commit().await?;
     row.map(axum::Json).ok_or_else(|| test_not_found(id))
 }
@@ -601,7 +611,7 @@ pub async fn delete_test(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = org.begin().await?;
-    let done = sqlx::query("DELETE FROM tests WHERE id = $1")
+    let done = sqlx::query(&tx.sql("DELETE FROM tests WHERE id = $1"))
         .bind(id)
         .execute(tx.conn())
         .await?;
