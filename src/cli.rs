@@ -772,10 +772,10 @@ async fn query(pool: &PgPool, args: QueryArgs) -> anyhow::Result<()> {
             .first()
             .map(|(_, r)| r.keys().cloned().collect())
             .unwrap_or_default();
-        let mut widths: Vec<usize> = std::iter::once(3)
-            .chain(cols.iter().map(|c| c.len()))
+        let header: Vec<&str> = std::iter::once("ORG")
+            .chain(cols.iter().map(String::as_str))
             .collect();
-        let lines: Vec<Vec<String>> = table
+        let rows: Vec<Vec<String>> = table
             .iter()
             .map(|(slug, row)| {
                 std::iter::once(slug.clone())
@@ -783,32 +783,7 @@ async fn query(pool: &PgPool, args: QueryArgs) -> anyhow::Result<()> {
                     .collect()
             })
             .collect();
-        for l in &lines {
-            for (w, c) in widths.iter_mut().zip(l) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-        let render = |cells: Vec<&str>| {
-            cells
-                .iter()
-                .zip(&widths)
-                .map(|(c, w)| format!("{c:<w$}"))
-                .collect::<Vec<_>>()
-                .join("  ")
-                .trim_end()
-                .to_owned()
-        };
-        println!(
-            "{}",
-            render(
-                std::iter::once("ORG")
-                    .chain(cols.iter().map(String::as_str))
-                    .collect()
-            )
-        );
-        for l in &lines {
-            println!("{}", render(l.iter().map(String::as_str).collect()));
-        }
+        print_table(&header, &rows);
     }
     if failed > 0 {
         return Err(PartialFailure(format!("the query failed in {failed} tenant(s)")).into());
@@ -883,23 +858,23 @@ fn print_orgs(orgs: &[Organization]) {
 }
 
 /// Prints left-aligned columns separated by two spaces.
-pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(|h| h.chars().count());
+pub fn print_table<R: AsRef<[String]>>(header: &[&str], rows: &[R]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
+        for (w, cell) in widths.iter_mut().zip(row.as_ref()) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let line = |cells: Vec<&str>| {
         let padded: Vec<String> = cells
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(row.as_ref().iter().map(String::as_str).collect());
     }
 }

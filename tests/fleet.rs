@@ -467,6 +467,20 @@ async fn query_all_tags_rows_and_refuses_writes() {
             .any(|r| r["org"] == slugs[1].as_str() && r["n"] == 2),
         "{out}"
     );
+    let (ok, out, _) = db.cli(&["query", "--all", "SELECT count(*) AS n FROM tests"]);
+    assert!(ok);
+    let table: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        table,
+        [
+            vec!["ORG", "n"],
+            vec![slugs[0].as_str(), "1"],
+            vec![slugs[1].as_str(), "2"]
+        ]
+    );
     let (ok, _, err) = db.cli(&["query", "SELECT 1"]);
     assert!(!ok && err.contains("--all"), "{err}");
 }
