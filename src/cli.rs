@@ -595,8 +595,9 @@ async fn migrate(
         only,
         target: args.target,
     };
+    let started = std::time::Instant::now();
+    let plan = fleet::plan(pool, &template, &opts).await?;
     if args.plan {
-        let plan = fleet::plan(pool, &template, &opts).await?;
         let rows: Vec<[String; 3]> = plan
             .behind
             .iter()
@@ -639,19 +640,15 @@ async fn migrate(
     }
     let interactive = !args.json && std::io::stderr().is_terminal();
     let bar = interactive.then(|| {
-        let bar = indicatif::ProgressBar::new(0);
+        let bar = indicatif::ProgressBar::new(plan.behind.len() as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tenants {elapsed} {msg}")
                 .expect("valid progress template"),
         );
         bar
     });
-    if let Some(bar) = &bar {
-        let plan = fleet::plan(pool, &template, &opts).await?;
-        bar.set_length(plan.behind.len() as u64);
-    }
     let json = args.json;
-    let report = fleet::migrate(pool, &template, &opts, |outcome| {
+    let report = fleet::migrate_planned(pool, &template, plan, opts.jobs, started, |outcome| {
         if let Some(bar) = &bar {
             bar.inc(1);
             if let fleet::TenantOutcome::Failed { slug, .. } = outcome {

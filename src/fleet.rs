@@ -44,12 +44,11 @@ struct FleetRow {
 impl TryFrom<FleetRow> for FleetTenant {
     type Error = Error;
     fn try_from(r: FleetRow) -> Result<Self, Error> {
+        let (slug, schema) = crate::registry::parse_stored(&r.slug, &r.schema_name)?;
         Ok(FleetTenant {
             id: r.id,
-            slug: Slug::parse(&r.slug)
-                .map_err(|e| Error::Corrupt(format!("slug {:?}: {e}", r.slug)))?,
-            schema: SchemaName::parse(&r.schema_name)
-                .map_err(|e| Error::Corrupt(format!("schema {:?}: {e}", r.schema_name)))?,
+            slug,
+            schema,
             status: r.status,
             template_version: r.template_version,
         })
@@ -244,10 +243,23 @@ pub async fn migrate(
     pool: &PgPool,
     template: &Template,
     opts: &MigrateOptions,
-    mut progress: impl FnMut(&TenantOutcome),
+    progress: impl FnMut(&TenantOutcome),
 ) -> Result<FleetReport, Error> {
     let started = Instant::now();
     let plan = plan(pool, template, opts).await?;
+    migrate_planned(pool, template, plan, opts.jobs, started, progress).await
+}
+
+/// [`migrate`] with a plan the caller already read (e.g. to size a progress
+/// bar); `started` is when the run began, for the report's duration.
+pub async fn migrate_planned(
+    pool: &PgPool,
+    template: &Template,
+    plan: Plan,
+    jobs: usize,
+    started: Instant,
+    mut progress: impl FnMut(&TenantOutcome),
+) -> Result<FleetReport, Error> {
     let target = plan.target;
     let mut report = FleetReport {
         target,
@@ -262,7 +274,7 @@ pub async fn migrate(
     let pool2 = pool.clone();
     for_each_bounded(
         plan.behind,
-        opts.jobs.max(1),
+        jobs.max(1),
         move |tenant| {
             let (pool, template) = (pool2.clone(), template.clone());
             async move { migrate_tenant(&pool, &template, &tenant, target).await }

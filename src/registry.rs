@@ -101,19 +101,25 @@ pub(crate) struct OrgRow {
     updated_at: OffsetDateTime,
 }
 
+/// Re-parses a stored slug and schema name: a registry row edited by hand
+/// into an unsafe identifier never reaches SQL text.
+pub(crate) fn parse_stored(slug: &str, schema_name: &str) -> Result<(Slug, SchemaName), Error> {
+    let slug =
+        Slug::parse(slug).map_err(|e| Error::Corrupt(format!("registry slug {slug:?}: {e}")))?;
+    let schema = SchemaName::parse(schema_name)
+        .map_err(|e| Error::Corrupt(format!("registry schema_name {schema_name:?}: {e}")))?;
+    Ok((slug, schema))
+}
+
 impl TryFrom<OrgRow> for Organization {
     type Error = Error;
-    /// Rows are re-parsed on the way out: a registry row edited by hand into
-    /// an unsafe identifier never reaches SQL text.
     fn try_from(r: OrgRow) -> Result<Self, Error> {
+        let (slug, schema_name) = parse_stored(&r.slug, &r.schema_name)?;
         Ok(Organization {
             id: r.id,
-            slug: Slug::parse(&r.slug)
-                .map_err(|e| Error::Corrupt(format!("registry slug {:?}: {e}", r.slug)))?,
+            slug,
             name: r.name,
-            schema_name: SchemaName::parse(&r.schema_name).map_err(|e| {
-                Error::Corrupt(format!("registry schema_name {:?}: {e}", r.schema_name))
-            })?,
+            schema_name,
             status: r.status,
             template_version: r.template_version,
             created_at: r.created_at,
