@@ -353,6 +353,7 @@ async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
             ..RouterConfig::default()
         },
         auth_ttl: Duration::from_secs(args.auth_ttl),
+        ..ServerConfig::default()
     };
     if let Some(token) = server::bootstrap_superuser(&db.pool).await? {
         println!(
@@ -368,7 +369,7 @@ async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, "listening");
     println!("tenantry listening on http://{addr}");
     let state = server::state(db.pool.clone(), &config);
-    let served = server::serve(listener, state, server::shutdown_signal()).await;
+    let served = server::serve(listener, state, &config, server::shutdown_signal()).await;
     db.close().await?;
     Ok(served?)
 }

@@ -6,9 +6,9 @@
 
 use std::fmt;
 
-/// Longest slug accepted. Chosen so that `t_` + slug stays far below
-/// PostgreSQL's 63-byte identifier limit (NAMEDATALEN - 1), leaving room for
-/// suffixes such as `_old` during repairs.
+/// Longest slug accepted: long enough for any company name, short enough for
+/// URLs and listings. (Slugs never reach SQL text: schema and role names are
+/// derived from the org's id, see [`SchemaName::for_org`].)
 pub const SLUG_MAX_LEN: usize = 48;
 pub const SLUG_MIN_LEN: usize = 2;
 /// PostgreSQL truncates identifiers longer than this silently; we refuse them.
@@ -160,11 +160,16 @@ impl SchemaName {
         Ok(SchemaName(input.to_owned()))
     }
 
-    /// The schema an org gets at creation: `t_` + slug with `-` mapped to `_`.
-    /// Slugs never contain `_`, so the mapping is injective.
-    pub fn for_slug(slug: &Slug) -> Self {
-        let name = format!("{TENANT_SCHEMA_PREFIX}{}", slug.as_str().replace('-', "_"));
-        SchemaName::parse(&name).expect("every valid slug maps to a valid schema name")
+    /// The schema (and PostgreSQL role) of the org with this id: `t_` + the
+    /// id's 32 hex digits. Derived from the id, never from the slug: a slug
+    /// can be renamed and reused by a new org, an id cannot, so a schema
+    /// belongs to one org for its whole life and no stale slug -> schema
+    /// mapping anywhere can route one org's request into another org's data
+    /// (design invariant 8). Also unique across databases of one cluster,
+    /// which roles need (they are cluster-wide).
+    pub fn for_org(id: &uuid::Uuid) -> Self {
+        let name = format!("{TENANT_SCHEMA_PREFIX}{}", id.simple());
+        SchemaName::parse(&name).expect("every uuid maps to a valid schema name")
     }
 
     pub fn as_str(&self) -> &str {
@@ -283,10 +288,6 @@ mod tests {
             match (Slug::parse(&s), expected_slug_error(&s)) {
                 (Ok(slug), None) => {
                     prop_assert_eq!(slug.as_str(), s.as_str());
-                    let schema = SchemaName::for_slug(&slug);
-                    prop_assert!(schema.as_str().len() <= IDENT_MAX_BYTES);
-                    prop_assert!(schema.as_str().chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
-                    prop_assert_eq!(schema.quoted(), format!("\"{}\"", schema.as_str()));
                 }
                 (Err(got), Some(want)) => prop_assert_eq!(got, want),
                 (got, want) => prop_assert!(false, "parse gave {:?}, rules say {:?}", got, want),
@@ -300,10 +301,13 @@ mod tests {
         }
 
         #[test]
-        fn distinct_slugs_get_distinct_schemas(a in "[a-z][a-z0-9-]{1,20}", b in "[a-z][a-z0-9-]{1,20}") {
-            if let (Ok(sa), Ok(sb)) = (Slug::parse(&a), Slug::parse(&b)) {
-                prop_assert_eq!(sa == sb, SchemaName::for_slug(&sa) == SchemaName::for_slug(&sb));
-            }
+        fn distinct_orgs_get_distinct_safe_schemas(a in any::<u128>(), b in any::<u128>()) {
+            let (ia, ib) = (uuid::Uuid::from_u128(a), uuid::Uuid::from_u128(b));
+            let (sa, sb) = (SchemaName::for_org(&ia), SchemaName::for_org(&ib));
+            prop_assert_eq!(ia == ib, sa == sb);
+            prop_assert!(sa.as_str().len() <= IDENT_MAX_BYTES);
+            prop_assert!(sa.as_str().chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+            prop_assert_eq!(sa.quoted(), format!("\"{}\"", sa.as_str()));
         }
 
         #[test]
@@ -343,8 +347,8 @@ mod tests {
     #[test]
     fn schema_name_rules() {
         assert_eq!(
-            SchemaName::for_slug(&Slug::parse("acme-corp").unwrap()).as_str(),
-            "t_acme_corp"
+            SchemaName::for_org(&"3fa85f64-5717-4562-b3fc-2c963f66afa6".parse().unwrap()).as_str(),
+            "t_3fa85f6457174562b3fc2c963f66afa6"
         );
         assert_eq!(SchemaName::parse(""), Err(SchemaNameError::Empty));
         assert!(matches!(

@@ -22,6 +22,8 @@ pub const SYSTEM_USER_ID: Uuid = Uuid::nil();
 
 #[derive(Debug, Clone)]
 pub struct NewOrg {
+    /// Chosen before provisioning: the schema (and role) names derive from it.
+    pub id: Uuid,
     pub slug: Slug,
     pub name: String,
     /// Normalised by [`registry::parse_email`].
@@ -46,6 +48,7 @@ impl NewOrg {
             });
         }
         Ok(NewOrg {
+            id: Uuid::new_v4(),
             slug,
             name: name.to_owned(),
             owner_email: owner_email.map(registry::parse_email).transpose()?,
@@ -92,7 +95,7 @@ pub async fn create_org_with_hook(
     new: &NewOrg,
     hook: Option<FaultHook>,
 ) -> Result<Created, Error> {
-    let schema = SchemaName::for_slug(&new.slug);
+    let schema = SchemaName::for_org(&new.id);
     let mut tx = pool.begin().await?;
     let conflict = || {
         Error::Conflict(format!(
@@ -119,7 +122,7 @@ pub async fn create_org_with_hook(
            SELECT $6, org.id, $7, $8 FROM org WHERE $6::uuid IS NOT NULL RETURNING id) \
          SELECT org.* FROM org LEFT JOIN owner ON true"
     ))
-    .bind(Uuid::new_v4())
+    .bind(new.id)
     .bind(new.slug.as_str())
     .bind(&new.name)
     .bind(schema.as_str())
@@ -240,61 +243,41 @@ pub async fn resume_org(pool: &PgPool, slug: &Slug) -> Result<Organization, Erro
     .await
 }
 
-/// Renames an org's slug and its schema together, in one transaction, so the
-/// schema name keeps following the slug and the old slug becomes free.
+/// Renames an org's slug. Its schema (named after the org's id) stays as it
+/// is: a schema belongs to one org for its whole life, so a router anywhere
+/// that still maps the old slug to this org can only reach this org's data,
+/// and a new org taking the old slug gets a schema of its own.
 #[tracing::instrument(skip(pool))]
 pub async fn rename_org(
     pool: &PgPool,
     slug: &Slug,
     new_slug: &Slug,
 ) -> Result<Organization, Error> {
-    let new_schema = SchemaName::for_slug(new_slug);
     let mut tx = pool.begin().await?;
-    let current: Option<OrgRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        org_columns!(),
-        " FROM tenantry.organizations WHERE slug = $1 FOR UPDATE"
-    ))
-    .bind(slug.as_str())
-    .fetch_optional(&mut *tx)
-    .await?;
-    let current =
-        Organization::try_from(current.ok_or_else(|| Error::OrgNotFound(slug.to_string()))?)?;
-    if slug == new_slug {
-        return Ok(current);
-    }
     let conflict = || {
         Error::Conflict(format!(
             "organization {:?} already exists",
             new_slug.as_str()
         ))
     };
-    let row: OrgRow = sqlx::query_as(concat!(
-        "UPDATE tenantry.organizations SET slug = $2, schema_name = $3, updated_at = now() \
-         WHERE id = $1 RETURNING ",
+    let row: Option<OrgRow> = sqlx::query_as(concat!(
+        "UPDATE tenantry.organizations SET slug = $2, \
+           updated_at = CASE WHEN slug = $2 THEN updated_at ELSE now() END \
+         WHERE slug = $1 RETURNING ",
         org_columns!()
     ))
-    .bind(current.id)
+    .bind(slug.as_str())
     .bind(new_slug.as_str())
-    .bind(new_schema.as_str())
-    .fetch_one(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
     .on_unique_violation(conflict)?;
-    let rename = format!(
-        "ALTER SCHEMA {} RENAME TO {}",
-        current.schema_name.quoted(),
-        new_schema.quoted()
-    );
-    simple_query(&mut tx, &rename)
-        .await
-        .map_err(|e| match sqlstate(&e).as_deref() {
-            Some(DUPLICATE_SCHEMA) => orphan_schema(&new_schema),
-            _ => Error::Database(e),
-        })?;
-    notify_change(&mut tx, slug).await?;
-    notify_change(&mut tx, new_slug).await?;
+    let org = Organization::try_from(row.ok_or_else(|| Error::OrgNotFound(slug.to_string()))?)?;
+    if slug != new_slug {
+        notify_change(&mut tx, slug).await?;
+        notify_change(&mut tx, new_slug).await?;
+    }
     tx.commit().await?;
-    Organization::try_from(row)
+    Ok(org)
 }
 
 /// Deletes an org: its registry row (users and tokens cascade) and its schema

@@ -25,6 +25,9 @@ pub struct ServerConfig {
     pub router: RouterConfig,
     /// How long a verified token is trusted without asking the registry.
     pub auth_ttl: Duration,
+    /// Listen for registry changes of other processes (LISTEN/NOTIFY). Off,
+    /// other processes' changes reach this one only through the TTLs.
+    pub listen_for_changes: bool,
 }
 
 impl Default for ServerConfig {
@@ -32,6 +35,7 @@ impl Default for ServerConfig {
         ServerConfig {
             router: RouterConfig::default(),
             auth_ttl: Duration::from_secs(10),
+            listen_for_changes: true,
         }
     }
 }
@@ -62,13 +66,18 @@ pub async fn bootstrap_superuser(pool: &PgPool) -> Result<Option<IssuedToken>, E
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    config: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener_task = state.router.spawn_listener();
+    let listener_task = config
+        .listen_for_changes
+        .then(|| state.router.spawn_listener());
     let result = axum::serve(listener, api::app(state))
         .with_graceful_shutdown(shutdown)
         .await;
-    listener_task.abort();
+    if let Some(task) = listener_task {
+        task.abort();
+    }
     result
 }
 

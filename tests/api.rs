@@ -528,7 +528,8 @@ async fn admin_lifecycle_suspend_rename_delete() {
         )
         .await;
     assert_eq!(s, 200, "{org}");
-    assert_eq!(org["schema_name"], "t_renewed");
+    // the schema stays with the org (named after its id)
+    assert_eq!(org["schema_name"], app.db.schema_of("renewed").await);
     let (s, _) = app.call(GET, "/v1/orgs/life/tests", &token, None).await;
     assert_eq!(s, 404);
     let (s, page) = app
@@ -679,6 +680,99 @@ async fn a_second_process_converges_on_suspend_and_rename() {
         );
         tokio::task::yield_now().await;
     }
+}
+
+/// Invariant 8: a process whose cache still maps `acme` to the org that was
+/// renamed away (its listener is off, so it never hears of the rename) must
+/// not send that org's token into the schema of the new org now called
+/// `acme`. Schemas belong to org ids, so the stale entry can only reach the
+/// old org's own data.
+#[tokio::test]
+async fn a_stale_cache_never_routes_a_reused_slug_into_the_new_orgs_schema() {
+    use tenantry::server::ServerConfig;
+    let deaf = ServerConfig {
+        listen_for_changes: false,
+        router: tenantry::router::RouterConfig {
+            ttl: std::time::Duration::from_secs(600),
+            ..Default::default()
+        },
+        auth_ttl: std::time::Duration::from_secs(600),
+    };
+    let a = common::spawn_app_with(deaf).await;
+    let old_token = a.org_with_token("acme").await;
+    let (s, old_status) = a
+        .call(
+            POST,
+            "/v1/orgs/acme/statuses",
+            &old_token,
+            Some(json!({"name": "old-acme-row"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{old_status}");
+    // a has `acme` -> old org cached now
+    let (s, _) = a
+        .call(GET, "/v1/orgs/acme/statuses", &old_token, None)
+        .await;
+    assert_eq!(s, 200);
+
+    let b_db = common::TestDb {
+        pool: a.db.pool.clone(),
+        url: a.db.url.clone(),
+        name: a.db.name.clone(),
+    };
+    let b = common::spawn_app_on(b_db, ServerConfig::default()).await;
+    let (s, body) = b
+        .call(
+            POST,
+            "/v1/admin/orgs/acme/rename",
+            &b.superuser,
+            Some(json!({"new_slug": "acme-old"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let new_token = b.org_with_token("acme").await;
+    let (s, new_status) = b
+        .call(
+            POST,
+            "/v1/orgs/acme/statuses",
+            &new_token,
+            Some(json!({"name": "new-acme-secret"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{new_status}");
+    assert_ne!(
+        a.db.schema_of("acme").await,
+        a.db.schema_of("acme-old").await
+    );
+
+    // a still believes `acme` is the old org: the old token reaches only the
+    // old org's rows, never the new org's
+    for path in [
+        "/v1/orgs/acme/statuses".to_string(),
+        format!(
+            "/v1/orgs/acme/statuses/{}",
+            new_status["id"].as_str().unwrap()
+        ),
+    ] {
+        let res = a.req(GET, &path, &old_token).send().await.unwrap();
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap();
+        assert!(
+            !text.contains("new-acme-secret"),
+            "{path}: stale cache leaked the new org's data: {text}"
+        );
+        assert!(matches!(status, 200 | 404), "{path}: {status} {text}");
+    }
+    let (s, page) = a
+        .call(GET, "/v1/orgs/acme/statuses", &old_token, None)
+        .await;
+    assert_eq!(s, 200);
+    assert!(page.to_string().contains("old-acme-row"), "{page}");
+    // and the new org's token is refused by the stale entry (another org)
+    let (s, _) = a
+        .call(GET, "/v1/orgs/acme/statuses", &new_token, None)
+        .await;
+    assert_eq!(s, 404);
 }
 
 #[tokio::test]

@@ -47,14 +47,16 @@ async fn create_orgs(db: &TestDb, prefix: &str, n: usize) -> Vec<String> {
     slugs
 }
 
-fn schema(slug: &str) -> String {
-    format!("t_{}", slug.replace('-', "_"))
+/// The schema the registry records for `slug` (schemas are named after
+/// org ids).
+async fn schema(db: &TestDb, slug: &str) -> String {
+    db.schema_of(slug).await
 }
 
 async fn has_priority(db: &TestDb, slug: &str) -> bool {
     db.count(&format!(
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = '{}' AND table_name = 'tests' AND column_name = 'priority'",
-        schema(slug)
+        schema(&db, slug).await
     ))
     .await
         == 1
@@ -100,7 +102,7 @@ async fn fifty_tenants_move_to_v2_and_a_noop_run_touches_no_schema() {
         assert_eq!(
             db.count(&format!(
                 "SELECT count(*) FROM {}.refinery_schema_history",
-                schema(s)
+                schema(&db, s).await
             ))
             .await,
             2
@@ -117,8 +119,8 @@ async fn fifty_tenants_move_to_v2_and_a_noop_run_touches_no_schema() {
     for s in &slugs {
         sqlx::raw_sql(&format!(
             "ALTER SCHEMA {} RENAME TO {}_away",
-            schema(s),
-            schema(s)
+            schema(&db, s).await,
+            schema(&db, s).await
         ))
         .execute(&db.pool)
         .await
@@ -147,7 +149,7 @@ async fn failing_tenants_roll_back_alone_and_a_rerun_finishes_them() {
             "INSERT INTO {0}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
              SELECT 'forbidden', '', (SELECT id FROM {0}.behaviors LIMIT 1), (SELECT id FROM {0}.statuses LIMIT 1), \
                     gen_random_uuid(), gen_random_uuid()",
-            schema(s)
+            schema(&db, s).await
         ))
         .execute(&db.pool)
         .await
@@ -176,7 +178,7 @@ async fn failing_tenants_roll_back_alone_and_a_rerun_finishes_them() {
         assert_eq!(
             db.count(&format!(
                 "SELECT count(*) FROM {}.refinery_schema_history",
-                schema(s)
+                schema(&db, s).await
             ))
             .await,
             if failed { 1 } else { 2 }
@@ -199,7 +201,7 @@ async fn failing_tenants_roll_back_alone_and_a_rerun_finishes_them() {
     for s in doomed {
         sqlx::raw_sql(&format!(
             "UPDATE {}.tests SET prompt = 'allowed'",
-            schema(s)
+            schema(&db, s).await
         ))
         .execute(&db.pool)
         .await
@@ -236,7 +238,7 @@ async fn two_concurrent_runners_apply_each_migration_once() {
         assert_eq!(
             db.count(&format!(
                 "SELECT count(*) FROM {}.refinery_schema_history WHERE version = 2",
-                schema(s)
+                schema(&db, s).await
             ))
             .await,
             1
@@ -357,7 +359,7 @@ async fn query_all_tags_rows_and_refuses_writes() {
             "INSERT INTO {0}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
              SELECT 'p' || g, '', (SELECT id FROM {0}.behaviors LIMIT 1), (SELECT id FROM {0}.statuses LIMIT 1), \
                     gen_random_uuid(), gen_random_uuid() FROM generate_series(1, {1}) g",
-            schema(s),
+            schema(&db, s).await,
             i + 1
         ))
         .execute(&db.pool)
@@ -417,14 +419,17 @@ async fn query_all_tags_rows_and_refuses_writes() {
     assert_eq!(
         db.count(&format!(
             "SELECT count(*) FROM {}.tests WHERE prompt = 'hacked'",
-            schema(&slugs[0])
+            schema(&db, &slugs[0]).await
         ))
         .await,
         0
     );
     assert_eq!(
-        db.count(&format!("SELECT count(*) FROM {}.tests", schema(&slugs[1])))
-            .await,
+        db.count(&format!(
+            "SELECT count(*) FROM {}.tests",
+            schema(&db, &slugs[1]).await
+        ))
+        .await,
         2
     );
 
@@ -537,10 +542,13 @@ async fn doctor_finds_orphans_missing_schemas_and_version_drift() {
         .execute(&db.pool)
         .await
         .unwrap();
-    sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", schema(&slugs[0])))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(&format!(
+        "DROP SCHEMA {} CASCADE",
+        schema(&db, &slugs[0]).await
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
     sqlx::raw_sql(&format!(
         "UPDATE tenantry.organizations SET template_version = 7 WHERE slug = '{}'",
         slugs[1]
@@ -558,7 +566,7 @@ async fn doctor_finds_orphans_missing_schemas_and_version_drift() {
     );
     assert!(found.findings.contains(&Finding::MissingSchema {
         slug: slugs[0].clone(),
-        schema: schema(&slugs[0])
+        schema: schema(&db, &slugs[0]).await
     }));
     assert!(found.findings.contains(&Finding::VersionMismatch {
         slug: slugs[1].clone(),

@@ -31,13 +31,15 @@ async fn create_builds_schema_template_history_and_initial_data() {
         .unwrap();
     let org = &created.organization;
     assert_eq!(org.slug.as_str(), "acme-corp");
-    assert_eq!(org.schema_name.as_str(), "t_acme_corp");
+    // named after the org's id, never after its (renamable) slug
+    assert_eq!(org.schema_name.as_str(), format!("t_{}", org.id.simple()));
+    let schema = org.schema_name.as_str();
     assert_eq!(org.status, OrgStatus::Active);
     assert_eq!(org.template_version, template.latest_version());
     assert!(template.latest_version() >= 1);
 
     assert_eq!(
-        db.tables("t_acme_corp").await,
+        db.tables(schema).await,
         ["behaviors", HISTORY_TABLE, "statuses", "tests"]
     );
     // refinery's history lives in the tenant schema, nowhere else
@@ -48,20 +50,22 @@ async fn create_builds_schema_template_history_and_initial_data() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(history_schemas, ["t_acme_corp", "tenantry"]);
+    assert_eq!(history_schemas, [schema, "tenantry"]);
     assert!(db.tables("public").await.is_empty());
 
     let max_history = db
-        .count("SELECT max(version)::int8 FROM t_acme_corp.refinery_schema_history")
+        .count(&format!(
+            "SELECT max(version)::int8 FROM {schema}.refinery_schema_history"
+        ))
         .await;
     assert_eq!(max_history, org.template_version as i64);
 
     let owner = created.owner.as_ref().expect("owner user");
     assert_eq!(owner.email, "owner@acme-corp.example");
     assert_eq!(owner.organization_id, Some(org.id));
-    let statuses: Vec<(String, uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
-        "SELECT name, created_by, updated_by FROM t_acme_corp.statuses ORDER BY created_at, name",
-    )
+    let statuses: Vec<(String, uuid::Uuid, uuid::Uuid)> = sqlx::query_as(&format!(
+        "SELECT name, created_by, updated_by FROM {schema}.statuses ORDER BY created_at, name"
+    ))
     .fetch_all(&db.pool)
     .await
     .unwrap();
@@ -71,9 +75,9 @@ async fn create_builds_schema_template_history_and_initial_data() {
     want.sort();
     assert_eq!(names, want);
     assert!(statuses.iter().all(|s| s.1 == owner.id && s.2 == owner.id));
-    let behaviors: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM t_acme_corp.behaviors WHERE created_by = $1 ORDER BY name",
-    )
+    let behaviors: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT name FROM {schema}.behaviors WHERE created_by = $1 ORDER BY name"
+    ))
     .bind(owner.id)
     .fetch_all(&db.pool)
     .await
@@ -92,17 +96,20 @@ async fn org_without_owner_records_system_user() {
         .unwrap();
     assert!(created.owner.is_none());
     assert_eq!(
-        db.count("SELECT count(*) FROM t_solo.statuses WHERE created_by = '00000000-0000-0000-0000-000000000000'")
-            .await,
+        db.count(&format!(
+            "SELECT count(*) FROM {}.statuses WHERE created_by = '00000000-0000-0000-0000-000000000000'",
+            created.organization.schema_name
+        ))
+        .await,
         DEFAULT_STATUSES.len() as i64
     );
     assert_eq!(db.count("SELECT count(*) FROM tenantry.users").await, 0);
 }
 
-async fn assert_nothing_left(db: &TestDb, slug: &str) {
-    let schema = format!("t_{}", slug.replace('-', "_"));
+async fn assert_nothing_left(db: &TestDb, new: &NewOrg) {
+    let schema = tenantry::ident::SchemaName::for_org(&new.id);
     assert!(
-        !db.schema_exists(&schema).await,
+        !db.schema_exists(schema.as_str()).await,
         "schema {schema} left behind"
     );
     assert_eq!(
@@ -123,16 +130,12 @@ async fn failure_after_template_leaves_nothing_behind() {
     fn fail() -> Result<(), Error> {
         Err(Error::Conflict("injected failure".into()))
     }
-    let err = provision::create_org_with_hook(
-        &db.pool,
-        &Template::embedded(),
-        &new_org("doomed"),
-        Some(fail),
-    )
-    .await
-    .unwrap_err();
+    let new = new_org("doomed");
+    let err = provision::create_org_with_hook(&db.pool, &Template::embedded(), &new, Some(fail))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("injected failure"), "{err}");
-    assert_nothing_left(&db, "doomed").await;
+    assert_nothing_left(&db, &new).await;
 }
 
 #[tokio::test]
@@ -146,7 +149,8 @@ async fn failing_template_step_leaves_nothing_behind_and_names_the_step() {
     )
     .unwrap();
     let template = Template::from_dir(dir.path()).unwrap();
-    let err = provision::create_org(&db.pool, &template, &new_org("broken-template"))
+    let new = new_org("broken-template");
+    let err = provision::create_org(&db.pool, &template, &new)
         .await
         .unwrap_err();
     match &err {
@@ -155,7 +159,7 @@ async fn failing_template_step_leaves_nothing_behind_and_names_the_step() {
         }
         other => panic!("expected a template error, got {other:?}"),
     }
-    assert_nothing_left(&db, "broken-template").await;
+    assert_nothing_left(&db, &new).await;
     // the slug is free again afterwards
     provision::create_org(&db.pool, &Template::embedded(), &new_org("broken-template"))
         .await
@@ -196,7 +200,11 @@ async fn concurrent_creates_of_one_slug_exactly_one_wins() {
     );
     assert_eq!(db.count("SELECT count(*) FROM tenantry.users").await, 1);
     assert_eq!(
-        db.count("SELECT count(*) FROM t_contended.statuses").await,
+        db.count(&format!(
+            "SELECT count(*) FROM {}.statuses",
+            db.schema_of("contended").await
+        ))
+        .await,
         DEFAULT_STATUSES.len() as i64
     );
 }
@@ -204,11 +212,17 @@ async fn concurrent_creates_of_one_slug_exactly_one_wins() {
 #[tokio::test]
 async fn leftover_schema_is_reported_not_adopted() {
     let db = TestDb::new().await;
-    sqlx::raw_sql("CREATE SCHEMA t_squatter; CREATE TABLE t_squatter.keep (v int); INSERT INTO t_squatter.keep VALUES (42);")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let err = provision::create_org(&db.pool, &Template::embedded(), &new_org("squatter"))
+    // A schema already carrying the name the new org's id maps to (only
+    // possible by hand or from a foreign tool: ids are never reused).
+    let new = new_org("squatter");
+    let squatted = tenantry::ident::SchemaName::for_org(&new.id);
+    sqlx::raw_sql(&format!(
+        "CREATE SCHEMA {squatted}; CREATE TABLE {squatted}.keep (v int); INSERT INTO {squatted}.keep VALUES (42);"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let err = provision::create_org(&db.pool, &Template::embedded(), &new)
         .await
         .unwrap_err();
     assert!(
@@ -220,19 +234,27 @@ async fn leftover_schema_is_reported_not_adopted() {
             .await,
         0
     );
-    assert_eq!(db.count("SELECT v::int8 FROM t_squatter.keep").await, 42);
+    assert_eq!(
+        db.count(&format!("SELECT v::int8 FROM {squatted}.keep"))
+            .await,
+        42
+    );
 }
 
 #[tokio::test]
 async fn delete_drops_schema_registry_row_users_and_tokens() {
     let db = TestDb::new().await;
     let template = Template::embedded();
-    provision::create_org(&db.pool, &template, &new_org("gone"))
+    let gone = provision::create_org(&db.pool, &template, &new_org("gone"))
         .await
-        .unwrap();
-    provision::create_org(&db.pool, &template, &new_org("stays"))
+        .unwrap()
+        .organization
+        .schema_name;
+    let stays = provision::create_org(&db.pool, &template, &new_org("stays"))
         .await
-        .unwrap();
+        .unwrap()
+        .organization
+        .schema_name;
     provision::issue_org_token(&db.pool, &slug("gone"), "x@gone.example", None)
         .await
         .unwrap();
@@ -240,8 +262,8 @@ async fn delete_drops_schema_registry_row_users_and_tokens() {
         .await
         .unwrap();
     assert_eq!(deleted.slug.as_str(), "gone");
-    assert!(!db.schema_exists("t_gone").await);
-    assert!(db.schema_exists("t_stays").await);
+    assert!(!db.schema_exists(gone.as_str()).await);
+    assert!(db.schema_exists(stays.as_str()).await);
     assert_eq!(
         db.count("SELECT count(*) FROM tenantry.organizations")
             .await,
@@ -261,9 +283,10 @@ async fn delete_drops_schema_registry_row_users_and_tokens() {
 #[tokio::test]
 async fn suspend_resume_and_rename() {
     let db = TestDb::new().await;
-    provision::create_org(&db.pool, &Template::embedded(), &new_org("shop"))
+    let shop = provision::create_org(&db.pool, &Template::embedded(), &new_org("shop"))
         .await
-        .unwrap();
+        .unwrap()
+        .organization;
     let s = provision::suspend_org(&db.pool, &slug("shop"))
         .await
         .unwrap();
@@ -289,10 +312,15 @@ async fn suspend_resume_and_rename() {
     let renamed = provision::rename_org(&db.pool, &slug("shop"), &slug("boutique"))
         .await
         .unwrap();
-    assert_eq!(renamed.schema_name.as_str(), "t_boutique");
-    assert!(!db.schema_exists("t_shop").await);
+    // the schema stays with the org: same id, same schema, same data
+    assert_eq!(renamed.id, shop.id);
+    assert_eq!(renamed.schema_name, shop.schema_name);
     assert_eq!(
-        db.count("SELECT count(*) FROM t_boutique.statuses").await,
+        db.count(&format!(
+            "SELECT count(*) FROM {}.statuses",
+            shop.schema_name
+        ))
+        .await,
         3
     );
     let mut conn = db.pool.acquire().await.unwrap();
@@ -300,15 +328,18 @@ async fn suspend_resume_and_rename() {
         .await
         .unwrap()
         .is_none());
-    // the old slug is free again; renaming onto a taken slug is a conflict
-    provision::create_org(&db.pool, &Template::embedded(), &new_org("shop"))
+    // the old slug is free again, for a new org with a schema of its own;
+    // renaming onto a taken slug is a conflict
+    let reused = provision::create_org(&db.pool, &Template::embedded(), &new_org("shop"))
         .await
-        .unwrap();
+        .unwrap()
+        .organization;
+    assert_ne!(reused.schema_name, shop.schema_name);
     let clash = provision::rename_org(&db.pool, &slug("boutique"), &slug("shop"))
         .await
         .unwrap_err();
     assert!(matches!(clash, Error::Conflict(_)), "{clash:?}");
-    assert!(db.schema_exists("t_boutique").await);
+    assert!(db.schema_exists(shop.schema_name.as_str()).await);
 }
 
 #[tokio::test]
@@ -415,8 +446,9 @@ async fn cli_manages_orgs_and_tokens() {
         "o@cli.example",
     ]);
     assert!(ok, "{err}");
+    let schema = db.schema_of("cli-org").await;
     assert!(
-        out.contains("cli-org") && out.contains("t_cli_org") && out.contains("active"),
+        out.contains("cli-org") && out.contains(&schema) && out.contains("active"),
         "{out}"
     );
 
@@ -424,7 +456,7 @@ async fn cli_manages_orgs_and_tokens() {
     assert!(ok);
     let orgs: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(orgs[0]["slug"], "cli-org");
-    assert_eq!(orgs[0]["schema_name"], "t_cli_org");
+    assert_eq!(orgs[0]["schema_name"], schema.as_str());
     assert_eq!(orgs[0]["template_version"], 1);
 
     let (ok, _, err) = db.cli(&["orgs", "create", "cli-org", "--name", "Again"]);
@@ -459,10 +491,10 @@ async fn cli_manages_orgs_and_tokens() {
 
     let (ok, _, err) = db.cli(&["orgs", "delete", "cli-org"]);
     assert!(!ok && err.contains("--yes"), "{err}");
-    assert!(db.schema_exists("t_cli_org").await);
+    assert!(db.schema_exists(&schema).await);
     let (ok, _, err) = db.cli(&["orgs", "delete", "cli-org", "--yes"]);
     assert!(ok, "{err}");
-    assert!(!db.schema_exists("t_cli_org").await);
+    assert!(!db.schema_exists(&schema).await);
     let (ok, _, err) = db.cli(&["orgs", "delete", "cli-org", "--yes"]);
     assert!(!ok && err.contains("not found"), "{err}");
 }

@@ -55,13 +55,16 @@ fn slug(s: &str) -> Slug {
 #[tokio::test]
 async fn tenant_transaction_search_path_is_exactly_the_schema() {
     let db = TestDb::new().await;
-    provision::create_org(
+    let schema = provision::create_org(
         &db.pool,
         &Template::embedded(),
         &NewOrg::parse("exact", "Exact", None).unwrap(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .organization
+    .schema_name
+    .to_string();
     let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
         .await
         .unwrap();
@@ -78,8 +81,8 @@ async fn tenant_transaction_search_path_is_exactly_the_schema() {
         })
         .await
         .unwrap();
-    assert_eq!(path, "t_exact");
-    assert_eq!(schemas, ["t_exact"]);
+    assert_eq!(path, schema);
+    assert_eq!(schemas, [schema]);
     // and after the transaction, the pooled connection is back to nothing
     let after: String = sqlx::query_scalar("SELECT current_setting('search_path')")
         .fetch_one(&pool)
@@ -99,10 +102,13 @@ async fn vanished_schema_fails_cleanly_and_never_reads_public() {
         .await;
     assert_eq!(s, 200);
 
-    sqlx::raw_sql("DROP SCHEMA t_vanish CASCADE")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(&format!(
+        "DROP SCHEMA {} CASCADE",
+        app.db.schema_of("vanish").await
+    ))
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
 
     for path in [
         format!("/v1/orgs/vanish/tests/{marker}"),
@@ -451,13 +457,16 @@ async fn unknown_slugs_are_cached_briefly_and_invalidation_is_immediate() {
     let s = slug("later");
     assert!(router.resolve(&s).await.unwrap().is_none());
     // created behind this router's back: the negative entry still answers
-    provision::create_org(
+    let app_schema = provision::create_org(
         &db.pool,
         &Template::embedded(),
         &NewOrg::parse("later", "Later", None).unwrap(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .organization
+    .schema_name
+    .to_string();
     assert!(
         router.resolve(&s).await.unwrap().is_none(),
         "unknown slug was not cached"
@@ -468,7 +477,7 @@ async fn unknown_slugs_are_cached_briefly_and_invalidation_is_immediate() {
         .await
         .unwrap()
         .expect("known after invalidation");
-    assert_eq!(t.schema.as_str(), "t_later");
+    assert_eq!(t.schema.as_str(), app_schema);
 }
 
 #[tokio::test]
@@ -488,7 +497,10 @@ async fn tenant_sql_tags_are_inert_comments() {
     let tenant = router.resolve(&slug("tag-me")).await.unwrap().unwrap();
     let mut tx = router.begin(&tenant).await.unwrap();
     let sql = tx.sql("SELECT count(*) FROM statuses");
-    assert_eq!(sql, "SELECT count(*) FROM statuses /* t_tag_me */");
+    assert_eq!(
+        sql,
+        format!("SELECT count(*) FROM statuses /* {} */", tenant.schema)
+    );
     let n: i64 = sqlx::query_scalar(&sql).fetch_one(tx.conn()).await.unwrap();
     assert_eq!(n, 3);
     tx.commit().await.unwrap();

@@ -120,6 +120,15 @@ impl TestDb {
         )
     }
 
+    /// The schema the registry records for org `slug`.
+    pub async fn schema_of(&self, slug: &str) -> String {
+        sqlx::query_scalar("SELECT schema_name FROM tenantry.organizations WHERE slug = $1")
+            .bind(slug)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("no org {slug}: {e}"))
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
@@ -165,7 +174,7 @@ pub async fn spawn_app_with_pool(
     let addr = listener.local_addr().unwrap();
     let server_state = state.clone();
     tokio::spawn(async move {
-        tenantry::server::serve(listener, server_state, std::future::pending())
+        tenantry::server::serve(listener, server_state, &config, std::future::pending())
             .await
             .unwrap()
     });
