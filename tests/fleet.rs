@@ -56,7 +56,7 @@ async fn schema(db: &TestDb, slug: &str) -> String {
 async fn has_priority(db: &TestDb, slug: &str) -> bool {
     db.count(&format!(
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = '{}' AND table_name = 'tests' AND column_name = 'priority'",
-        schema(&db, slug).await
+        schema(db, slug).await
     ))
     .await
         == 1
