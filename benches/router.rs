@@ -40,7 +40,7 @@ async fn baseline_get(
     _auth: Auth,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<TestCase>, ApiError> {
-    let mut tx = app.pool.begin().await?;
+    let mut tx = app.tenancy.admin_pool().begin().await?;
     let row: Option<TestCase> = sqlx::query_as(
         "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
          FROM bench_fixed.tests WHERE id = $1",
@@ -61,7 +61,7 @@ async fn qualified_get(
     ApiPath((schema, id)): ApiPath<(String, Uuid)>,
 ) -> Result<Json<TestCase>, ApiError> {
     let schema = SchemaName::parse(&schema).map_err(|_| ApiError::not_found("no such schema"))?;
-    let mut tx = app.pool.begin().await?;
+    let mut tx = app.tenancy.admin_pool().begin().await?;
     let row: Option<TestCase> = sqlx::query_as(&format!(
         "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
          FROM {}.tests WHERE id = $1",
@@ -151,6 +151,7 @@ async fn main() {
             &Slug::parse(&slug).unwrap(),
             "bench@bench.test",
             None,
+            None,
         )
         .await
         .unwrap();
@@ -206,7 +207,9 @@ async fn main() {
     )
     .await
     .unwrap();
-    let state = server::state(pool.clone(), &ServerConfig::default());
+    let state = server::state(pool.clone(), &ServerConfig::default())
+        .await
+        .unwrap();
     let app = Router::new()
         .route("/baseline/tests/{id}", get(baseline_get))
         .route("/qualified/{schema}/tests/{id}", get(qualified_get))
@@ -286,7 +289,7 @@ async fn main() {
     );
 
     // library level
-    let router = state.router.clone();
+    let router = state.tenancy.router().clone();
     for s in &slugs {
         router.resolve(s).await.unwrap();
     }

@@ -1,64 +1,212 @@
 //! Bearer-token authentication: a presented token is hashed and looked up
-//! in the registry; the verified principal (never the secret) is cached
-//! briefly by digest. Revoking through [`Authenticator::revoke`] takes effect
-//! at once in this process; other processes converge within the TTL.
+//! in the registry; the verified principal (never the secret) is cached by
+//! digest.
+//!
+//! Abuse costs no database work: a token that is not well formed, or whose
+//! MAC does not match this installation's key (format 2) and whose display
+//! prefix is not one of the pre-MAC tokens', is refused without a query;
+//! unknown and revoked digests are remembered briefly; lookups of one digest
+//! are coalesced; and `last_used_at` is written at most once per token per
+//! interval, in batches, instead of once per request. Revocations reach the
+//! cache through [`crate::tenancy`] (at once here, by NOTIFY elsewhere); the
+//! TTL bounds staleness if a notification is lost.
 
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
+use moka::Expiry;
 use sqlx::PgPool;
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::error::Error;
 use crate::registry::{self, Principal};
-use crate::secret::{token_hash, TOKEN_PREFIX};
+use crate::secret::{mac_matches, token_hash, SECRET_HEX, TOKEN_PREFIX};
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// How long a verified token is trusted without asking the registry.
+    pub ttl: Duration,
+    /// How long an unknown or revoked token is remembered as such.
+    pub negative_ttl: Duration,
+    /// `last_used_at` is written at most once per token per this interval.
+    pub usage_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            ttl: Duration::from_secs(10),
+            negative_ttl: Duration::from_secs(60),
+            usage_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+type Entry = Option<Principal>;
+
+/// Valid tokens live for the TTL, but never past their own expiry; unknown
+/// ones for the negative TTL.
+struct EntryExpiry {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl Expiry<[u8; 32], Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &[u8; 32], value: &Entry, _: Instant) -> Option<Duration> {
+        Some(match value {
+            None => self.negative_ttl,
+            Some(p) => match p.expires_at {
+                None => self.ttl,
+                Some(at) => {
+                    let left = at - OffsetDateTime::now_utc();
+                    self.ttl.min(left.try_into().unwrap_or(Duration::ZERO))
+                }
+            },
+        })
+    }
+}
+
+/// What may be looked up at all: tokens with this installation's MAC, and
+/// tokens from before MACs (by display prefix, a fixed set that only
+/// shrinks).
+struct Gate {
+    key: Vec<u8>,
+    legacy_prefixes: HashSet<String>,
+}
+
+impl Gate {
+    fn admits(&self, token: &str) -> bool {
+        mac_matches(&self.key, token) || self.legacy_prefixes.contains(&token[4..12])
+    }
+}
+
+/// Token uses waiting to be written, and when each token was last queued.
+#[derive(Default)]
+struct Usage {
+    queued_at: HashMap<Uuid, Instant>,
+    pending: Vec<Uuid>,
+}
 
 #[derive(Clone)]
 pub struct Authenticator {
     pool: PgPool,
-    cache: Cache<[u8; 32], Principal>,
+    cache: Cache<[u8; 32], Entry>,
+    gate: Arc<Gate>,
+    usage: Arc<Mutex<Usage>>,
+    usage_interval: Duration,
 }
 
 impl Authenticator {
-    pub fn new(pool: PgPool, ttl: Duration) -> Self {
-        Authenticator {
+    /// An authenticator over the registry reachable through `pool` (reads
+    /// the token key and the pre-MAC token prefixes once).
+    pub async fn load(pool: PgPool, config: &AuthConfig) -> Result<Self, Error> {
+        let key = registry::token_key(&mut *pool.acquire().await?).await?;
+        let legacy_prefixes = registry::legacy_token_prefixes(&pool)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(Authenticator {
             pool,
             cache: Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(ttl)
+                .expire_after(EntryExpiry {
+                    ttl: config.ttl,
+                    negative_ttl: config.negative_ttl,
+                })
                 .build(),
-        }
+            gate: Arc::new(Gate {
+                key,
+                legacy_prefixes,
+            }),
+            usage: Arc::default(),
+            usage_interval: config.usage_interval,
+        })
     }
 
     /// The principal a presented token acts for, or `None` when it is not a
-    /// valid, unrevoked token. Malformed tokens are refused without a query.
+    /// valid, unrevoked, unexpired token.
     pub async fn authenticate(&self, presented: &str) -> Result<Option<Principal>, Error> {
         if !well_formed(presented) {
             return Ok(None);
         }
         let hash = token_hash(presented);
-        if let Some(p) = self.cache.get(&hash).await {
-            return Ok(Some(p));
-        }
-        let principal = registry::authenticate_hash(&self.pool, &hash).await?;
+        let principal = match self.cache.get(&hash).await {
+            Some(entry) => entry,
+            None if !self.gate.admits(presented) => None,
+            None => {
+                let pool = &self.pool;
+                self.cache
+                    .try_get_with(hash, async move {
+                        registry::authenticate_hash(pool, &hash).await
+                    })
+                    .await
+                    .map_err(|e: Arc<Error>| match Arc::try_unwrap(e) {
+                        Ok(e) => e,
+                        Err(shared) => Error::Shared(shared),
+                    })?
+            }
+        };
+        // A cached principal may outlive its token's expiry by a moment.
+        let principal =
+            principal.filter(|p| p.expires_at.is_none_or(|at| at > OffsetDateTime::now_utc()));
         if let Some(p) = &principal {
-            self.cache.insert(hash, p.clone()).await;
+            self.note_use(p.token_id);
         }
         Ok(principal)
     }
 
-    /// Revokes a token and forgets it in this process at once. Returns false
-    /// when there was no active token with that id.
-    pub async fn revoke(&self, token_id: Uuid) -> Result<bool, Error> {
-        match registry::revoke_token(&self.pool, token_id).await? {
-            Some(hash) => {
-                if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
-                    self.cache.invalidate(&hash).await;
-                }
-                Ok(true)
-            }
-            None => Ok(false),
+    /// Forgets a token (by digest) in this process.
+    pub async fn forget(&self, hash: &[u8; 32]) {
+        self.cache.invalidate(hash).await;
+    }
+
+    pub fn forget_all(&self) {
+        self.cache.invalidate_all();
+    }
+
+    fn note_use(&self, token_id: Uuid) {
+        let mut usage = self.usage.lock().expect("usage lock");
+        let now = Instant::now();
+        let due = usage
+            .queued_at
+            .get(&token_id)
+            .is_none_or(|at| now.duration_since(*at) >= self.usage_interval);
+        if due {
+            usage.queued_at.insert(token_id, now);
+            usage.pending.push(token_id);
         }
+    }
+
+    /// Writes the queued `last_used_at` updates in one statement.
+    pub async fn flush_usage(&self) -> Result<usize, Error> {
+        let pending = {
+            let mut usage = self.usage.lock().expect("usage lock");
+            let interval = self.usage_interval;
+            usage.queued_at.retain(|_, at| at.elapsed() < interval);
+            std::mem::take(&mut usage.pending)
+        };
+        if !pending.is_empty() {
+            registry::record_token_use(&self.pool, &pending).await?;
+        }
+        Ok(pending.len())
+    }
+
+    /// Flushes token uses every second until aborted.
+    pub fn spawn_usage_writer(&self) -> tokio::task::JoinHandle<()> {
+        let auth = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = auth.flush_usage().await {
+                    tracing::warn!(error = %e, "could not record token use");
+                }
+            }
+        })
     }
 }
 
@@ -68,6 +216,6 @@ fn well_formed(token: &str) -> bool {
     let is_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     matches!(
         (parts.next(), parts.next(), parts.next()),
-        (Some(TOKEN_PREFIX), Some(prefix), Some(secret)) if is_hex(prefix, 8) && is_hex(secret, 64)
+        (Some(TOKEN_PREFIX), Some(prefix), Some(secret)) if is_hex(prefix, 8) && is_hex(secret, SECRET_HEX)
     )
 }

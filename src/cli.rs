@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use std::io::IsTerminal;
 
+use crate::auth::AuthConfig;
 use crate::db::PoolConfig;
 use crate::fleet;
 use crate::router::RouterConfig;
 use crate::server::{self, ServerConfig};
 use sqlx::PgPool;
+use time::format_description::well_known::Rfc3339;
 
 use crate::embedded::{Durability, LocalPostgres};
 use crate::ident::Slug;
@@ -226,6 +228,9 @@ pub enum TokensCommand {
         /// A label for the token.
         #[arg(long)]
         name: Option<String>,
+        /// Lifetime: 90d, 12h, 30m, 3600s (default: no expiry).
+        #[arg(long)]
+        expires_in: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -235,10 +240,20 @@ pub enum TokensCommand {
         email: String,
         #[arg(long)]
         name: Option<String>,
+        /// Lifetime: 90d, 12h, 30m, 3600s (default: no expiry).
+        #[arg(long)]
+        expires_in: Option<String>,
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a token by id.
+    /// List tokens (never their secrets): all, or one org's.
+    List {
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id; running servers stop accepting it at once.
     Revoke { id: uuid::Uuid },
 }
 
@@ -352,7 +367,10 @@ async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
             ttl: Duration::from_secs(args.cache_ttl),
             ..RouterConfig::default()
         },
-        auth_ttl: Duration::from_secs(args.auth_ttl),
+        auth: AuthConfig {
+            ttl: Duration::from_secs(args.auth_ttl),
+            ..AuthConfig::default()
+        },
         ..ServerConfig::default()
     };
     if let Some(token) = server::bootstrap_superuser(&db.pool).await? {
@@ -368,7 +386,7 @@ async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     println!("tenantry listening on http://{addr}");
-    let state = server::state(db.pool.clone(), &config);
+    let state = server::state(db.pool.clone(), &config).await?;
     let served = server::serve(listener, state, &config, server::shutdown_signal()).await;
     db.close().await?;
     Ok(served?)
@@ -386,8 +404,9 @@ enum Action {
     Resume(Slug, bool),
     Rename(Slug, Slug, bool),
     Delete(Slug, bool),
-    CreateToken(Slug, String, Option<String>, bool),
-    SuperuserToken(String, Option<String>, bool),
+    CreateToken(Slug, String, Option<String>, Option<Duration>, bool),
+    SuperuserToken(String, Option<String>, Option<Duration>, bool),
+    ListTokens(Option<Slug>, bool),
     RevokeToken(uuid::Uuid),
 }
 
@@ -445,13 +464,30 @@ impl Action {
                     slug,
                     email,
                     name,
+                    expires_in,
                     json,
                 } => {
                     let email = registry::parse_email(&email)?;
-                    Action::CreateToken(Slug::parse(&slug)?, email, name, json)
+                    let expires_in = expires_in
+                        .as_deref()
+                        .map(provision::parse_lifetime)
+                        .transpose()?;
+                    Action::CreateToken(Slug::parse(&slug)?, email, name, expires_in, json)
                 }
-                TokensCommand::Superuser { email, name, json } => {
-                    Action::SuperuserToken(registry::parse_email(&email)?, name, json)
+                TokensCommand::Superuser {
+                    email,
+                    name,
+                    expires_in,
+                    json,
+                } => {
+                    let expires_in = expires_in
+                        .as_deref()
+                        .map(provision::parse_lifetime)
+                        .transpose()?;
+                    Action::SuperuserToken(registry::parse_email(&email)?, name, expires_in, json)
+                }
+                TokensCommand::List { org, json } => {
+                    Action::ListTokens(org.as_deref().map(Slug::parse).transpose()?, json)
                 }
                 TokensCommand::Revoke { id } => Action::RevokeToken(id),
             },
@@ -554,9 +590,10 @@ impl Action {
                     println!("deleted {} (schema {} dropped)", org.slug, org.schema_name);
                 }
             }
-            Action::CreateToken(slug, email, name, json) => {
+            Action::CreateToken(slug, email, name, expires_in, json) => {
                 let (user, issued) =
-                    provision::issue_org_token(pool, &slug, &email, name.as_deref()).await?;
+                    provision::issue_org_token(pool, &slug, &email, name.as_deref(), expires_in)
+                        .await?;
                 print_issued(
                     &user,
                     &issued,
@@ -564,9 +601,10 @@ impl Action {
                     json,
                 )?;
             }
-            Action::SuperuserToken(email, name, json) => {
+            Action::SuperuserToken(email, name, expires_in, json) => {
                 let (user, issued) =
-                    provision::issue_superuser_token(pool, &email, name.as_deref()).await?;
+                    provision::issue_superuser_token(pool, &email, name.as_deref(), expires_in)
+                        .await?;
                 print_issued(
                     &user,
                     &issued,
@@ -574,8 +612,54 @@ impl Action {
                     json,
                 )?;
             }
+            Action::ListTokens(org, json) => {
+                let org_id = match &org {
+                    Some(slug) => Some(
+                        registry::get_org(&mut *pool.acquire().await?, slug)
+                            .await?
+                            .id,
+                    ),
+                    None => None,
+                };
+                let tokens = registry::list_tokens(pool, org_id).await?;
+                if json {
+                    print_json(&tokens)?;
+                } else {
+                    let rows: Vec<[String; 8]> = tokens
+                        .iter()
+                        .map(|t| {
+                            let at = |v: Option<time::OffsetDateTime>| {
+                                v.and_then(|v| v.format(&Rfc3339).ok()).unwrap_or_default()
+                            };
+                            [
+                                t.info.id.to_string(),
+                                t.info.prefix.clone(),
+                                t.org.clone().unwrap_or_else(|| "(superuser)".into()),
+                                t.email.clone(),
+                                t.info.name.clone().unwrap_or_default(),
+                                t.state.clone(),
+                                at(t.info.last_used_at),
+                                at(t.info.expires_at),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &[
+                            "ID",
+                            "PREFIX",
+                            "ORG",
+                            "USER",
+                            "NAME",
+                            "STATE",
+                            "LAST USED",
+                            "EXPIRES",
+                        ],
+                        &rows,
+                    );
+                }
+            }
             Action::RevokeToken(id) => {
-                if registry::revoke_token(pool, id).await?.is_none() {
+                if provision::revoke_token(pool, id).await?.is_none() {
                     anyhow::bail!("no active token with id {id}");
                 }
                 println!("revoked {id}");
@@ -846,9 +930,7 @@ fn print_orgs(orgs: &[Organization]) {
                 o.schema_name.to_string(),
                 o.status.to_string(),
                 o.template_version.to_string(),
-                o.created_at
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
+                o.created_at.format(&Rfc3339).unwrap_or_default(),
             ]
         })
         .collect();

@@ -182,6 +182,11 @@ impl LocalPostgres {
         );
         if durability == Durability::Throwaway {
             opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+            // Tests and benchmarks count statements with pg_stat_statements
+            // where the server has it (PostgreSQL's contrib).
+            if self.bin_dir.join("../lib/pg_stat_statements.so").exists() {
+                opts.push_str(" -c shared_preload_libraries=pg_stat_statements");
+            }
         }
         let log = self.root.join("postgres.log");
         self.run(
@@ -298,7 +303,13 @@ pub fn find_bin_dir() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
             if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
-                return Some(dir);
+                // PATH often holds symlinks (e.g. /usr/local/bin/initdb ->
+                // /usr/lib/postgresql/15/bin/initdb); the real directory is
+                // where the server's own binaries and libraries are found.
+                let real = fs::canonicalize(dir.join("initdb"))
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf));
+                return Some(real.unwrap_or(dir));
             }
         }
     }

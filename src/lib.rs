@@ -17,6 +17,7 @@ pub mod router;
 pub mod secret;
 pub mod server;
 pub mod template;
+pub mod tenancy;
 
 pub use error::Error;
 

@@ -9,8 +9,8 @@ use crate::error::sqlstate;
 use crate::error::{Error, ResultExt};
 use crate::ident::{SchemaName, Slug};
 use crate::registry::{self, org_columns, OrgRow, OrgStatus, Organization, User};
-use crate::router::notify_change;
 use crate::template::{simple_query, Template, TemplateError};
+use crate::tenancy::{announce, Change};
 
 /// Statuses and behaviors every new organization starts with.
 pub const DEFAULT_STATUSES: &[&str] = &["New", "Active", "Archived"];
@@ -158,7 +158,7 @@ pub async fn create_org_with_hook(
     let author = owner.as_ref().map(|u| u.id).unwrap_or(SYSTEM_USER_ID);
     seed_initial_data(&mut tx, author).await?;
     // Routers elsewhere may remember this slug as unknown.
-    notify_change(&mut tx, &new.slug).await?;
+    announce(&mut tx, &Change::Org(new.slug.clone())).await?;
     tx.commit().await?;
     tracing::info!(slug = %organization.slug, schema = %schema, "organization created");
     Ok(Created {
@@ -202,7 +202,7 @@ async fn set_status(
     .fetch_optional(&mut *tx)
     .await?;
     if row.is_some() {
-        notify_change(&mut tx, slug).await?;
+        announce(&mut tx, &Change::Org(slug.clone())).await?;
     }
     tx.commit().await?;
     match row {
@@ -273,8 +273,8 @@ pub async fn rename_org(
     .on_unique_violation(conflict)?;
     let org = Organization::try_from(row.ok_or_else(|| Error::OrgNotFound(slug.to_string()))?)?;
     if slug != new_slug {
-        notify_change(&mut tx, slug).await?;
-        notify_change(&mut tx, new_slug).await?;
+        announce(&mut tx, &Change::Org(slug.clone())).await?;
+        announce(&mut tx, &Change::Org(new_slug.clone())).await?;
     }
     tx.commit().await?;
     Ok(org)
@@ -295,7 +295,7 @@ pub async fn delete_org(pool: &PgPool, slug: &Slug) -> Result<Organization, Erro
     let org = Organization::try_from(row.ok_or_else(|| Error::OrgNotFound(slug.to_string()))?)?;
     let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", org.schema_name.quoted());
     simple_query(&mut tx, &drop).await?;
-    notify_change(&mut tx, slug).await?;
+    announce(&mut tx, &Change::Org(slug.clone())).await?;
     tx.commit().await?;
     tracing::info!(slug = %org.slug, schema = %org.schema_name, "organization deleted");
     Ok(org)
@@ -309,11 +309,12 @@ pub async fn issue_org_token(
     slug: &Slug,
     email: &str,
     name: Option<&str>,
+    expires_in: Option<std::time::Duration>,
 ) -> Result<(User, registry::IssuedToken), Error> {
     let email = registry::parse_email(email)?;
     let mut tx = pool.begin().await?;
     let org = registry::get_org(&mut tx, slug).await?;
-    let issued = issue_for_email(&mut tx, Some(org.id), &email, name).await?;
+    let issued = issue_for_email(&mut tx, Some(org.id), &email, name, expires_in).await?;
     tx.commit().await?;
     Ok(issued)
 }
@@ -325,10 +326,11 @@ pub async fn issue_superuser_token(
     pool: &PgPool,
     email: &str,
     name: Option<&str>,
+    expires_in: Option<std::time::Duration>,
 ) -> Result<(User, registry::IssuedToken), Error> {
     let email = registry::parse_email(email)?;
     let mut tx = pool.begin().await?;
-    let issued = issue_for_email(&mut tx, None, &email, name).await?;
+    let issued = issue_for_email(&mut tx, None, &email, name, expires_in).await?;
     tx.commit().await?;
     Ok(issued)
 }
@@ -340,8 +342,68 @@ async fn issue_for_email(
     organization_id: Option<Uuid>,
     email: &str,
     name: Option<&str>,
+    expires_in: Option<std::time::Duration>,
 ) -> Result<(User, registry::IssuedToken), Error> {
+    if let Some(name) = name {
+        if name.chars().count() > 200 || name.chars().any(char::is_control) {
+            return Err(Error::Validation {
+                field: "name",
+                message: "a token name must be at most 200 characters, without control characters"
+                    .into(),
+            });
+        }
+    }
+    if let Some(d) = expires_in {
+        if d < std::time::Duration::from_secs(60) || d > MAX_TOKEN_LIFETIME {
+            return Err(Error::Validation {
+                field: "expires_in",
+                message: "a token must live between 1 minute and 10 years".into(),
+            });
+        }
+    }
     let user = registry::ensure_user(conn, organization_id, email).await?;
-    let token = registry::issue_token(conn, &user, name).await?;
+    let token = registry::issue_token(conn, &user, name, expires_in).await?;
     Ok((user, token))
+}
+
+/// The longest lifetime a token can be given.
+pub const MAX_TOKEN_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// Revokes a token and announces it, in one transaction; returns its digest,
+/// or `None` when there was no active token with that id.
+#[tracing::instrument(skip(pool))]
+pub async fn revoke_token(pool: &PgPool, token_id: Uuid) -> Result<Option<[u8; 32]>, Error> {
+    let mut tx = pool.begin().await?;
+    let Some(stored) = registry::revoke_token(&mut tx, token_id).await? else {
+        return Ok(None);
+    };
+    let hash = <[u8; 32]>::try_from(stored.as_slice())
+        .map_err(|_| Error::Corrupt(format!("token {token_id} has a malformed digest")))?;
+    announce(&mut tx, &Change::TokenRevoked(hash)).await?;
+    tx.commit().await?;
+    Ok(Some(hash))
+}
+
+/// Reads a lifetime such as `90d`, `12h`, `30m`, `45s` or plain seconds.
+pub fn parse_lifetime(raw: &str) -> Result<std::time::Duration, Error> {
+    let invalid = || Error::Validation {
+        field: "expires_in",
+        message: format!("{raw:?} is not a lifetime like 90d, 12h, 30m or 3600s"),
+    };
+    let raw_trimmed = raw.trim();
+    let (digits, unit) = match raw_trimmed.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => raw_trimmed.split_at(i),
+        None => (raw_trimmed, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| invalid())?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .ok_or_else(invalid)?;
+    Ok(std::time::Duration::from_secs(secs))
 }

@@ -42,6 +42,11 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<String>, Error> {
             TemplateError::Database(db) => Error::Database(db),
             other => Error::Template(other),
         })?;
+    // The installation's token MAC key, made once, from the OS CSPRNG.
+    sqlx::query("INSERT INTO tenantry.settings (token_key) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(crate::secret::random_bytes(32))
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(applied.migrations)
 }
@@ -262,6 +267,24 @@ pub struct TokenInfo {
     pub last_used_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub revoked_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// The columns of `tenantry.api_tokens` that [`TokenInfo`] reads.
+macro_rules! token_columns {
+    () => {
+        "id, user_id, organization_id, prefix, name, created_at, last_used_at, revoked_at, expires_at"
+    };
+}
+
+/// The installation's token MAC key (see `secret::NewToken`).
+pub async fn token_key(conn: &mut PgConnection) -> Result<Vec<u8>, Error> {
+    Ok(
+        sqlx::query_scalar("SELECT token_key FROM tenantry.settings")
+            .fetch_one(conn)
+            .await?,
+    )
 }
 
 /// A token just created: the plaintext secret is available this once.
@@ -279,19 +302,23 @@ pub async fn issue_token(
     conn: &mut PgConnection,
     user: &User,
     name: Option<&str>,
+    expires_in: Option<std::time::Duration>,
 ) -> Result<IssuedToken, Error> {
-    let new = NewToken::generate();
-    let info: TokenInfo = sqlx::query_as(
-        "INSERT INTO tenantry.api_tokens (id, user_id, organization_id, secret_hash, prefix, name) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
-         RETURNING id, user_id, organization_id, prefix, name, created_at, last_used_at, revoked_at",
-    )
+    let new = NewToken::generate(&token_key(&mut *conn).await?);
+    let info: TokenInfo = sqlx::query_as(concat!(
+        "INSERT INTO tenantry.api_tokens \
+           (id, user_id, organization_id, secret_hash, prefix, name, expires_at, format) \
+         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7), 2) \
+         RETURNING ",
+        token_columns!()
+    ))
     .bind(Uuid::new_v4())
     .bind(user.id)
     .bind(user.organization_id)
     .bind(&new.hash[..])
     .bind(&new.display_prefix)
     .bind(name)
+    .bind(expires_in.map(|d| d.as_secs_f64()))
     .fetch_one(conn)
     .await?;
     Ok(IssuedToken {
@@ -300,44 +327,99 @@ pub async fn issue_token(
     })
 }
 
-/// Who a valid, unrevoked token acts for.
+/// Who a valid, unrevoked, unexpired token acts for.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Principal {
     pub token_id: Uuid,
     pub user_id: Uuid,
     pub organization_id: Option<Uuid>,
     pub is_superuser: bool,
+    /// When the token stops working, if ever.
+    pub expires_at: Option<OffsetDateTime>,
 }
 
-/// Looks a presented token up by its SHA-256 digest. Revoked tokens and
-/// tokens of users who no longer exist are not found.
+/// Looks a presented token up by its SHA-256 digest. Revoked and expired
+/// tokens, and tokens of users who no longer exist, are not found.
 pub async fn authenticate(pool: &PgPool, presented: &str) -> Result<Option<Principal>, Error> {
     authenticate_hash(pool, &token_hash(presented)).await
 }
 
-/// Looks a token up by digest and records its use, in one statement.
+/// Looks a token up by digest: a read, one round trip. Its use is recorded
+/// separately and coalesced ([`record_token_use`]).
 #[tracing::instrument(skip_all)]
 pub async fn authenticate_hash(pool: &PgPool, hash: &[u8; 32]) -> Result<Option<Principal>, Error> {
     Ok(sqlx::query_as(
-        "UPDATE tenantry.api_tokens t SET last_used_at = now() \
-         FROM tenantry.users u \
-         WHERE u.id = t.user_id AND t.secret_hash = $1 AND t.revoked_at IS NULL \
-         RETURNING t.id AS token_id, u.id AS user_id, u.organization_id, u.is_superuser",
+        "SELECT t.id AS token_id, u.id AS user_id, u.organization_id, u.is_superuser, t.expires_at \
+         FROM tenantry.api_tokens t JOIN tenantry.users u ON u.id = t.user_id \
+         WHERE t.secret_hash = $1 AND t.revoked_at IS NULL \
+           AND (t.expires_at IS NULL OR t.expires_at > now())",
     )
     .bind(&hash[..])
     .fetch_optional(pool)
     .await?)
 }
 
-/// Revokes a token; returns its digest, or `None` when it did not exist or
-/// was revoked already.
-pub async fn revoke_token(pool: &PgPool, token_id: Uuid) -> Result<Option<Vec<u8>>, Error> {
+/// Sets `last_used_at` of these tokens to now, in one statement.
+pub async fn record_token_use(pool: &PgPool, token_ids: &[Uuid]) -> Result<(), Error> {
+    sqlx::query("UPDATE tenantry.api_tokens SET last_used_at = now() WHERE id = ANY($1)")
+        .bind(token_ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Display prefixes of the active tokens issued before format 2 (no MAC):
+/// the only made-up-looking tokens worth a database lookup.
+pub async fn legacy_token_prefixes(pool: &PgPool) -> Result<Vec<String>, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT prefix FROM tenantry.api_tokens WHERE format = 1 AND revoked_at IS NULL",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Revokes a token inside the caller's transaction; returns its digest, or
+/// `None` when it did not exist or was revoked already.
+pub async fn revoke_token(
+    conn: &mut PgConnection,
+    token_id: Uuid,
+) -> Result<Option<Vec<u8>>, Error> {
     Ok(sqlx::query_scalar(
         "UPDATE tenantry.api_tokens SET revoked_at = now() \
          WHERE id = $1 AND revoked_at IS NULL RETURNING secret_hash",
     )
     .bind(token_id)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// A token with its user and org, for listings.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct TokenListing {
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub info: TokenInfo,
+    pub email: String,
+    /// The org's slug; none for platform superusers.
+    pub org: Option<String>,
+    /// `active`, `revoked` or `expired`.
+    pub state: String,
+}
+
+/// Tokens, newest first: of one org, or all (superusers' included).
+pub async fn list_tokens(pool: &PgPool, org: Option<Uuid>) -> Result<Vec<TokenListing>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT t.id, t.user_id, t.organization_id, t.prefix, t.name, t.created_at, t.last_used_at, \
+                t.revoked_at, t.expires_at, u.email, o.slug AS org, \
+                CASE WHEN t.revoked_at IS NOT NULL THEN 'revoked' \
+                     WHEN t.expires_at <= now() THEN 'expired' ELSE 'active' END AS state \
+         FROM tenantry.api_tokens t JOIN tenantry.users u ON u.id = t.user_id \
+         LEFT JOIN tenantry.organizations o ON o.id = t.organization_id \
+         WHERE $1::uuid IS NULL OR t.organization_id = $1 \
+         ORDER BY t.created_at DESC, t.id",
+    )
+    .bind(org)
+    .fetch_all(pool)
     .await?)
 }
 

@@ -7,8 +7,8 @@
 //!    schema vanished, queries fail instead of falling through to `public`;
 //! 2. no tenant state outlives the transaction: `SET LOCAL` ends with COMMIT
 //!    or ROLLBACK, and [`TenantRouter::begin`] survives cancellation;
-//! 6. suspend, resume, rename and delete invalidate the cache at once in this
-//!    process; other processes converge through NOTIFY or, at worst, the TTL.
+//! 6. the cache is invalidated by `tenancy` (at once for this process's
+//!    changes, through NOTIFY for others'; at worst the TTL bounds staleness).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,10 +26,6 @@ use crate::registry::{self, OrgStatus};
 /// borrowing the tenant transaction.
 pub type TenantFuture<'t, T> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Error>> + Send + 't>>;
-
-/// NOTIFY channel on which registry changes that affect routing are
-/// announced; the payload is the affected slug, or empty for "everything".
-pub const REGISTRY_CHANNEL: &str = "tenantry_registry";
 
 /// What the router knows about an org.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,42 +160,6 @@ impl TenantRouter {
     pub fn invalidate_all(&self) {
         self.cache.invalidate_all();
     }
-
-    /// Listens for registry changes announced by other processes and
-    /// invalidates accordingly. Notifications sent while the listener is
-    /// reconnecting are lost, so a reconnect invalidates everything.
-    pub fn spawn_listener(&self) -> tokio::task::JoinHandle<()> {
-        let router = self.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = router.listen().await {
-                    tracing::warn!(error = %e, "registry listener failed; retrying");
-                }
-                router.invalidate_all();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    }
-
-    async fn listen(&self) -> Result<(), sqlx::Error> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener.listen(REGISTRY_CHANNEL).await?;
-        // Anything announced before LISTEN took effect is unknown to us.
-        self.invalidate_all();
-        loop {
-            let n = listener.try_recv().await?;
-            match n {
-                Some(n) => match Slug::parse(n.payload()) {
-                    Ok(slug) => self.invalidate(&slug).await,
-                    Err(_) => self.invalidate_all(),
-                },
-                None => {
-                    // the connection dropped and was re-established
-                    self.invalidate_all();
-                }
-            }
-        }
-    }
 }
 
 type BeginFuture = std::pin::Pin<
@@ -239,17 +199,6 @@ impl Drop for DetachOnDrop {
             }
         }
     }
-}
-
-/// Announces, inside the caller's transaction, that routing for `slug`
-/// changed; delivered to listeners when the transaction commits.
-pub(crate) async fn notify_change(conn: &mut PgConnection, slug: &Slug) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(REGISTRY_CHANNEL)
-        .bind(slug.as_str())
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 /// A transaction confined to one tenant's schema. Dropping it without

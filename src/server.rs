@@ -4,18 +4,18 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
-use crate::auth::Authenticator;
+use crate::auth::{AuthConfig, Authenticator};
 use crate::error::Error;
 use crate::provision;
 use crate::registry::{self, IssuedToken};
 use crate::router::{RouterConfig, TenantRouter};
 use crate::template::Template;
+use crate::tenancy::Tenancy;
 
 /// The email of the superuser created on first start.
 pub const BOOTSTRAP_SUPERUSER: &str = "admin@localhost";
@@ -23,8 +23,7 @@ pub const BOOTSTRAP_SUPERUSER: &str = "admin@localhost";
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub router: RouterConfig,
-    /// How long a verified token is trusted without asking the registry.
-    pub auth_ttl: Duration,
+    pub auth: AuthConfig,
     /// Listen for registry changes of other processes (LISTEN/NOTIFY). Off,
     /// other processes' changes reach this one only through the TTLs.
     pub listen_for_changes: bool,
@@ -34,20 +33,19 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             router: RouterConfig::default(),
-            auth_ttl: Duration::from_secs(10),
+            auth: AuthConfig::default(),
             listen_for_changes: true,
         }
     }
 }
 
 /// The state of a server on `pool`, whose registry must be migrated.
-pub fn state(pool: PgPool, config: &ServerConfig) -> AppState {
-    AppState {
-        router: TenantRouter::new(pool.clone(), &config.router),
-        auth: Authenticator::new(pool.clone(), config.auth_ttl),
-        template: Arc::new(Template::embedded()),
-        pool,
-    }
+pub async fn state(pool: PgPool, config: &ServerConfig) -> Result<AppState, Error> {
+    let router = TenantRouter::new(pool.clone(), &config.router);
+    let auth = Authenticator::load(pool.clone(), &config.auth).await?;
+    Ok(AppState {
+        tenancy: Tenancy::new(pool, router, auth, Arc::new(Template::embedded())),
+    })
 }
 
 /// Creates the first superuser and returns its token when the registry has
@@ -57,7 +55,8 @@ pub async fn bootstrap_superuser(pool: &PgPool) -> Result<Option<IssuedToken>, E
         return Ok(None);
     }
     let (_, token) =
-        provision::issue_superuser_token(pool, BOOTSTRAP_SUPERUSER, Some("bootstrap")).await?;
+        provision::issue_superuser_token(pool, BOOTSTRAP_SUPERUSER, Some("bootstrap"), None)
+            .await?;
     Ok(Some(token))
 }
 
@@ -69,14 +68,21 @@ pub async fn serve(
     config: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let tenancy = &state.tenancy;
     let listener_task = config
         .listen_for_changes
-        .then(|| state.router.spawn_listener());
+        .then(|| tenancy.spawn_listener(tenancy.admin_pool().clone()));
+    let usage_task = tenancy.auth().spawn_usage_writer();
+    let auth = tenancy.auth().clone();
     let result = axum::serve(listener, api::app(state))
         .with_graceful_shutdown(shutdown)
         .await;
     if let Some(task) = listener_task {
         task.abort();
+    }
+    usage_task.abort();
+    if let Err(e) = auth.flush_usage().await {
+        tracing::warn!(error = %e, "could not record token use");
     }
     result
 }

@@ -696,7 +696,10 @@ async fn a_stale_cache_never_routes_a_reused_slug_into_the_new_orgs_schema() {
             ttl: std::time::Duration::from_secs(600),
             ..Default::default()
         },
-        auth_ttl: std::time::Duration::from_secs(600),
+        auth: tenantry::auth::AuthConfig {
+            ttl: std::time::Duration::from_secs(600),
+            ..Default::default()
+        },
     };
     let a = common::spawn_app_with(deaf).await;
     let old_token = a.org_with_token("acme").await;

@@ -255,7 +255,7 @@ async fn delete_drops_schema_registry_row_users_and_tokens() {
         .unwrap()
         .organization
         .schema_name;
-    provision::issue_org_token(&db.pool, &slug("gone"), "x@gone.example", None)
+    provision::issue_org_token(&db.pool, &slug("gone"), "x@gone.example", None, None)
         .await
         .unwrap();
     let deleted = provision::delete_org(&db.pool, &slug("gone"))
@@ -349,13 +349,13 @@ async fn tokens_are_stored_hashed_and_revocable() {
         .await
         .unwrap();
     let (user, issued) =
-        provision::issue_org_token(&db.pool, &slug("tok"), "Dev@Tok.Example", Some("ci"))
+        provision::issue_org_token(&db.pool, &slug("tok"), "Dev@Tok.Example", Some("ci"), None)
             .await
             .unwrap();
     assert_eq!(user.email, "dev@tok.example");
     // reusing the address reuses the user
     let (same_user, second) =
-        provision::issue_org_token(&db.pool, &slug("tok"), "dev@tok.example", None)
+        provision::issue_org_token(&db.pool, &slug("tok"), "dev@tok.example", None, None)
             .await
             .unwrap();
     assert_eq!(same_user.id, user.id);
@@ -390,11 +390,11 @@ async fn tokens_are_stored_hashed_and_revocable() {
         .unwrap()
         .is_none());
 
-    assert!(registry::revoke_token(&db.pool, issued.info.id)
+    assert!(provision::revoke_token(&db.pool, issued.info.id)
         .await
         .unwrap()
         .is_some());
-    assert!(registry::revoke_token(&db.pool, issued.info.id)
+    assert!(provision::revoke_token(&db.pool, issued.info.id)
         .await
         .unwrap()
         .is_none());
@@ -553,7 +553,8 @@ async fn concurrent_tokens_for_a_new_address_share_one_user() {
         .map(|_| {
             let pool = db.pool.clone();
             tokio::spawn(async move {
-                provision::issue_org_token(&pool, &slug("race"), "new@race.example", None).await
+                provision::issue_org_token(&pool, &slug("race"), "new@race.example", None, None)
+                    .await
             })
         })
         .collect();

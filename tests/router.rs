@@ -141,7 +141,8 @@ async fn vanished_schema_fails_cleanly_and_never_reads_public() {
     // the library path reports "relation does not exist"
     let err = app
         .state
-        .router
+        .tenancy
+        .router()
         .with_tenant(&slug("vanish"), |tx| {
             Box::pin(async move {
                 let rows: Vec<String> = sqlx::query_scalar("SELECT prompt FROM tests")

@@ -53,9 +53,7 @@ pub async fn create_org(
     ApiJson(body): ApiJson<CreateOrg>,
 ) -> Result<impl IntoResponse, ApiError> {
     let new = NewOrg::parse(&body.slug, &body.name, body.owner_email.as_deref())?;
-    let created = provision::create_org(&app.pool, &app.template, &new).await?;
-    // The slug may be cached as unknown.
-    app.router.invalidate(&new.slug).await;
+    let created = app.tenancy.create_org(&new).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
@@ -66,7 +64,7 @@ pub async fn list_orgs(
     State(app): State<AppState>,
     _: Superuser,
 ) -> Result<Json<Vec<Organization>>, ApiError> {
-    Ok(Json(registry::list_orgs(&app.pool).await?))
+    Ok(Json(registry::list_orgs(app.tenancy.admin_pool()).await?))
 }
 
 #[utoipa::path(get, path = "/v1/admin/orgs/{slug}", tag = "admin", params(("slug" = String, Path)),
@@ -79,7 +77,12 @@ pub async fn get_org(
     ApiPath(slug): ApiPath<String>,
 ) -> Result<Json<Organization>, ApiError> {
     let slug = path_slug(&slug)?;
-    let mut conn = app.pool.acquire().await.map_err(crate::Error::from)?;
+    let mut conn = app
+        .tenancy
+        .admin_pool()
+        .acquire()
+        .await
+        .map_err(crate::Error::from)?;
     Ok(Json(registry::get_org(&mut conn, &slug).await?))
 }
 
@@ -93,9 +96,7 @@ pub async fn suspend_org(
     ApiPath(slug): ApiPath<String>,
 ) -> Result<Json<Organization>, ApiError> {
     let slug = path_slug(&slug)?;
-    let org = provision::suspend_org(&app.pool, &slug).await?;
-    app.router.invalidate(&slug).await;
-    Ok(Json(org))
+    Ok(Json(app.tenancy.suspend_org(&slug).await?))
 }
 
 #[utoipa::path(post, path = "/v1/admin/orgs/{slug}/resume", tag = "admin", params(("slug" = String, Path)),
@@ -108,9 +109,7 @@ pub async fn resume_org(
     ApiPath(slug): ApiPath<String>,
 ) -> Result<Json<Organization>, ApiError> {
     let slug = path_slug(&slug)?;
-    let org = provision::resume_org(&app.pool, &slug).await?;
-    app.router.invalidate(&slug).await;
-    Ok(Json(org))
+    Ok(Json(app.tenancy.resume_org(&slug).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -133,10 +132,7 @@ pub async fn rename_org(
     let slug = path_slug(&slug)?;
     let new_slug = Slug::parse(&body.new_slug)
         .map_err(|e| ApiError::invalid_field("new_slug", e.to_string()))?;
-    let org = provision::rename_org(&app.pool, &slug, &new_slug).await?;
-    app.router.invalidate(&slug).await;
-    app.router.invalidate(&new_slug).await;
-    Ok(Json(org))
+    Ok(Json(app.tenancy.rename_org(&slug, &new_slug).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/admin/orgs/{slug}", tag = "admin", params(("slug" = String, Path)),
@@ -149,8 +145,7 @@ pub async fn delete_org(
     ApiPath(slug): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let slug = path_slug(&slug)?;
-    provision::delete_org(&app.pool, &slug).await?;
-    app.router.invalidate(&slug).await;
+    app.tenancy.delete_org(&slug).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -161,6 +156,9 @@ pub struct CreateToken {
     pub email: String,
     /// A label for the token.
     pub name: Option<String>,
+    /// Lifetime, e.g. `90d`, `12h`, `30m`, `3600s` (1 minute to 10 years);
+    /// no expiry when absent.
+    pub expires_in: Option<String>,
 }
 
 #[utoipa::path(post, path = "/v1/admin/orgs/{slug}/tokens", tag = "admin", params(("slug" = String, Path)),
@@ -176,16 +174,15 @@ pub async fn create_token(
     ApiJson(body): ApiJson<CreateToken>,
 ) -> Result<impl IntoResponse, ApiError> {
     let slug = path_slug(&slug)?;
-    if let Some(name) = &body.name {
-        if name.chars().count() > 200 || name.chars().any(char::is_control) {
-            return Err(ApiError::invalid_field(
-                "name",
-                "must be at most 200 characters, without control characters",
-            ));
-        }
-    }
-    let (user, token) =
-        provision::issue_org_token(&app.pool, &slug, &body.email, body.name.as_deref()).await?;
+    let expires_in = body
+        .expires_in
+        .as_deref()
+        .map(provision::parse_lifetime)
+        .transpose()?;
+    let (user, token) = app
+        .tenancy
+        .issue_org_token(&slug, &body.email, body.name.as_deref(), expires_in)
+        .await?;
     Ok((StatusCode::CREATED, Json(UserToken { user, token })))
 }
 
@@ -204,7 +201,7 @@ pub async fn revoke_token(
     _: Superuser,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    if !app.auth.revoke(id).await? {
+    if !app.tenancy.revoke_token(id).await? {
         return Err(ApiError::not_found(format!("no active token {id}")));
     }
     Ok(StatusCode::NO_CONTENT)
@@ -220,7 +217,8 @@ pub async fn stats(
     State(app): State<AppState>,
     _: Superuser,
 ) -> Result<Json<Vec<OrgStats>>, ApiError> {
+    let pool = app.tenancy.admin_pool();
     // Leave most of the pool to org-scoped requests.
-    let jobs = (app.pool.options().get_max_connections() as usize / 4).max(1);
-    Ok(Json(crate::fleet::stats(&app.pool, jobs).await?))
+    let jobs = (pool.options().get_max_connections() as usize / 4).max(1);
+    Ok(Json(crate::fleet::stats(pool, jobs).await?))
 }

@@ -11,7 +11,6 @@ pub mod extract;
 pub mod openapi;
 pub mod resources;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRef, State};
@@ -19,13 +18,12 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use sqlx::PgPool;
 use tower_http::trace::TraceLayer;
 use tracing::field::Empty;
 
 use crate::auth::Authenticator;
 use crate::router::TenantRouter;
-use crate::template::Template;
+use crate::tenancy::Tenancy;
 use error::ApiError;
 
 /// Largest accepted request body.
@@ -34,10 +32,7 @@ pub const BODY_LIMIT: usize = 256 * 1024;
 /// Everything the admin routes may use.
 #[derive(Clone)]
 pub struct AppState {
-    pub pool: PgPool,
-    pub router: TenantRouter,
-    pub auth: Authenticator,
-    pub template: Arc<Template>,
+    pub tenancy: Tenancy,
 }
 
 /// What tenant routes may use: no pool.
@@ -49,7 +44,7 @@ pub struct TenantApi {
 
 impl FromRef<AppState> for Authenticator {
     fn from_ref(s: &AppState) -> Self {
-        s.auth.clone()
+        s.tenancy.auth().clone()
     }
 }
 
@@ -68,8 +63,8 @@ impl FromRef<TenantApi> for TenantRouter {
 /// The whole application.
 pub fn app(state: AppState) -> Router {
     let tenant_api = TenantApi {
-        router: state.router.clone(),
-        auth: state.auth.clone(),
+        router: state.tenancy.router().clone(),
+        auth: state.tenancy.auth().clone(),
     };
     Router::new()
         .route("/healthz", get(healthz))
@@ -113,7 +108,10 @@ async fn healthz() -> Json<serde_json::Value> {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "ready"), (status = 503, body = error::ErrorBody)))]
 async fn readyz(State(app): State<AppState>) -> Response {
-    match sqlx::query("SELECT 1").execute(&app.pool).await {
+    match sqlx::query("SELECT 1")
+        .execute(app.tenancy.admin_pool())
+        .await
+    {
         Ok(_) => Json(serde_json::json!({ "status": "ready" })).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");

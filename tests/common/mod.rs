@@ -166,10 +166,13 @@ pub async fn spawn_app_with_pool(
     let pool = tenantry::db::connect(&db.url, pool_config)
         .await
         .expect("server pool");
-    let (_, token) = tenantry::provision::issue_superuser_token(&pool, "root@tenantry.test", None)
+    let (_, token) =
+        tenantry::provision::issue_superuser_token(&pool, "root@tenantry.test", None, None)
+            .await
+            .expect("superuser");
+    let state = tenantry::server::state(pool, &config)
         .await
-        .expect("superuser");
-    let state = tenantry::server::state(pool, &config);
+        .expect("server state");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server_state = state.clone();

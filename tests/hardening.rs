@@ -1,0 +1,289 @@
+//! Hardening against abuse and faults, black-box over HTTP and the CLI on a
+//! real PostgreSQL: revocation across processes, made-up tokens, token
+//! expiry.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{spawn_app, TestApp, TestDb};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+
+/// A second server process (own pool, caches and listener) on `app`'s
+/// database.
+async fn second_process(app: &TestApp) -> TestApp {
+    let db = TestDb {
+        pool: app.db.pool.clone(),
+        url: app.db.url.clone(),
+        name: app.db.name.clone(),
+    };
+    let other = common::spawn_app_on(db, tenantry::server::ServerConfig::default()).await;
+    other.state.tenancy.wait_listening().await;
+    other
+}
+
+async fn issue(app: &TestApp, slug: &str, extra: Value) -> (String, String) {
+    let mut body = json!({"email": format!("dev@{slug}.test")});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let (s, body) = app
+        .call(
+            POST,
+            &format!("/v1/admin/orgs/{slug}/tokens"),
+            &app.superuser,
+            Some(body),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    (
+        body["token"]["token"].as_str().unwrap().to_owned(),
+        body["token"]["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `tokens revoke` on the CLI (another process, no server of its own)
+/// reaches a running server through NOTIFY, well within a second, although
+/// that server's token cache would trust the token for its whole TTL.
+#[tokio::test]
+async fn cli_revocation_reaches_a_running_server_within_a_second() {
+    let a = spawn_app().await;
+    a.org_with_token("rev").await;
+    let (token, id) = issue(&a, "rev", json!({})).await;
+    let b = second_process(&a).await;
+    let (s, _) = b.call(GET, "/v1/orgs/rev/tests", &token, None).await;
+    assert_eq!(s, 200); // cached in b for its TTL
+
+    let (ok, out, err) = a.db.cli(&["tokens", "revoke", &id]);
+    assert!(ok, "{out}{err}");
+    let revoked_at = Instant::now();
+    loop {
+        let (s, _) = b.call(GET, "/v1/orgs/rev/tests", &token, None).await;
+        if s == 401 {
+            break;
+        }
+        assert_eq!(s, 200);
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "the revoked token still works in another process after 1 s"
+        );
+    }
+    println!(
+        "revocation reached the other server in {:?}",
+        revoked_at.elapsed()
+    );
+    // and listing shows it revoked, never the secret
+    let (ok, out, err) = a.db.cli(&["tokens", "list", "--org", "rev", "--json"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains(&token[13..]), "a listing shows a secret");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id.as_str())
+        .expect("the token is listed");
+    assert_eq!(listed["state"], "revoked");
+}
+
+/// Statements the server has executed in the test database, counted by
+/// pg_stat_statements (updated as each statement ends), leaving out this
+/// probe's own.
+async fn statements_executed(db: &TestDb) -> i64 {
+    sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&db.pool)
+        .await
+        .expect("these tests count statements with pg_stat_statements; load it with shared_preload_libraries");
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::int8 /* stat-probe */ FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND query NOT LIKE '%stat-probe%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// 10,000 requests, each with a different made-up but well-formed token,
+/// cost (next to) no database work: the token MAC refuses them before any
+/// lookup. Counted by PostgreSQL itself (pg_stat_statements).
+#[tokio::test]
+async fn made_up_tokens_cost_no_database_round_trips() {
+    let app = spawn_app().await;
+    app.org_with_token("victim").await;
+    // a pre-MAC (format 1) token keeps working, in a process started after
+    // it was issued
+    let legacy = legacy_token(&app, "victim").await;
+    let app = restart(app).await;
+    let (s, _) = app.call(GET, "/v1/orgs/victim/tests", &legacy, None).await;
+    assert_eq!(s, 200, "a pre-MAC token must keep working");
+    // its last use is written by the background writer; do it now instead
+    app.state.tenancy.auth().flush_usage().await.unwrap();
+
+    let before = statements_executed(&app.db).await;
+    let requests = 10_000;
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let (client, url) = (app.http.clone(), app.url("/v1/orgs/victim/tests"));
+        tasks.spawn(async move {
+            let mut seen = vec![];
+            for _ in (worker..requests).step_by(16) {
+                let bogus = format!(
+                    "tny_{}_{}",
+                    tenantry::secret::random_hex(4),
+                    tenantry::secret::random_hex(32)
+                );
+                let res = client.get(&url).bearer_auth(bogus).send().await.unwrap();
+                seen.push(res.status().as_u16());
+            }
+            seen
+        });
+    }
+    while let Some(seen) = tasks.join_next().await {
+        for s in seen.unwrap() {
+            *statuses.entry(s).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(statuses, [(401, requests)].into_iter().collect());
+    let spent = statements_executed(&app.db).await - before;
+    println!("{requests} made-up tokens cost {spent} database statements");
+    assert!(
+        spent <= 10,
+        "{spent} statements for {requests} made-up tokens"
+    );
+}
+
+/// A token as versions before the MAC issued it: random secret, format 1.
+async fn legacy_token(app: &TestApp, slug: &str) -> String {
+    let token = format!(
+        "tny_{}_{}",
+        tenantry::secret::random_hex(4),
+        tenantry::secret::random_hex(32)
+    );
+    sqlx::query(
+        "INSERT INTO tenantry.api_tokens (id, user_id, organization_id, secret_hash, prefix, format) \
+         SELECT gen_random_uuid(), u.id, u.organization_id, $1, $2, 1 \
+         FROM tenantry.users u JOIN tenantry.organizations o ON o.id = u.organization_id \
+         WHERE o.slug = $3 LIMIT 1",
+    )
+    .bind(&tenantry::secret::token_hash(&token)[..])
+    .bind(&token[4..12])
+    .bind(slug)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    token
+}
+
+/// The same database served by a fresh process (empty caches, reloaded
+/// token gate).
+async fn restart(app: TestApp) -> TestApp {
+    let db = TestDb {
+        pool: app.db.pool.clone(),
+        url: app.db.url.clone(),
+        name: app.db.name.clone(),
+    };
+    let fresh = common::spawn_app_on(db, tenantry::server::ServerConfig::default()).await;
+    fresh.state.tenancy.wait_listening().await;
+    fresh
+}
+
+#[tokio::test]
+async fn tokens_expire_and_bad_lifetimes_are_refused() {
+    let app = spawn_app().await;
+    app.org_with_token("exp").await;
+    let (token, id) = issue(&app, "exp", json!({"expires_in": "2h"})).await;
+    let (s, _) = app.call(GET, "/v1/orgs/exp/tests", &token, None).await;
+    assert_eq!(s, 200);
+    for bad in ["soon", "0s", "5s", "-1d", "99999d", ""] {
+        let (s, body) = app
+            .call(
+                POST,
+                "/v1/admin/orgs/exp/tokens",
+                &app.superuser,
+                Some(json!({"email": "x@exp.test", "expires_in": bad})),
+            )
+            .await;
+        assert_eq!(s, 422, "{bad:?}: {body}");
+        assert!(
+            body["error"]["details"]["fields"]["expires_in"].is_string(),
+            "{body}"
+        );
+    }
+    let (ok, out, err) = app.db.cli(&["tokens", "list", "--org", "exp", "--json"]);
+    assert!(ok, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(listed["state"], "active");
+    let expires = time::OffsetDateTime::parse(
+        listed["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let left = expires - time::OffsetDateTime::now_utc();
+    assert!(left > time::Duration::minutes(119) && left <= time::Duration::hours(2));
+
+    // its time comes: a fresh process refuses it, and so does the CLI listing
+    sqlx::query("UPDATE tenantry.api_tokens SET expires_at = now() - interval '1 second' WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let fresh = restart(app).await;
+    let (s, _) = fresh.call(GET, "/v1/orgs/exp/tests", &token, None).await;
+    assert_eq!(s, 401);
+    let (_, out, _) = fresh.db.cli(&["tokens", "list", "--json"]);
+    assert!(out.contains("\"expired\""), "{out}");
+    let (ok, _, err) = fresh.db.cli(&[
+        "tokens",
+        "create",
+        "exp",
+        "--email",
+        "y@exp.test",
+        "--expires-in",
+        "soon",
+    ]);
+    assert!(!ok && err.contains("expires_in"), "{err}");
+}
+
+/// `last_used_at` is written in batches, at most once per token per
+/// interval, not once per request.
+#[tokio::test]
+async fn token_use_is_recorded_once_per_interval() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("used").await;
+    let auth = app.state.tenancy.auth().clone();
+    auth.flush_usage().await.unwrap();
+    for _ in 0..20 {
+        let (s, _) = app.call(GET, "/v1/orgs/used/tests", &token, None).await;
+        assert_eq!(s, 200);
+    }
+    // 20 requests of one token: at most one queued write (the background
+    // writer may have taken it already)
+    assert!(auth.flush_usage().await.unwrap() <= 1);
+    let last_used: Option<time::OffsetDateTime> =
+        sqlx::query_scalar("SELECT last_used_at FROM tenantry.api_tokens WHERE prefix = $1")
+            .bind(&token[4..12])
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(last_used.is_some());
+    let (s, _) = app.call(GET, "/v1/orgs/used/tests", &token, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        auth.flush_usage().await.unwrap(),
+        0,
+        "queued again within the interval"
+    );
+}
