@@ -207,7 +207,14 @@ async fn main() {
     )
     .await
     .unwrap();
-    let state = server::state(pool.clone(), &ServerConfig::default())
+    // One pool for everything, no affinity: the baselines run on the same
+    // connections as the router.
+    let pools = server::Pools {
+        admin: pool.clone(),
+        control: pool.clone(),
+        tenants: tenantry::db::TenantPool::single(pool.clone()),
+    };
+    let state = server::state(pools, &ServerConfig::default())
         .await
         .unwrap();
     let app = Router::new()

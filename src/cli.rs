@@ -82,9 +82,14 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "TENANTRY_BIND", default_value = "127.0.0.1:8080")]
     pub bind: std::net::SocketAddr,
-    /// Database connections shared by all tenants.
+    /// Database connections shared by all tenants, whatever their number.
     #[arg(long, env = "TENANTRY_POOL_SIZE", default_value_t = 16)]
     pub pool_size: u32,
+    /// Sub-pools the tenant connections are split into; each tenant uses
+    /// its home sub-pool or a second choice, so each connection serves a
+    /// slice of the tenants (1: every connection serves every tenant).
+    #[arg(long, env = "TENANTRY_SUB_POOLS", default_value_t = crate::db::DEFAULT_SUB_POOLS)]
+    pub sub_pools: u32,
     /// Seconds a pooled connection lives before it is replaced (bounds the
     /// catalog cache each backend accumulates per tenant).
     #[arg(long, env = "TENANTRY_CONN_MAX_LIFETIME", default_value_t = 900)]
@@ -293,6 +298,8 @@ pub fn init_tracing(default_level: &str, format: LogFormat) {
 /// command had to start it (stopped again when the command ends).
 pub struct Database {
     pub pool: PgPool,
+    /// Where `pool` connects.
+    pub url: String,
     local: Option<LocalPostgres>,
 }
 
@@ -313,7 +320,7 @@ impl Database {
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
         registry::migrate(&pool).await?;
-        Ok(Database { pool, local })
+        Ok(Database { pool, url, local })
     }
 
     pub async fn close(self) -> anyhow::Result<()> {
@@ -357,11 +364,12 @@ pub struct PartialFailure(pub String);
 async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     let pool_config = PoolConfig {
         max_connections: args.pool_size,
+        sub_pools: args.sub_pools,
         max_lifetime: Duration::from_secs(args.conn_max_lifetime),
         statement_cache: args.statement_cache,
         ..PoolConfig::default()
     };
-    let db = Database::connect(db_args, &pool_config).await?;
+    let db = Database::connect(db_args, &server::small_pool_config(&pool_config)).await?;
     let config = ServerConfig {
         router: RouterConfig {
             ttl: Duration::from_secs(args.cache_ttl),
@@ -386,8 +394,11 @@ async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     println!("tenantry listening on http://{addr}");
-    let state = server::state(db.pool.clone(), &config).await?;
-    let served = server::serve(listener, state, &config, server::shutdown_signal()).await;
+    let pools = server::Pools::connect_lazy(db.pool.clone(), &db.url, &pool_config)?;
+    let state = server::state(pools, &config).await?;
+    let served = server::serve(listener, state.clone(), &config, server::shutdown_signal()).await;
+    state.tenancy.router().tenant_pool().close().await;
+    state.tenancy.router().control_pool().close().await;
     db.close().await?;
     Ok(served?)
 }

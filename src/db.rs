@@ -1,25 +1,39 @@
-//! How tenantry connects: one pool for all tenants, whatever their number,
-//! with bounded connection lifetime and a session default that resolves no
-//! unqualified names outside a tenant transaction.
+//! How tenantry connects. A connection budget that does not grow with the
+//! number of tenants, split so that each backend serves a bounded slice of
+//! them: the tenant pool is `sub_pools` small pools, a tenant's requests go
+//! to its home sub-pool (chosen by a hash of the org id) or, when home is
+//! busier, to a second choice (power of two choices), so one hot tenant
+//! cannot stall its neighbours and each backend caches the catalog and
+//! prepared statements of about `2 / sub_pools` of the tenants instead of all
+//! of them. Registry queries (auth, resolve) use a separate small pool.
+//!
+//! Every connection starts with an empty `search_path`: registry SQL is
+//! schema-qualified and tenant SQL runs inside a tenant transaction, so an
+//! unqualified name anywhere else fails loudly instead of resolving in
+//! `public`. This is the same for every connection and carries no tenant
+//! state.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
+use uuid::Uuid;
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
-    /// Connections shared by all tenants.
+    /// Connections of this pool (for the tenant pool: all its sub-pools
+    /// together), whatever the number of tenants.
     pub max_connections: u32,
+    /// Sub-pools of the tenant pool (1: no affinity).
+    pub sub_pools: u32,
     /// Each backend caches catalog entries of every tenant schema it touches
     /// (~58 KB per tenant, never evicted), so connections are recycled.
     pub max_lifetime: Duration,
     pub idle_timeout: Duration,
     pub acquire_timeout: Duration,
-    /// Prepared statements kept per connection. Tenant SQL is prepared once
-    /// per tenant and connection (see `TenantTx::sql`), so this should cover
-    /// the statements of the tenants a connection serves in its lifetime;
-    /// each costs a few KB in its backend.
+    /// Prepared statements kept per connection (see `router::StatementMode`).
     pub statement_cache: usize,
 }
 
@@ -27,6 +41,7 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             max_connections: 16,
+            sub_pools: DEFAULT_SUB_POOLS,
             max_lifetime: Duration::from_secs(15 * 60),
             idle_timeout: Duration::from_secs(5 * 60),
             acquire_timeout: Duration::from_secs(10),
@@ -35,16 +50,13 @@ impl Default for PoolConfig {
     }
 }
 
-/// Opens the shared pool. Every connection starts with an empty
-/// `search_path`: registry SQL is schema-qualified and tenant SQL runs inside
-/// a tenant transaction, so an unqualified name anywhere else fails loudly
-/// instead of resolving in `public`. This is the same for every connection
-/// and carries no tenant state.
-pub async fn connect(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = url.parse()?;
-    let options = options.statement_cache_capacity(config.statement_cache);
+/// Sub-pools of a default tenant pool: see docs/scaling.md for the
+/// measurements behind it.
+pub const DEFAULT_SUB_POOLS: u32 = 8;
+
+fn options(config: &PoolConfig, max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
-        .max_connections(config.max_connections)
+        .max_connections(max_connections)
         .max_lifetime(config.max_lifetime)
         .idle_timeout(config.idle_timeout)
         .acquire_timeout(config.acquire_timeout)
@@ -57,6 +69,137 @@ pub async fn connect(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Err
                 Ok(())
             })
         })
-        .connect_with(options)
+}
+
+fn connect_options(url: &str, config: &PoolConfig) -> Result<PgConnectOptions, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    Ok(options.statement_cache_capacity(config.statement_cache))
+}
+
+/// Opens one pool of `config.max_connections` (registry, admin, CLI).
+pub async fn connect(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
+    options(config, config.max_connections)
+        .connect_with(connect_options(url, config)?)
         .await
+}
+
+/// Like [`connect`], opening connections on first use.
+pub fn connect_lazy(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
+    Ok(options(config, config.max_connections).connect_lazy_with(connect_options(url, config)?))
+}
+
+/// The tenant pool: sub-pools with tenant affinity.
+#[derive(Clone)]
+pub struct TenantPool {
+    subs: Arc<[SubPool]>,
+}
+
+struct SubPool {
+    pool: PgPool,
+    /// Transactions holding or waiting for one of its connections.
+    load: AtomicUsize,
+}
+
+/// Which sub-pool a tenant transaction runs on; releases its place when
+/// dropped.
+pub struct Placement {
+    subs: Arc<[SubPool]>,
+    index: usize,
+}
+
+impl Placement {
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.subs[self.index].pool
+    }
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        self.subs[self.index].load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl TenantPool {
+    /// Connects lazily: connections open on first use. `max_connections` is
+    /// spread over `sub_pools` (each gets at least one).
+    pub fn connect_lazy(url: &str, config: &PoolConfig) -> Result<Self, sqlx::Error> {
+        let k = config.sub_pools.clamp(1, config.max_connections.max(1));
+        let connect = connect_options(url, config)?;
+        let subs = (0..k)
+            .map(|i| {
+                // the remainder goes to the first sub-pools
+                let size = config.max_connections / k + u32::from(i < config.max_connections % k);
+                SubPool {
+                    pool: options(config, size.max(1)).connect_lazy_with(connect.clone()),
+                    load: AtomicUsize::new(0),
+                }
+            })
+            .collect();
+        Ok(TenantPool { subs })
+    }
+
+    /// A tenant pool of one sub-pool over an existing pool (no affinity).
+    pub fn single(pool: PgPool) -> Self {
+        TenantPool {
+            subs: Arc::new([SubPool {
+                pool,
+                load: AtomicUsize::new(0),
+            }]),
+        }
+    }
+
+    /// The tenant's two candidate sub-pools: (home, second choice).
+    pub fn candidates(&self, tenant: &Uuid) -> (usize, usize) {
+        let k = self.subs.len();
+        if k == 1 {
+            return (0, 0);
+        }
+        // Org ids are random (v4): their bits are already well mixed.
+        let (hi, lo) = tenant.as_u64_pair();
+        let home = (lo % k as u64) as usize;
+        let step = 1 + (hi % (k as u64 - 1)) as usize;
+        (home, (home + step) % k)
+    }
+
+    /// Places a transaction of `tenant`: its home sub-pool while home has a
+    /// free connection or is no busier than the second choice; otherwise the
+    /// second choice.
+    pub fn place(&self, tenant: &Uuid) -> Placement {
+        let (home, alt) = self.candidates(tenant);
+        let load = |i: usize| self.subs[i].load.load(Ordering::Relaxed);
+        let capacity = |i: usize| self.subs[i].pool.options().get_max_connections() as usize;
+        let index = if home == alt || load(home) < capacity(home) || load(home) <= load(alt) {
+            home
+        } else {
+            alt
+        };
+        self.subs[index].load.fetch_add(1, Ordering::Relaxed);
+        Placement {
+            subs: self.subs.clone(),
+            index,
+        }
+    }
+
+    pub fn sub_pools(&self) -> impl Iterator<Item = &PgPool> {
+        self.subs.iter().map(|s| &s.pool)
+    }
+
+    /// Open connections over all sub-pools.
+    pub fn size(&self) -> u32 {
+        self.subs.iter().map(|s| s.pool.size()).sum()
+    }
+
+    pub fn num_idle(&self) -> usize {
+        self.subs.iter().map(|s| s.pool.num_idle()).sum()
+    }
+
+    pub async fn close(&self) {
+        for s in self.subs.iter() {
+            s.pool.close().await;
+        }
+    }
 }

@@ -10,14 +10,18 @@
 //! 6. the cache is invalidated by `tenancy` (at once for this process's
 //!    changes, through NOTIFY for others'; at worst the TTL bounds staleness).
 
+use std::borrow::Cow;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use moka::Expiry;
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
+use sqlx::{Arguments, Encode, FromRow, PgConnection, PgPool, Postgres, Transaction, Type};
 use uuid::Uuid;
 
+use crate::db::{Placement, TenantPool};
 use crate::error::Error;
 use crate::ident::{SchemaName, Slug};
 use crate::registry::{self, OrgStatus};
@@ -37,6 +41,25 @@ pub struct Tenant {
     pub template_version: i32,
 }
 
+/// How tenant SQL is sent, decided in [`TenantTx`] so that no handler has
+/// to remember it. PostgreSQL re-plans a prepared statement whenever it runs
+/// under another `search_path` than it was planned under, so a statement
+/// shared by tenants is re-planned at (nearly) every tenant switch on a
+/// connection; a statement per tenant keeps its plan but multiplies the
+/// statements a connection must cache. See docs/scaling.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatementMode {
+    /// The statement text carries the tenant's schema in a trailing comment:
+    /// one prepared statement (and plan) per tenant and connection.
+    PerTenant,
+    /// One prepared statement per text, shared by all tenants (re-planned
+    /// when the tenant changes).
+    Shared,
+    /// The unnamed statement: parsed and planned each time, nothing cached
+    /// (what transaction-pooling PgBouncer 1.18 needs).
+    Unnamed,
+}
+
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
     /// How long a resolved tenant is trusted without asking the registry.
@@ -44,6 +67,7 @@ pub struct RouterConfig {
     /// How long an unknown slug is remembered as unknown.
     pub negative_ttl: Duration,
     pub max_tenants: u64,
+    pub statements: StatementMode,
 }
 
 impl Default for RouterConfig {
@@ -52,6 +76,7 @@ impl Default for RouterConfig {
             ttl: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(2),
             max_tenants: 100_000,
+            statements: StatementMode::PerTenant,
         }
     }
 }
@@ -75,12 +100,17 @@ impl Expiry<Slug, Entry> for EntryExpiry {
 
 #[derive(Clone)]
 pub struct TenantRouter {
-    pool: PgPool,
+    /// Registry lookups.
+    control: PgPool,
+    tenants: TenantPool,
     cache: Cache<Slug, Entry>,
+    statements: StatementMode,
 }
 
 impl TenantRouter {
-    pub fn new(pool: PgPool, config: &RouterConfig) -> Self {
+    /// A router resolving through `control` and running tenant
+    /// transactions on `tenants`.
+    pub fn new(control: PgPool, tenants: TenantPool, config: &RouterConfig) -> Self {
         let cache = Cache::builder()
             .max_capacity(config.max_tenants)
             .expire_after(EntryExpiry {
@@ -88,13 +118,32 @@ impl TenantRouter {
                 negative_ttl: config.negative_ttl,
             })
             .build();
-        TenantRouter { pool, cache }
+        TenantRouter {
+            control,
+            tenants,
+            cache,
+            statements: config.statements,
+        }
+    }
+
+    /// A router over one plain pool (no tenant affinity), for scripts and
+    /// tests.
+    pub fn single(pool: PgPool, config: &RouterConfig) -> Self {
+        TenantRouter::new(pool.clone(), TenantPool::single(pool), config)
+    }
+
+    pub fn tenant_pool(&self) -> &TenantPool {
+        &self.tenants
+    }
+
+    pub fn control_pool(&self) -> &PgPool {
+        &self.control
     }
 
     /// The tenant for `slug`, or `None` for an unknown slug. A cache hit
     /// costs no SQL; concurrent misses for one slug share one registry query.
     pub async fn resolve(&self, slug: &Slug) -> Result<Option<Arc<Tenant>>, Error> {
-        let pool = &self.pool;
+        let pool = &self.control;
         self.cache
             .try_get_with_by_ref(slug, async move {
                 let mut conn = pool.acquire().await?;
@@ -117,7 +166,7 @@ impl TenantRouter {
     }
 
     /// Opens a transaction scoped to `tenant`: `BEGIN; SET LOCAL search_path`
-    /// in one round trip.
+    /// in one round trip, on a connection of the tenant's sub-pool.
     ///
     /// Cancellation safety: sqlx counts a transaction only once BEGIN has
     /// answered, so a caller dropped while BEGIN is in flight would return a
@@ -127,12 +176,17 @@ impl TenantRouter {
     /// transaction, which queues its ROLLBACK before the connection is reused.
     pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
         let sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
-        let pool = self.pool.clone();
-        let mut begin = DetachOnDrop(Some(Box::pin(async move { pool.begin_with(sql).await })));
-        let tx = begin.run().await?;
+        let placement = self.tenants.place(&tenant.id);
+        let mut begin = DetachOnDrop(Some(Box::pin(async move {
+            let tx = placement.pool().begin_with(sql).await?;
+            Ok((tx, placement))
+        })));
+        let (tx, placement) = begin.run().await?;
         Ok(TenantTx {
             tx,
+            _placement: placement,
             tenant: tenant.clone(),
+            statements: self.statements,
         })
     }
 
@@ -160,12 +214,18 @@ impl TenantRouter {
     pub fn invalidate_all(&self) {
         self.cache.invalidate_all();
     }
+
+    /// Tenants currently cached (resolved within the TTL).
+    pub fn cached_tenants(&self) -> u64 {
+        self.cache.entry_count()
+    }
 }
 
 type BeginFuture = std::pin::Pin<
     Box<
-        dyn std::future::Future<Output = Result<Transaction<'static, Postgres>, sqlx::Error>>
-            + Send,
+        dyn std::future::Future<
+                Output = Result<(Transaction<'static, Postgres>, Placement), sqlx::Error>,
+            > + Send,
     >,
 >;
 
@@ -175,7 +235,7 @@ type BeginFuture = std::pin::Pin<
 struct DetachOnDrop(Option<BeginFuture>);
 
 impl DetachOnDrop {
-    async fn run(&mut self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    async fn run(&mut self) -> Result<(Transaction<'static, Postgres>, Placement), sqlx::Error> {
         let fut = self.0.as_mut().expect("run once");
         let result = fut.await;
         self.0 = None;
@@ -203,10 +263,13 @@ impl Drop for DetachOnDrop {
 
 /// A transaction confined to one tenant's schema. Dropping it without
 /// [`TenantTx::commit`] rolls back. The only database access tenant handlers
-/// get.
+/// get; its query methods apply the statement rule ([`StatementMode`]).
 pub struct TenantTx {
     tx: Transaction<'static, Postgres>,
+    // dropped after `tx`: the sub-pool counts the transaction until then
+    _placement: Placement,
     tenant: Arc<Tenant>,
+    statements: StatementMode,
 }
 
 impl TenantTx {
@@ -214,24 +277,36 @@ impl TenantTx {
         &self.tenant
     }
 
-    /// The connection, inside this tenant's transaction.
+    /// The connection, inside this tenant's transaction, for what the query
+    /// methods do not cover (e.g. COPY). SQL sent here bypasses the
+    /// statement rule.
     pub fn conn(&mut self) -> &mut PgConnection {
         &mut self.tx
     }
 
-    /// `sql` tagged with this tenant's schema in a trailing comment.
-    ///
-    /// PostgreSQL re-analyses and re-plans a prepared statement whenever it
-    /// runs under a different `search_path` than it was planned under. With
-    /// one statement text shared by all tenants, a pooled connection that
-    /// serves tenants in turn re-plans on nearly every request. Tagged text
-    /// gives each connection one prepared statement per tenant, whose plan
-    /// stays valid (the statement cache size is `PoolConfig::statement_cache`).
-    /// Measured: 0.72x -> 0.94x of a single fixed schema's throughput at 100
-    /// rotating tenants, see docs/benchmarks.md. Schema names are
-    /// `[a-z0-9_]`, so the tag cannot end the comment.
-    pub fn sql(&self, sql: &str) -> String {
-        format!("{sql} /* {} */", self.tenant.schema)
+    /// A query whose rows map to `O`, sent by the statement rule.
+    pub fn query_as<O>(&mut self, sql: &'static str) -> TenantQuery<'_, O> {
+        TenantQuery {
+            tx: self,
+            sql,
+            args: Ok(PgArguments::default()),
+            _row: PhantomData,
+        }
+    }
+
+    /// A statement run for its effect (see [`TenantQuery::execute`]).
+    pub fn query(&mut self, sql: &'static str) -> TenantQuery<'_, ()> {
+        self.query_as(sql)
+    }
+
+    /// `sql` as this transaction sends it: tagged with the tenant's schema
+    /// in a trailing comment under [`StatementMode::PerTenant`] (schema names
+    /// are `[a-z0-9_]`, so the tag cannot end the comment).
+    pub fn sql(&self, sql: &'static str) -> Cow<'static, str> {
+        match self.statements {
+            StatementMode::PerTenant => Cow::Owned(format!("{sql} /* {} */", self.tenant.schema)),
+            StatementMode::Shared | StatementMode::Unnamed => Cow::Borrowed(sql),
+        }
     }
 
     pub async fn commit(self) -> Result<(), Error> {
@@ -242,5 +317,76 @@ impl TenantTx {
     pub async fn rollback(self) -> Result<(), Error> {
         self.tx.rollback().await?;
         Ok(())
+    }
+}
+
+/// A tenant query being built: bind its parameters, then fetch or execute.
+#[must_use = "a query does nothing until it is fetched or executed"]
+pub struct TenantQuery<'t, O> {
+    tx: &'t mut TenantTx,
+    sql: &'static str,
+    args: Result<PgArguments, sqlx::error::BoxDynError>,
+    _row: PhantomData<fn() -> O>,
+}
+
+impl<'t, O> TenantQuery<'t, O> {
+    pub fn bind<'q, T>(mut self, value: T) -> Self
+    where
+        T: 'q + Encode<'q, Postgres> + Type<Postgres>,
+    {
+        if let Ok(args) = &mut self.args {
+            if let Err(e) = args.add(value) {
+                self.args = Err(e);
+            }
+        }
+        self
+    }
+
+    /// The transaction, the statement text, whether to prepare it, and the
+    /// arguments (or the error of binding one of them).
+    fn parts(
+        self,
+    ) -> Result<(&'t mut TenantTx, Cow<'static, str>, bool, PgArguments), sqlx::Error> {
+        let args = self.args.map_err(sqlx::Error::Encode)?;
+        let text = self.tx.sql(self.sql);
+        let persistent = self.tx.statements != StatementMode::Unnamed;
+        Ok((self.tx, text, persistent, args))
+    }
+
+    pub async fn execute(self) -> Result<PgQueryResult, sqlx::Error> {
+        let (tx, text, persistent, args) = self.parts()?;
+        sqlx::query_with(&text, args)
+            .persistent(persistent)
+            .execute(&mut *tx.tx)
+            .await
+    }
+}
+
+impl<'t, O> TenantQuery<'t, O>
+where
+    O: for<'r> FromRow<'r, PgRow> + Send + Unpin,
+{
+    pub async fn fetch_all(self) -> Result<Vec<O>, sqlx::Error> {
+        let (tx, text, persistent, args) = self.parts()?;
+        sqlx::query_as_with(&text, args)
+            .persistent(persistent)
+            .fetch_all(&mut *tx.tx)
+            .await
+    }
+
+    pub async fn fetch_optional(self) -> Result<Option<O>, sqlx::Error> {
+        let (tx, text, persistent, args) = self.parts()?;
+        sqlx::query_as_with(&text, args)
+            .persistent(persistent)
+            .fetch_optional(&mut *tx.tx)
+            .await
+    }
+
+    pub async fn fetch_one(self) -> Result<O, sqlx::Error> {
+        let (tx, text, persistent, args) = self.parts()?;
+        sqlx::query_as_with(&text, args)
+            .persistent(persistent)
+            .fetch_one(&mut *tx.tx)
+            .await
     }
 }

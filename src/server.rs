@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::auth::{AuthConfig, Authenticator};
+use crate::db::{PoolConfig, TenantPool};
 use crate::error::Error;
 use crate::provision;
 use crate::registry::{self, IssuedToken};
@@ -39,12 +40,57 @@ impl Default for ServerConfig {
     }
 }
 
-/// The state of a server on `pool`, whose registry must be migrated.
-pub async fn state(pool: PgPool, config: &ServerConfig) -> Result<AppState, Error> {
-    let router = TenantRouter::new(pool.clone(), &config.router);
-    let auth = Authenticator::load(pool.clone(), &config.auth).await?;
+/// A server's connections.
+pub struct Pools {
+    /// The admin role: registry changes, provisioning, statistics.
+    pub admin: PgPool,
+    /// The serving role: token lookups, resolving slugs, LISTEN.
+    pub control: PgPool,
+    /// The serving role: tenant transactions, in sub-pools.
+    pub tenants: TenantPool,
+}
+
+/// Connections of the admin and control pools of a server (each).
+pub const SMALL_POOL: u32 = 4;
+
+/// The admin and control pools: small, few distinct statements.
+pub fn small_pool_config(tenants: &PoolConfig) -> PoolConfig {
+    PoolConfig {
+        max_connections: SMALL_POOL,
+        statement_cache: 100,
+        ..tenants.clone()
+    }
+}
+
+impl Pools {
+    /// A server's pools: `admin` (see [`admin_pool_config`]), and the
+    /// control and tenant pools on `serving_url`, connecting lazily.
+    pub fn connect_lazy(
+        admin: PgPool,
+        serving_url: &str,
+        tenants: &PoolConfig,
+    ) -> Result<Pools, sqlx::Error> {
+        Ok(Pools {
+            admin,
+            control: crate::db::connect_lazy(serving_url, &small_pool_config(tenants))?,
+            tenants: TenantPool::connect_lazy(serving_url, tenants)?,
+        })
+    }
+
+    /// Closes every connection (e.g. on shutdown).
+    pub async fn close(&self) {
+        self.tenants.close().await;
+        self.control.close().await;
+        self.admin.close().await;
+    }
+}
+
+/// The state of a server on `pools`, whose registry must be migrated.
+pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Error> {
+    let router = TenantRouter::new(pools.control.clone(), pools.tenants, &config.router);
+    let auth = Authenticator::load(pools.control, &config.auth).await?;
     Ok(AppState {
-        tenancy: Tenancy::new(pool, router, auth, Arc::new(Template::embedded())),
+        tenancy: Tenancy::new(pools.admin, router, auth, Arc::new(Template::embedded())),
     })
 }
 
@@ -71,7 +117,7 @@ pub async fn serve(
     let tenancy = &state.tenancy;
     let listener_task = config
         .listen_for_changes
-        .then(|| tenancy.spawn_listener(tenancy.admin_pool().clone()));
+        .then(|| tenancy.spawn_listener(tenancy.router().control_pool().clone()));
     let usage_task = tenancy.auth().spawn_usage_writer();
     let auth = tenancy.auth().clone();
     let result = axum::serve(listener, api::app(state))

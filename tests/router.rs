@@ -68,7 +68,7 @@ async fn tenant_transaction_search_path_is_exactly_the_schema() {
     let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
         .await
         .unwrap();
-    let router = TenantRouter::new(pool.clone(), &RouterConfig::default());
+    let router = TenantRouter::single(pool.clone(), &RouterConfig::default());
     let (path, schemas): (String, Vec<String>) = router
         .with_tenant(&slug("exact"), |tx| {
             Box::pin(async move {
@@ -357,7 +357,7 @@ async fn no_tenant_state_leaks_across_a_small_shared_pool() {
     )
     .await
     .unwrap();
-    let router = TenantRouter::new(pool.clone(), &RouterConfig::default());
+    let router = TenantRouter::single(pool.clone(), &RouterConfig::default());
     let counters = Arc::new(Counters::default());
     let seed: u64 = std::env::var("LEAK_SEED")
         .ok()
@@ -448,7 +448,7 @@ async fn unknown_slugs_are_cached_briefly_and_invalidation_is_immediate() {
     let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
         .await
         .unwrap();
-    let router = TenantRouter::new(
+    let router = TenantRouter::single(
         pool,
         &RouterConfig {
             negative_ttl: Duration::from_secs(600),
@@ -494,7 +494,7 @@ async fn tenant_sql_tags_are_inert_comments() {
     let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
         .await
         .unwrap();
-    let router = TenantRouter::new(pool, &RouterConfig::default());
+    let router = TenantRouter::single(pool, &RouterConfig::default());
     let tenant = router.resolve(&slug("tag-me")).await.unwrap().unwrap();
     let mut tx = router.begin(&tenant).await.unwrap();
     let sql = tx.sql("SELECT count(*) FROM statuses");

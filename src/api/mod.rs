@@ -109,7 +109,7 @@ async fn healthz() -> Json<serde_json::Value> {
     responses((status = 200, description = "ready"), (status = 503, body = error::ErrorBody)))]
 async fn readyz(State(app): State<AppState>) -> Response {
     match sqlx::query("SELECT 1")
-        .execute(app.tenancy.admin_pool())
+        .execute(app.tenancy.router().control_pool())
         .await
     {
         Ok(_) => Json(serde_json::json!({ "status": "ready" })).into_response(),

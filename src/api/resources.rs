@@ -332,10 +332,11 @@ pub async fn list_named<T: NamedTable>(
 ) -> Result<axum::Json<Page<Named>>, ApiError> {
     let (limit, cursor) = q.parse()?;
     let mut tx = org.begin().await?;
-    let rows: Vec<Named> = sqlx::query_as(&tx.sql(T::LIST))
+    let rows: Vec<Named> = tx
+        .query_as(T::LIST)
         .bind(cursor)
         .bind(limit + 1)
-        .fetch_all(tx.conn())
+        .fetch_all()
         .await?;
     tx.commit().await?;
     Ok(axum::Json(page(rows, limit, |r| r.id)))
@@ -346,10 +347,7 @@ pub async fn get_named<T: NamedTable>(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<axum::Json<Named>, ApiError> {
     let mut tx = org.begin().await?;
-    let row: Option<Named> = sqlx::query_as(&tx.sql(T::GET))
-        .bind(id)
-        .fetch_optional(tx.conn())
-        .await?;
+    let row: Option<Named> = tx.query_as(T::GET).bind(id).fetch_optional().await?;
     tx.commit().await?;
     row.map(axum::Json).ok_or_else(|| not_found::<T>(id))
 }
@@ -360,11 +358,12 @@ pub async fn create_named<T: NamedTable>(
 ) -> Result<impl IntoResponse, ApiError> {
     check_named(Some(&body.name), body.description.as_deref())?;
     let mut tx = org.begin().await?;
-    let row: Named = sqlx::query_as(&tx.sql(T::INSERT))
+    let row: Named = tx
+        .query_as(T::INSERT)
         .bind(&body.name)
         .bind(&body.description)
         .bind(org.user_id())
-        .fetch_one(tx.conn())
+        .fetch_one()
         .await
         .map_err(name_taken)?;
     tx.commit().await?;
@@ -381,13 +380,14 @@ pub async fn update_named<T: NamedTable>(
         body.description.as_ref().and_then(|d| d.as_deref()),
     )?;
     let mut tx = org.begin().await?;
-    let row: Option<Named> = sqlx::query_as(&tx.sql(T::UPDATE))
+    let row: Option<Named> = tx
+        .query_as(T::UPDATE)
         .bind(id)
         .bind(&body.name)
         .bind(body.description.is_some())
         .bind(body.description.flatten())
         .bind(org.user_id())
-        .fetch_optional(tx.conn())
+        .fetch_optional()
         .await
         .map_err(name_taken)?;
     tx.commit().await?;
@@ -399,9 +399,10 @@ pub async fn delete_named<T: NamedTable>(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = org.begin().await?;
-    let done = sqlx::query(&tx.sql(T::DELETE))
+    let done = tx
+        .query(T::DELETE)
         .bind(id)
-        .execute(tx.conn())
+        .execute()
         .await
         .map_err(ApiError::still_referenced)?;
     tx.commit().await?;
@@ -524,12 +525,13 @@ pub async fn list_tests(
     }
     .parse()?;
     let mut tx = org.begin().await?;
-    let rows: Vec<TestCase> = sqlx::query_as(&tx.sql(LIST_TESTS))
+    let rows: Vec<TestCase> = tx
+        .query_as(LIST_TESTS)
         .bind(cursor)
         .bind(q.status_id)
         .bind(q.behavior_id)
         .bind(limit + 1)
-        .fetch_all(tx.conn())
+        .fetch_all()
         .await?;
     tx.commit().await?;
     Ok(axum::Json(page(rows, limit, |r| r.id)))
@@ -545,10 +547,7 @@ pub async fn get_test(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<axum::Json<TestCase>, ApiError> {
     let mut tx = org.begin().await?;
-    let row: Option<TestCase> = sqlx::query_as(&tx.sql(GET_TEST))
-        .bind(id)
-        .fetch_optional(tx.conn())
-        .await?;
+    let row: Option<TestCase> = tx.query_as(GET_TEST).bind(id).fetch_optional().await?;
     tx.commit().await?;
     row.map(axum::Json).ok_or_else(|| test_not_found(id))
 }
@@ -565,13 +564,14 @@ pub async fn create_test(
 ) -> Result<impl IntoResponse, ApiError> {
     check_test(Some(&body.prompt), Some(&body.expected_outcome))?;
     let mut tx = org.begin().await?;
-    let row: TestCase = sqlx::query_as(&tx.sql(INSERT_TEST))
+    let row: TestCase = tx
+        .query_as(INSERT_TEST)
         .bind(&body.prompt)
         .bind(&body.expected_outcome)
         .bind(body.behavior_id)
         .bind(body.status_id)
         .bind(org.user_id())
-        .fetch_one(tx.conn())
+        .fetch_one()
         .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, axum::Json(row)))
@@ -589,14 +589,15 @@ pub async fn update_test(
 ) -> Result<axum::Json<TestCase>, ApiError> {
     check_test(body.prompt.as_deref(), body.expected_outcome.as_deref())?;
     let mut tx = org.begin().await?;
-    let row: Option<TestCase> = sqlx::query_as(&tx.sql(UPDATE_TEST))
+    let row: Option<TestCase> = tx
+        .query_as(UPDATE_TEST)
         .bind(id)
         .bind(&body.prompt)
         .bind(&body.expected_outcome)
         .bind(body.behavior_id)
         .bind(body.status_id)
         .bind(org.user_id())
-        .fetch_optional(tx.conn())
+        .fetch_optional()
         .await?;
     tx.commit().await?;
     row.map(axum::Json).ok_or_else(|| test_not_found(id))
@@ -611,9 +612,10 @@ pub async fn delete_test(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = org.begin().await?;
-    let done = sqlx::query(&tx.sql("DELETE FROM tests WHERE id = $1"))
+    let done = tx
+        .query("DELETE FROM tests WHERE id = $1")
         .bind(id)
-        .execute(tx.conn())
+        .execute()
         .await?;
     tx.commit().await?;
     if done.rows_affected() == 0 {

@@ -163,14 +163,16 @@ pub async fn spawn_app_with_pool(
     pool_config: &tenantry::db::PoolConfig,
     config: tenantry::server::ServerConfig,
 ) -> TestApp {
-    let pool = tenantry::db::connect(&db.url, pool_config)
+    let pool = tenantry::db::connect(&db.url, &tenantry::server::small_pool_config(pool_config))
         .await
-        .expect("server pool");
+        .expect("server admin pool");
     let (_, token) =
         tenantry::provision::issue_superuser_token(&pool, "root@tenantry.test", None, None)
             .await
             .expect("superuser");
-    let state = tenantry::server::state(pool, &config)
+    let pools =
+        tenantry::server::Pools::connect_lazy(pool, &db.url, pool_config).expect("server pools");
+    let state = tenantry::server::state(pools, &config)
         .await
         .expect("server state");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
