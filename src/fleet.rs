@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::Error;
@@ -601,50 +601,41 @@ async fn query_tenant(
         .collect()
 }
 
-/// Per-org row counts, computed tenant by tenant.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+/// Per-org row counts: PostgreSQL's own estimates (the statistics of live
+/// tuples), not a count of each table.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct OrgStats {
     pub slug: String,
     pub tests: Option<i64>,
     pub behaviors: Option<i64>,
     pub statuses: Option<i64>,
-    /// Set when the org's counts could not be read.
+    /// Set when the org's counts could not be read (e.g. its schema is
+    /// missing).
     pub error: Option<String>,
 }
 
-pub async fn stats(pool: &PgPool, jobs: usize) -> Result<Vec<OrgStats>, Error> {
-    let mut out = Vec::new();
-    query_all(
-        pool,
-        "SELECT (SELECT count(*) FROM tests) AS tests, (SELECT count(*) FROM behaviors) AS behaviors, \
-                (SELECT count(*) FROM statuses) AS statuses",
-        jobs,
-        Duration::from_secs(30),
-        |o| {
-            out.push(match o {
-                QueryOutcome::Rows { slug, rows } => {
-                    let get = |k: &str| rows.first().and_then(|r| r.get(k)).and_then(|v| v.as_i64());
-                    OrgStats {
-                        tests: get("tests"),
-                        behaviors: get("behaviors"),
-                        statuses: get("statuses"),
-                        slug,
-                        error: None,
-                    }
-                }
-                QueryOutcome::Failed { slug, error } => OrgStats {
-                    slug,
-                    tests: None,
-                    behaviors: None,
-                    statuses: None,
-                    error: Some(error),
-                },
-            })
-        },
+/// Row-count estimates of every active org in one catalog query: the
+/// statistics PostgreSQL keeps per table (live tuples, updated as
+/// transactions commit, shortly after), looked up by the tables' names
+/// through the catalog's index. No tenant table is opened, so this stays
+/// fast at any tenant count and loads no tenant's catalog entries into the
+/// backend.
+pub async fn stats(pool: &PgPool) -> Result<Vec<OrgStats>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT o.slug, \
+           max(pg_stat_get_live_tuples(c.oid)) FILTER (WHERE c.relname = 'tests') AS tests, \
+           max(pg_stat_get_live_tuples(c.oid)) FILTER (WHERE c.relname = 'behaviors') AS behaviors, \
+           max(pg_stat_get_live_tuples(c.oid)) FILTER (WHERE c.relname = 'statuses') AS statuses, \
+           CASE WHEN n.oid IS NULL THEN 'schema ' || o.schema_name || ' is missing' END AS error \
+         FROM tenantry.organizations o \
+         LEFT JOIN pg_namespace n ON n.nspname = o.schema_name \
+         LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind IN ('r', 'p') \
+           AND c.relname IN ('tests', 'behaviors', 'statuses') \
+         WHERE o.status = 'active' \
+         GROUP BY o.slug, o.schema_name, n.oid ORDER BY o.slug",
     )
-    .await?;
-    out.sort_by(|a, b| a.slug.cmp(&b.slug));
-    Ok(out)
+    .fetch_all(pool)
+    .await?)
 }
 
 // ---------------------------------------------------------------- doctor
@@ -691,14 +682,24 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
             .into_iter()
             .map(|schema| Finding::OrphanSchema { schema }),
     );
-    let orgs: Vec<(String, String, OrgStatus, i32, bool)> = sqlx::query_as(
-        "SELECT o.slug, o.schema_name, o.status, o.template_version, \
-                EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = o.schema_name) \
-         FROM tenantry.organizations o ORDER BY o.slug",
+    // One catalog query for what the registry and the catalog say about
+    // each org; the tenants' history tables are then read in batches.
+    let orgs: Vec<(String, String, OrgStatus, i32, bool, bool)> = sqlx::query_as(
+        "SELECT o.slug, o.schema_name, o.status, o.template_version, n.oid IS NOT NULL, \
+                EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = $1) \
+         FROM tenantry.organizations o LEFT JOIN pg_namespace n ON n.nspname = o.schema_name \
+         ORDER BY o.slug",
     )
+    .bind(HISTORY_TABLE)
     .fetch_all(pool)
     .await?;
-    for (slug, schema, status, version, exists) in orgs {
+    let with_history: Vec<SchemaName> = orgs
+        .iter()
+        .filter(|o| o.5)
+        .filter_map(|o| SchemaName::parse(&o.1).ok())
+        .collect();
+    let versions = history_versions(pool, &with_history).await?;
+    for (slug, schema, status, version, exists, _) in orgs {
         if matches!(status, OrgStatus::Provisioning | OrgStatus::Deleting) {
             findings.push(Finding::StuckStatus {
                 slug: slug.clone(),
@@ -709,10 +710,7 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
             findings.push(Finding::MissingSchema { slug, schema });
             continue;
         }
-        let Ok(parsed) = SchemaName::parse(&schema) else {
-            continue;
-        };
-        let history: Option<i32> = history_version(pool, &parsed).await?;
+        let history = versions.get(&schema).copied().flatten();
         if history != Some(version) {
             findings.push(Finding::VersionMismatch {
                 slug,
@@ -754,31 +752,37 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
     Ok(report)
 }
 
-async fn history_version(pool: &PgPool, schema: &SchemaName) -> Result<Option<i32>, Error> {
-    let has_history: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
-    )
-    .bind(schema.as_str())
-    .bind(HISTORY_TABLE)
-    .fetch_one(pool)
-    .await?;
-    if !has_history {
-        return Ok(None);
+/// The highest applied version in the history table of each schema, read
+/// `HISTORY_BATCH` schemas per query (one round trip per batch, not per
+/// tenant), on a connection that is closed afterwards: it has opened every
+/// tenant's history table, and the pool should not keep those cache entries.
+async fn history_versions(
+    pool: &PgPool,
+    schemas: &[SchemaName],
+) -> Result<std::collections::HashMap<String, Option<i32>>, Error> {
+    const HISTORY_BATCH: usize = 500;
+    let mut out = std::collections::HashMap::with_capacity(schemas.len());
+    if schemas.is_empty() {
+        return Ok(out);
     }
     let mut conn = pool.acquire().await?;
-    Ok(read_history_version(&mut conn, schema).await?)
-}
-
-async fn read_history_version(
-    conn: &mut PgConnection,
-    schema: &SchemaName,
-) -> Result<Option<i32>, sqlx::Error> {
-    let sql = format!(
-        "SELECT max(version) FROM {}.{HISTORY_TABLE}",
-        schema.quoted()
-    );
-    sqlx::query_scalar(&sql)
-        .persistent(false)
-        .fetch_one(conn)
-        .await
+    for batch in schemas.chunks(HISTORY_BATCH) {
+        let sql = batch
+            .iter()
+            .map(|s| {
+                format!(
+                    "SELECT '{s}'::text, (SELECT max(version) FROM {}.{HISTORY_TABLE})",
+                    s.quoted()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let rows: Vec<(String, Option<i32>)> = sqlx::query_as(&sql)
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await?;
+        out.extend(rows);
+    }
+    conn.close_on_drop();
+    Ok(out)
 }

@@ -554,7 +554,8 @@ async fn admin_lifecycle_suspend_rename_delete() {
     assert_eq!(got["slug"], "renewed");
     let (s, list) = app.call(GET, "/v1/admin/orgs", &app.superuser, None).await;
     assert_eq!(s, 200);
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert!(list["next_cursor"].is_null());
 
     let (s, _) = app
         .call(DELETE, "/v1/admin/orgs/renewed", &app.superuser, None)
@@ -679,6 +680,93 @@ async fn a_second_process_converges_on_suspend_and_rename() {
             "second process still serves a suspended org"
         );
         tokio::task::yield_now().await;
+    }
+}
+
+/// Walking `GET /v1/admin/orgs` page by page while orgs are being created
+/// returns every org that existed throughout exactly once, and no org twice.
+#[tokio::test]
+async fn admin_org_pages_list_every_org_once_under_concurrent_creates() {
+    let app = spawn_app().await;
+    let mut before = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        let slug = format!("page-{i:02}");
+        let (s, b) = app
+            .call(
+                POST,
+                "/v1/admin/orgs",
+                &app.superuser,
+                Some(json!({"slug": slug, "name": "Paged"})),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        before.insert(slug);
+    }
+    // creates interleaved with the walk: slugs sorting before, among and
+    // after the existing ones
+    let creator = {
+        let (http, url, token) = (
+            app.http.clone(),
+            app.url("/v1/admin/orgs"),
+            app.superuser.clone(),
+        );
+        tokio::spawn(async move {
+            for i in 0..20 {
+                let slug = format!("{}-new-{i:02}", ["a", "page-1", "zz"][i % 3]);
+                let res = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({"slug": slug, "name": "New"}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 201);
+            }
+        })
+    };
+    let mut seen = vec![];
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/admin/orgs?limit=7&cursor={c}"),
+            None => "/v1/admin/orgs?limit=7".to_string(),
+        };
+        let (s, page) = app.call(GET, &path, &app.superuser, None).await;
+        assert_eq!(s, 200, "{page}");
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 7);
+        seen.extend(items.iter().map(|o| o["slug"].as_str().unwrap().to_owned()));
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    creator.await.unwrap();
+    assert!(pages >= 5);
+    let unique: std::collections::BTreeSet<_> = seen.iter().cloned().collect();
+    assert_eq!(
+        unique.len(),
+        seen.len(),
+        "an org was listed twice: {seen:?}"
+    );
+    assert!(before.is_subset(&unique), "an org was missed: {seen:?}");
+    // a walk after the creates sees all 50
+    let (_, all) = app
+        .call(GET, "/v1/admin/orgs?limit=1000", &app.superuser, None)
+        .await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 50);
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "cursor=Not%20A%20Slug",
+        "color=red",
+    ] {
+        let (s, b) = app
+            .call(GET, &format!("/v1/admin/orgs?{bad}"), &app.superuser, None)
+            .await;
+        assert_error(s, &b, 400, "invalid_query");
     }
 }
 

@@ -121,12 +121,12 @@ pub struct Page<T> {
 }
 
 /// Rows are fetched `limit + 1` at a time: the extra row only says whether
-/// there is a next page.
-fn page<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> Uuid) -> Page<T> {
+/// there is a next page. The cursor is the last row's key.
+pub(crate) fn page<T, K: ToString>(mut rows: Vec<T>, limit: i64, key: impl Fn(&T) -> K) -> Page<T> {
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next_cursor = if more {
-        rows.last().map(|r| id(r).to_string())
+        rows.last().map(|r| key(r).to_string())
     } else {
         None
     };

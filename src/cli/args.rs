@@ -1,0 +1,250 @@
+//! The command line's argument types (clap). Parsing only: what each command
+//! does lives in the family modules.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tenantry",
+    version,
+    about = "Schema-per-tenant router for PostgreSQL"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DbArgs {
+    /// PostgreSQL connection URL. Without it, a local cluster is run from the
+    /// system's PostgreSQL binaries in --data-dir.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the zero-config local cluster lives.
+    #[arg(
+        long,
+        env = "TENANTRY_DATA_DIR",
+        default_value = ".tenantry",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the HTTP API server.
+    Serve(ServeArgs),
+    /// Apply registry migrations, then the tenant template to every tenant.
+    Migrate(MigrateArgs),
+    /// Run a read-only query in every active tenant.
+    Query(QueryArgs),
+    /// Find (and with --repair, fix what is safe) registry/schema drift.
+    Doctor {
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create, list, suspend, resume, rename and delete organizations.
+    #[command(subcommand)]
+    Orgs(OrgsCommand),
+    /// Issue and revoke API tokens.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TENANTRY_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: std::net::SocketAddr,
+    /// Database connections shared by all tenants, whatever their number.
+    #[arg(long, env = "TENANTRY_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: u32,
+    /// Sub-pools the tenant connections are split into; each tenant uses
+    /// its home sub-pool or a second choice, so each connection serves a
+    /// slice of the tenants (1: every connection serves every tenant).
+    #[arg(long, env = "TENANTRY_SUB_POOLS", default_value_t = crate::db::DEFAULT_SUB_POOLS)]
+    pub sub_pools: u32,
+    /// Seconds a pooled connection lives before it is replaced (bounds the
+    /// catalog cache each backend accumulates per tenant).
+    #[arg(long, env = "TENANTRY_CONN_MAX_LIFETIME", default_value_t = 900)]
+    pub conn_max_lifetime: u64,
+    /// Prepared statements kept per connection (tenant SQL is prepared once
+    /// per tenant and connection).
+    #[arg(long, env = "TENANTRY_STATEMENT_CACHE", default_value_t = 1024)]
+    pub statement_cache: usize,
+    /// Seconds a resolved org stays cached in this process (other processes'
+    /// changes are also pushed through LISTEN/NOTIFY).
+    #[arg(long, env = "TENANTRY_CACHE_TTL", default_value_t = 30)]
+    pub cache_ttl: u64,
+    /// Seconds a verified token stays cached in this process.
+    #[arg(long, env = "TENANTRY_AUTH_TTL", default_value_t = 10)]
+    pub auth_ttl: u64,
+    #[arg(long, env = "TENANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    #[command(subcommand)]
+    pub command: Option<MigrateCommand>,
+    /// List the tenants that are behind and what would be applied; change nothing.
+    #[arg(long, visible_alias = "dry-run")]
+    pub plan: bool,
+    /// Only these orgs.
+    #[arg(long, num_args = 1..)]
+    pub only: Vec<String>,
+    /// Migrate up to this template version (default: the latest).
+    #[arg(long)]
+    pub target: Option<i32>,
+    /// Tenants migrated at once (default: 4).
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
+    /// Apply the migrations in this directory instead of the template built
+    /// into this binary (V{n}__{name}.sql files).
+    #[arg(long)]
+    pub template_dir: Option<PathBuf>,
+    /// Print a JSON summary instead of progress and a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum MigrateCommand {
+    /// How many tenants are at each template version, and which failed.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueryArgs {
+    /// Run in every active tenant (required: the scope is explicit).
+    #[arg(long, required = true)]
+    pub all: bool,
+    /// One SELECT statement, run with search_path set to each tenant.
+    pub sql: String,
+    #[arg(long, value_enum, default_value_t = QueryFormat::Table)]
+    pub format: QueryFormat,
+    /// Tenants queried at once.
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
+    /// Per-tenant statement timeout, milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OrgsCommand {
+    /// Create an organization: schema, tenant template and initial data.
+    Create {
+        slug: String,
+        #[arg(long)]
+        name: String,
+        /// Creates this user as the org's owner; initial data is recorded as
+        /// created by them.
+        #[arg(long)]
+        owner_email: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List organizations in slug order (all of them, read a page at a
+    /// time, or one page with --limit).
+    List {
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<i64>,
+        /// Only slugs after this one (the last slug of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Suspend an active organization: its API requests get 403.
+    Suspend {
+        slug: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a suspended organization.
+    Resume {
+        slug: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an organization's slug (its schema is renamed with it).
+    Rename {
+        slug: String,
+        new_slug: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an organization and drop its schema with all its data.
+    Delete {
+        slug: String,
+        /// Confirms that the org's schema and data are to be dropped.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokensCommand {
+    /// Issue a token for a user of an org (the user is created if missing).
+    /// The secret is printed once and never stored.
+    Create {
+        slug: String,
+        #[arg(long)]
+        email: String,
+        /// A label for the token.
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime: 90d, 12h, 30m, 3600s (default: no expiry).
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue a token for a platform superuser (acts on every org).
+    Superuser {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime: 90d, 12h, 30m, 3600s (default: no expiry).
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (never their secrets): all, or one org's.
+    List {
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id; running servers stop accepting it at once.
+    Revoke { id: uuid::Uuid },
+}

@@ -1,0 +1,319 @@
+//! `migrate`, `migrate status`, `query --all` and `doctor`: the fleet
+//! commands.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::render::{cell_text, csv_field, print_json, print_table};
+use super::{Command, MigrateArgs, MigrateCommand, PartialFailure, QueryArgs, QueryFormat};
+use crate::fleet;
+use crate::ident::Slug;
+use crate::template::Template;
+
+/// A fleet command with its arguments already validated.
+pub(super) enum Action {
+    Migrate(MigrateArgs, Template, Vec<Slug>),
+    MigrateStatus(bool),
+    Query(QueryArgs),
+    Doctor(bool, bool),
+}
+
+impl Action {
+    pub(super) fn parse(command: Command) -> anyhow::Result<Self> {
+        Ok(match command {
+            Command::Migrate(args) => match args.command {
+                Some(MigrateCommand::Status { json }) => Action::MigrateStatus(json),
+                None => {
+                    let template = match &args.template_dir {
+                        Some(dir) => Template::from_dir(dir)?,
+                        None => Template::embedded(),
+                    };
+                    let only = args
+                        .only
+                        .iter()
+                        .map(|s| Slug::parse(s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Action::Migrate(args, template, only)
+                }
+            },
+            Command::Query(args) => {
+                crate::fleet::prepare_query(&args.sql)?;
+                Action::Query(args)
+            }
+            Command::Doctor { repair, json } => Action::Doctor(repair, json),
+            Command::Serve(_) | Command::Orgs(_) | Command::Tokens(_) => {
+                unreachable!("not a fleet command")
+            }
+        })
+    }
+
+    pub(super) async fn run(self, pool: &PgPool) -> anyhow::Result<()> {
+        match self {
+            Action::Migrate(args, template, only) => migrate(pool, args, template, only).await?,
+            Action::MigrateStatus(json) => {
+                let status = fleet::status(pool).await?;
+                if json {
+                    print_json(&status)?;
+                } else {
+                    let rows: Vec<[String; 2]> = status
+                        .versions
+                        .iter()
+                        .map(|(v, n)| [v.to_string(), n.to_string()])
+                        .collect();
+                    print_table(&["TEMPLATE VERSION", "TENANTS"], &rows);
+                    if !status.failed.is_empty() {
+                        println!();
+                        let rows: Vec<[String; 4]> = status
+                            .failed
+                            .iter()
+                            .map(|f| {
+                                [
+                                    f.slug.clone(),
+                                    format!("{} -> {}", f.from_version, f.target_version),
+                                    f.migration.clone().unwrap_or_default(),
+                                    f.error.clone(),
+                                ]
+                            })
+                            .collect();
+                        print_table(&["FAILED", "VERSIONS", "MIGRATION", "ERROR"], &rows);
+                    }
+                }
+            }
+            Action::Query(args) => query(pool, args).await?,
+            Action::Doctor(repair, json) => {
+                let report = fleet::doctor(pool, repair).await?;
+                if json {
+                    print_json(&report)?;
+                } else {
+                    if report.findings.is_empty() {
+                        println!("no problems found");
+                    }
+                    for f in &report.findings {
+                        println!("found: {}", serde_json::to_string(f)?);
+                    }
+                    for r in &report.repaired {
+                        println!("repaired: {r}");
+                    }
+                    for l in &report.left {
+                        println!("left for an operator: {l}");
+                    }
+                }
+                if !report.left.is_empty() || (!repair && !report.findings.is_empty()) {
+                    return Err(PartialFailure(format!(
+                        "{} problem(s) found, {} repaired",
+                        report.findings.len(),
+                        report.repaired.len()
+                    ))
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn migrate(
+    pool: &PgPool,
+    args: MigrateArgs,
+    template: Template,
+    only: Vec<Slug>,
+) -> anyhow::Result<()> {
+    let opts = fleet::MigrateOptions {
+        jobs: args.jobs,
+        only,
+        target: args.target,
+    };
+    let started = std::time::Instant::now();
+    let plan = fleet::plan(pool, &template, &opts).await?;
+    if args.plan {
+        let rows: Vec<[String; 3]> = plan
+            .behind
+            .iter()
+            .map(|t| {
+                [
+                    t.slug.to_string(),
+                    format!("{} -> {}", t.template_version, plan.target),
+                    fleet::pending(&template, t.template_version, plan.target).join(", "),
+                ]
+            })
+            .collect();
+        if args.json {
+            let behind: Vec<_> = plan
+                .behind
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "slug": t.slug.as_str(),
+                        "from": t.template_version,
+                        "to": plan.target,
+                        "pending": fleet::pending(&template, t.template_version, plan.target),
+                    })
+                })
+                .collect();
+            print_json(&serde_json::json!({
+                "target": plan.target, "up_to_date": plan.up_to_date, "behind": behind
+            }))?;
+        } else {
+            println!(
+                "{} tenant(s) behind version {}, {} up to date",
+                plan.behind.len(),
+                plan.target,
+                plan.up_to_date
+            );
+            if !rows.is_empty() {
+                print_table(&["ORG", "VERSIONS", "WOULD APPLY"], &rows);
+            }
+        }
+        return Ok(());
+    }
+    let interactive = !args.json && std::io::stderr().is_terminal();
+    let bar = interactive.then(|| {
+        let bar = indicatif::ProgressBar::new(plan.behind.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tenants {elapsed} {msg}")
+                .expect("valid progress template"),
+        );
+        bar
+    });
+    let json = args.json;
+    let report = fleet::migrate_planned(pool, &template, plan, opts.jobs, started, |outcome| {
+        if let Some(bar) = &bar {
+            bar.inc(1);
+            if let fleet::TenantOutcome::Failed { slug, .. } = outcome {
+                bar.println(format!("failed: {slug}"));
+            }
+        } else if !json {
+            match outcome {
+                fleet::TenantOutcome::Migrated {
+                    slug, from, to, ms, ..
+                } => {
+                    println!("migrated {slug}: {from} -> {to} in {ms:.0} ms")
+                }
+                fleet::TenantOutcome::Skipped { slug, reason } => {
+                    println!("skipped {slug}: {reason}")
+                }
+                fleet::TenantOutcome::Failed { slug, .. } => println!("failed {slug}"),
+            }
+        }
+    })
+    .await?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    if json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "version {}: {} migrated, {} skipped, {} failed, {} already up to date, in {:.2} s",
+            report.target,
+            report.migrated,
+            report.skipped,
+            report.failed,
+            report.up_to_date,
+            report.seconds
+        );
+        for f in &report.failures {
+            if let fleet::TenantOutcome::Failed {
+                slug,
+                migration,
+                error,
+                diverged,
+                ..
+            } = f
+            {
+                let what = if *diverged {
+                    "history differs from the template"
+                } else {
+                    "failed"
+                };
+                println!(
+                    "  {slug}: {what} at {}: {error}",
+                    migration.as_deref().unwrap_or("?")
+                );
+            }
+        }
+    }
+    if report.failed > 0 {
+        return Err(PartialFailure(format!(
+            "{} tenant(s) failed and were rolled back; fix them and run migrate again",
+            report.failed
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+async fn query(pool: &PgPool, args: QueryArgs) -> anyhow::Result<()> {
+    let mut failed = 0;
+    let mut table: Vec<(String, serde_json::Map<String, serde_json::Value>)> = vec![];
+    let mut csv_header: Option<Vec<String>> = None;
+    fleet::query_all(
+        pool,
+        &args.sql,
+        args.jobs,
+        Duration::from_millis(args.timeout_ms),
+        |outcome| match outcome {
+            fleet::QueryOutcome::Failed { slug, error } => {
+                failed += 1;
+                eprintln!("{slug}: {error}");
+            }
+            fleet::QueryOutcome::Rows { slug, rows } => {
+                for row in rows {
+                    match args.format {
+                        QueryFormat::Json => {
+                            let mut tagged = serde_json::Map::new();
+                            tagged.insert("org".into(), slug.clone().into());
+                            tagged.extend(row);
+                            println!("{}", serde_json::Value::Object(tagged));
+                        }
+                        QueryFormat::Csv => {
+                            let header = csv_header.get_or_insert_with(|| {
+                                let cols: Vec<String> = row.keys().cloned().collect();
+                                println!(
+                                    "org,{}",
+                                    cols.iter()
+                                        .map(|c| csv_field(c))
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                );
+                                cols
+                            });
+                            let cells: Vec<String> = header
+                                .iter()
+                                .map(|c| csv_field(&cell_text(row.get(c))))
+                                .collect();
+                            println!("{},{}", csv_field(&slug), cells.join(","));
+                        }
+                        QueryFormat::Table => table.push((slug.clone(), row)),
+                    }
+                }
+            }
+        },
+    )
+    .await?;
+    if args.format == QueryFormat::Table {
+        table.sort_by(|a, b| a.0.cmp(&b.0));
+        let cols: Vec<String> = table
+            .first()
+            .map(|(_, r)| r.keys().cloned().collect())
+            .unwrap_or_default();
+        let header: Vec<&str> = std::iter::once("ORG")
+            .chain(cols.iter().map(String::as_str))
+            .collect();
+        let rows: Vec<Vec<String>> = table
+            .iter()
+            .map(|(slug, row)| {
+                std::iter::once(slug.clone())
+                    .chain(cols.iter().map(|c| cell_text(row.get(c))))
+                    .collect()
+            })
+            .collect();
+        print_table(&header, &rows);
+    }
+    if failed > 0 {
+        return Err(PartialFailure(format!("the query failed in {failed} tenant(s)")).into());
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Command line: `tenantry serve | migrate | query | doctor | orgs | tokens`.
+//! Configuration comes from flags and the environment; without
+//! `DATABASE_URL` the commands use (and if needed start) the zero-config
+//! local cluster in `--data-dir`. Arguments are checked before any database
+//! is touched; each command family has its module, output rendering its own.
+
+mod args;
+mod fleet;
+mod orgs;
+mod render;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sqlx::PgPool;
+
+pub use args::*;
+pub use render::print_table;
+
+use crate::db::PoolConfig;
+use crate::embedded::{Durability, LocalPostgres};
+use crate::registry;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Serve(args) => init_tracing("info", args.log_format),
+        _ => init_tracing("warn", LogFormat::Text),
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", crate::error::chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn init_tracing(default_level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+    };
+}
+
+/// A database connection for one command, plus the local cluster when this
+/// command had to start it (stopped again when the command ends).
+pub struct Database {
+    pub pool: PgPool,
+    /// Where `pool` connects.
+    pub url: String,
+    local: Option<LocalPostgres>,
+}
+
+impl Database {
+    pub async fn connect(args: &DbArgs, pool_config: &PoolConfig) -> anyhow::Result<Self> {
+        let (url, local) = match &args.database_url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let dir = args.data_dir.clone();
+                let pg = tokio::task::spawn_blocking(move || {
+                    LocalPostgres::ensure_running(&dir, Durability::Durable)
+                })
+                .await??;
+                (pg.url("postgres"), Some(pg))
+            }
+        };
+        let pool = crate::db::connect(&url, pool_config)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+        registry::migrate(&pool).await?;
+        Ok(Database { pool, url, local })
+    }
+
+    pub async fn close(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        if let Some(pg) = self.local.filter(LocalPostgres::started_here) {
+            tokio::task::spawn_blocking(move || pg.stop()).await??;
+        }
+        Ok(())
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Serve(args) = cli.command {
+        return serve::serve(&cli.db, args).await;
+    }
+    // Check arguments before touching (or starting) a database.
+    let jobs = match &cli.command {
+        Command::Migrate(a) => a.jobs,
+        Command::Query(a) => a.jobs,
+        _ => 3,
+    };
+    if jobs == 0 || jobs > 256 {
+        anyhow::bail!("--jobs must be between 1 and 256");
+    }
+    let action = Action::parse(cli.command)?;
+    let pool_config = PoolConfig {
+        max_connections: jobs as u32 + 1,
+        ..PoolConfig::default()
+    };
+    let db = Database::connect(&cli.db, &pool_config).await?;
+    let result = action.run(&db.pool).await;
+    db.close().await?;
+    result
+}
+
+/// Exit with a failure status after printing everything: some tenants failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PartialFailure(pub String);
+
+/// A command with its arguments already validated.
+enum Action {
+    Fleet(fleet::Action),
+    Orgs(orgs::Action),
+}
+
+impl Action {
+    fn parse(command: Command) -> anyhow::Result<Self> {
+        Ok(match command {
+            Command::Serve(_) => unreachable!("serve is handled before"),
+            Command::Orgs(cmd) => Action::Orgs(orgs::Action::parse_orgs(cmd)?),
+            Command::Tokens(cmd) => Action::Orgs(orgs::Action::parse_tokens(cmd)?),
+            other => Action::Fleet(fleet::Action::parse(other)?),
+        })
+    }
+
+    async fn run(self, pool: &PgPool) -> anyhow::Result<()> {
+        match self {
+            Action::Fleet(a) => a.run(pool).await,
+            Action::Orgs(a) => a.run(pool).await,
+        }
+    }
+}

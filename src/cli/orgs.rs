@@ -1,0 +1,234 @@
+//! `orgs` and `tokens`: organization lifecycle and API tokens. Every change
+//! goes through `provision`, which announces it to running servers.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use time::format_description::well_known::Rfc3339;
+
+use super::render::{
+    print_issued, print_json, print_org, print_orgs, print_table, JsonArrayWriter, OrgTable,
+};
+use super::{OrgsCommand, TokensCommand};
+use crate::ident::Slug;
+use crate::provision::{self, NewOrg};
+use crate::registry;
+use crate::template::Template;
+
+/// An org or token command with its arguments already validated.
+pub(super) enum Action {
+    CreateOrg(NewOrg, bool),
+    ListOrgs(Option<i64>, Option<Slug>, bool),
+    Suspend(Slug, bool),
+    Resume(Slug, bool),
+    Rename(Slug, Slug, bool),
+    Delete(Slug, bool),
+    CreateToken(Slug, String, Option<String>, Option<Duration>, bool),
+    SuperuserToken(String, Option<String>, Option<Duration>, bool),
+    ListTokens(Option<Slug>, bool),
+    RevokeToken(uuid::Uuid),
+}
+
+impl Action {
+    pub(super) fn parse_orgs(cmd: OrgsCommand) -> anyhow::Result<Self> {
+        Ok(match cmd {
+            OrgsCommand::Create {
+                slug,
+                name,
+                owner_email,
+                json,
+            } => Action::CreateOrg(NewOrg::parse(&slug, &name, owner_email.as_deref())?, json),
+            OrgsCommand::List { limit, after, json } => {
+                if limit.is_some_and(|l| l < 1) {
+                    anyhow::bail!("--limit must be at least 1");
+                }
+                Action::ListOrgs(limit, after.as_deref().map(Slug::parse).transpose()?, json)
+            }
+            OrgsCommand::Suspend { slug, json } => Action::Suspend(Slug::parse(&slug)?, json),
+            OrgsCommand::Resume { slug, json } => Action::Resume(Slug::parse(&slug)?, json),
+            OrgsCommand::Rename {
+                slug,
+                new_slug,
+                json,
+            } => Action::Rename(Slug::parse(&slug)?, Slug::parse(&new_slug)?, json),
+            OrgsCommand::Delete { slug, yes, json } => {
+                let slug = Slug::parse(&slug)?;
+                if !yes {
+                    anyhow::bail!(
+                        "deleting {slug} drops its schema and all its data; pass --yes to confirm"
+                    );
+                }
+                Action::Delete(slug, json)
+            }
+        })
+    }
+
+    pub(super) fn parse_tokens(cmd: TokensCommand) -> anyhow::Result<Self> {
+        Ok(match cmd {
+            TokensCommand::Create {
+                slug,
+                email,
+                name,
+                expires_in,
+                json,
+            } => {
+                let email = registry::parse_email(&email)?;
+                let expires_in = expires_in
+                    .as_deref()
+                    .map(provision::parse_lifetime)
+                    .transpose()?;
+                Action::CreateToken(Slug::parse(&slug)?, email, name, expires_in, json)
+            }
+            TokensCommand::Superuser {
+                email,
+                name,
+                expires_in,
+                json,
+            } => {
+                let expires_in = expires_in
+                    .as_deref()
+                    .map(provision::parse_lifetime)
+                    .transpose()?;
+                Action::SuperuserToken(registry::parse_email(&email)?, name, expires_in, json)
+            }
+            TokensCommand::List { org, json } => {
+                Action::ListTokens(org.as_deref().map(Slug::parse).transpose()?, json)
+            }
+            TokensCommand::Revoke { id } => Action::RevokeToken(id),
+        })
+    }
+
+    pub(super) async fn run(self, pool: &PgPool) -> anyhow::Result<()> {
+        match self {
+            Action::CreateOrg(new, json) => {
+                let created = provision::create_org(pool, &Template::embedded(), &new).await?;
+                if json {
+                    print_json(&created)?;
+                } else {
+                    print_orgs(std::slice::from_ref(&created.organization));
+                    if let Some(owner) = created.owner {
+                        println!("owner: {} ({})", owner.email, owner.id);
+                    }
+                }
+            }
+            Action::ListOrgs(limit, after, json) => {
+                // A page at a time: memory stays flat however many orgs.
+                const PAGE: i64 = 1000;
+                let mut after = after.map(|s| s.to_string());
+                let mut left = limit.unwrap_or(i64::MAX);
+                let (mut table, mut array) = (OrgTable::default(), JsonArrayWriter::default());
+                while left > 0 {
+                    let orgs =
+                        registry::list_orgs_page(pool, after.as_deref(), left.min(PAGE)).await?;
+                    if json {
+                        array.items(&orgs)?;
+                    } else {
+                        table.rows(&orgs);
+                    }
+                    left -= orgs.len() as i64;
+                    match orgs.last() {
+                        Some(last) if orgs.len() as i64 == PAGE => {
+                            after = Some(last.slug.to_string())
+                        }
+                        _ => break,
+                    }
+                }
+                if json {
+                    array.finish();
+                }
+            }
+            Action::Suspend(slug, json) => {
+                print_org(&provision::suspend_org(pool, &slug).await?, json)?
+            }
+            Action::Resume(slug, json) => {
+                print_org(&provision::resume_org(pool, &slug).await?, json)?
+            }
+            Action::Rename(slug, new_slug, json) => {
+                print_org(&provision::rename_org(pool, &slug, &new_slug).await?, json)?
+            }
+            Action::Delete(slug, json) => {
+                let org = provision::delete_org(pool, &slug).await?;
+                if json {
+                    print_json(&org)?;
+                } else {
+                    println!("deleted {} (schema {} dropped)", org.slug, org.schema_name);
+                }
+            }
+            Action::CreateToken(slug, email, name, expires_in, json) => {
+                let (user, issued) =
+                    provision::issue_org_token(pool, &slug, &email, name.as_deref(), expires_in)
+                        .await?;
+                print_issued(
+                    &user,
+                    &issued,
+                    &format!("token for {} in {slug}", user.email),
+                    json,
+                )?;
+            }
+            Action::SuperuserToken(email, name, expires_in, json) => {
+                let (user, issued) =
+                    provision::issue_superuser_token(pool, &email, name.as_deref(), expires_in)
+                        .await?;
+                print_issued(
+                    &user,
+                    &issued,
+                    &format!("superuser token for {}", user.email),
+                    json,
+                )?;
+            }
+            Action::ListTokens(org, json) => {
+                let org_id = match &org {
+                    Some(slug) => Some(
+                        registry::get_org(&mut *pool.acquire().await?, slug)
+                            .await?
+                            .id,
+                    ),
+                    None => None,
+                };
+                let tokens = registry::list_tokens(pool, org_id).await?;
+                if json {
+                    print_json(&tokens)?;
+                } else {
+                    let rows: Vec<[String; 8]> = tokens
+                        .iter()
+                        .map(|t| {
+                            let at = |v: Option<time::OffsetDateTime>| {
+                                v.and_then(|v| v.format(&Rfc3339).ok()).unwrap_or_default()
+                            };
+                            [
+                                t.info.id.to_string(),
+                                t.info.prefix.clone(),
+                                t.org.clone().unwrap_or_else(|| "(superuser)".into()),
+                                t.email.clone(),
+                                t.info.name.clone().unwrap_or_default(),
+                                t.state.clone(),
+                                at(t.info.last_used_at),
+                                at(t.info.expires_at),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &[
+                            "ID",
+                            "PREFIX",
+                            "ORG",
+                            "USER",
+                            "NAME",
+                            "STATE",
+                            "LAST USED",
+                            "EXPIRES",
+                        ],
+                        &rows,
+                    );
+                }
+            }
+            Action::RevokeToken(id) => {
+                if provision::revoke_token(pool, id).await?.is_none() {
+                    anyhow::bail!("no active token with id {id}");
+                }
+                println!("revoked {id}");
+            }
+        }
+        Ok(())
+    }
+}

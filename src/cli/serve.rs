@@ -1,0 +1,52 @@
+//! `tenantry serve`: configuration from flags, the server's pools, and the
+//! bootstrap superuser.
+
+use std::time::Duration;
+
+use super::{Database, DbArgs, ServeArgs};
+use crate::auth::AuthConfig;
+use crate::db::PoolConfig;
+use crate::router::RouterConfig;
+use crate::server::{self, ServerConfig};
+
+pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
+    let pool_config = PoolConfig {
+        max_connections: args.pool_size,
+        sub_pools: args.sub_pools,
+        max_lifetime: Duration::from_secs(args.conn_max_lifetime),
+        statement_cache: args.statement_cache,
+        ..PoolConfig::default()
+    };
+    let db = Database::connect(db_args, &server::small_pool_config(&pool_config)).await?;
+    let config = ServerConfig {
+        router: RouterConfig {
+            ttl: Duration::from_secs(args.cache_ttl),
+            ..RouterConfig::default()
+        },
+        auth: AuthConfig {
+            ttl: Duration::from_secs(args.auth_ttl),
+            ..AuthConfig::default()
+        },
+        ..ServerConfig::default()
+    };
+    if let Some(token) = server::bootstrap_superuser(&db.pool).await? {
+        println!(
+            "created superuser {} with API token (shown once, store it now):",
+            server::BOOTSTRAP_SUPERUSER
+        );
+        println!("{}", token.token);
+    }
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.bind))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+    println!("tenantry listening on http://{addr}");
+    let pools = server::Pools::connect_lazy(db.pool.clone(), &db.url, &pool_config)?;
+    let state = server::state(pools, &config).await?;
+    let served = server::serve(listener, state.clone(), &config, server::shutdown_signal()).await;
+    state.tenancy.router().tenant_pool().close().await;
+    state.tenancy.router().control_pool().close().await;
+    db.close().await?;
+    Ok(served?)
+}
