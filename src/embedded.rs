@@ -57,6 +57,9 @@ struct Owner {
 }
 
 pub const SUPERUSER: &str = "postgres";
+/// The login role of the server's tenant connections on a local cluster:
+/// not a superuser (see `roles`).
+pub const APP_ROLE: &str = "tenantry_app";
 
 impl LocalPostgres {
     /// Creates the cluster under `root` if it does not exist yet, then starts
@@ -118,10 +121,29 @@ impl LocalPostgres {
 
     /// A connection URL for `database` as the cluster's superuser.
     pub fn url(&self, database: &str) -> String {
+        self.url_as(SUPERUSER, &self.password, database)
+    }
+
+    /// A connection URL for `database` as `user` (hex passwords and plain
+    /// role names need no escaping).
+    pub fn url_as(&self, user: &str, password: &str, database: &str) -> String {
         format!(
-            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}",
-            self.password, self.port
+            "postgres://{user}:{password}@127.0.0.1:{}/{database}",
+            self.port
         )
+    }
+
+    /// The password of [`APP_ROLE`], made on first use and kept beside the
+    /// superuser's (mode 0600).
+    pub fn app_password(&self) -> Result<String, EmbeddedError> {
+        let file = self.root.join("app-password");
+        if let Ok(existing) = fs::read_to_string(&file) {
+            return Ok(existing.trim().to_owned());
+        }
+        let password = crate::secret::random_hex(24);
+        fs::write(&file, &password).map_err(io_err(&file))?;
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).map_err(io_err(&file))?;
+        Ok(password)
     }
 
     fn init_if_needed(&self) -> Result<(), EmbeddedError> {
@@ -149,7 +171,7 @@ impl LocalPostgres {
                 path_str(&data),
                 "-U",
                 SUPERUSER,
-                "--auth-local=trust",
+                "--auth-local=scram-sha-256",
                 "--auth-host=scram-sha-256",
                 "--pwfile",
                 path_str(&init_pw),
@@ -175,8 +197,10 @@ impl LocalPostgres {
 
     fn start(&self, durability: Durability) -> Result<(), EmbeddedError> {
         let data = self.data_dir();
+        self.harden()?;
         let mut opts = format!(
-            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c max_connections=200",
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
+             -c unix_socket_permissions=0700 -c max_connections=200",
             self.port,
             path_str(&self.root)
         );
@@ -215,6 +239,34 @@ impl LocalPostgres {
             },
             other => other,
         })?;
+        Ok(())
+    }
+
+    /// Only the server's user may reach the socket directory, and every
+    /// login needs a password: clusters made by earlier versions trusted
+    /// local (socket) connections, which are switched to scram here.
+    fn harden(&self) -> Result<(), EmbeddedError> {
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&self.root))?;
+        let hba = self.data_dir().join("pg_hba.conf");
+        let text = fs::read_to_string(&hba).map_err(io_err(&hba))?;
+        let hardened: String = text
+            .lines()
+            .map(|line| {
+                let rule = line.split_whitespace().collect::<Vec<_>>();
+                if !line.trim_start().starts_with('#') && rule.last() == Some(&"trust") {
+                    format!(
+                        "{}scram-sha-256\n",
+                        line.trim_end().strip_suffix("trust").unwrap_or(line)
+                    )
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        if hardened != text {
+            fs::write(&hba, hardened).map_err(io_err(&hba))?;
+        }
         Ok(())
     }
 

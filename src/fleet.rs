@@ -12,8 +12,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::ident::{quote_ident, SchemaName, Slug, TENANT_SCHEMA_PREFIX};
+use crate::ident::{quote_ident, RoleName, SchemaName, Slug, TENANT_SCHEMA_PREFIX};
 use crate::registry::OrgStatus;
+use crate::template::simple_query;
 use crate::template::{Template, TemplateError, HISTORY_TABLE};
 
 /// One tenant as the fleet sees it.
@@ -373,6 +374,10 @@ async fn try_migrate_tenant(
         return Ok(None);
     }
     let schema = SchemaName::parse(&schema_name)?;
+    // The template runs as the tenant's role, which owns what it creates;
+    // the registry is written as the admin again.
+    let role = RoleName::for_org(&t.id);
+    simple_query(&mut tx, &format!("SET LOCAL ROLE {}", role.quoted())).await?;
     let applied = if schema == t.schema {
         template
             .apply_in_search_path(&mut tx, &schema, Some(target), false)
@@ -382,6 +387,7 @@ async fn try_migrate_tenant(
             .apply(&mut tx, &schema, Some(target), false)
             .await?
     };
+    simple_query(&mut tx, "RESET ROLE").await?;
     let now_at = applied
         .versions
         .iter()
@@ -583,8 +589,11 @@ async fn query_tenant(
     wrapped: &str,
     timeout_ms: u128,
 ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, sqlx::Error> {
+    // Confined to the tenant's role: the query cannot read the registry or
+    // another tenant, whatever it names.
     let begin = format!(
-        "BEGIN READ ONLY; SET LOCAL search_path TO {}; SET LOCAL statement_timeout = {timeout_ms}",
+        "BEGIN READ ONLY; SET LOCAL ROLE {}; SET LOCAL search_path TO {}; SET LOCAL statement_timeout = {timeout_ms}",
+        RoleName::for_org(&t.id).quoted(),
         t.schema.quoted()
     );
     let mut tx = pool.begin_with(begin).await?;
@@ -655,6 +664,9 @@ pub enum Finding {
         registry: i32,
         history: Option<i32>,
     },
+    /// An organization without its PostgreSQL role (created by a version
+    /// before tenant roles): its requests cannot be served.
+    MissingRole { slug: String },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -698,7 +710,10 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
         .filter(|o| o.5)
         .filter_map(|o| SchemaName::parse(&o.1).ok())
         .collect();
-    let versions = history_versions(pool, &with_history).await?;
+    let jobs = (pool.options().get_max_connections() as usize)
+        .saturating_sub(1)
+        .max(1);
+    let versions = history_versions(pool, with_history, jobs).await?;
     for (slug, schema, status, version, exists, _) in orgs {
         if matches!(status, OrgStatus::Provisioning | OrgStatus::Deleting) {
             findings.push(Finding::StuckStatus {
@@ -719,11 +734,18 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
             });
         }
     }
+    findings.extend(
+        crate::roles::orgs_without_roles(pool)
+            .await?
+            .into_iter()
+            .map(|(slug, _, _)| Finding::MissingRole { slug }),
+    );
     let mut report = DoctorReport {
         findings: findings.clone(),
         repaired: vec![],
         left: vec![],
     };
+    let mut roles_repaired = false;
     for f in findings {
         match (&f, repair) {
             (Finding::VersionMismatch { slug, history: Some(h), .. }, true) => {
@@ -738,6 +760,13 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
                 let slug = Slug::parse(slug)?;
                 crate::provision::delete_org(pool, &slug).await?;
                 report.repaired.push(format!("{slug}: finished its deletion (schema dropped, row removed)"));
+            }
+            (Finding::MissingRole { slug }, true) => {
+                if !roles_repaired {
+                    crate::roles::ensure_tenant_roles(pool).await?;
+                    roles_repaired = true;
+                }
+                report.repaired.push(format!("{slug}: role created; it now owns the org's schema"));
             }
             (Finding::OrphanSchema { schema }, _) => report.left.push(format!(
                 "{schema}: no organization owns it; inspect it, then DROP SCHEMA {} CASCADE or recreate its org",
@@ -754,35 +783,54 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
 
 /// The highest applied version in the history table of each schema, read
 /// `HISTORY_BATCH` schemas per query (one round trip per batch, not per
-/// tenant), on a connection that is closed afterwards: it has opened every
-/// tenant's history table, and the pool should not keep those cache entries.
+/// tenant) on up to `jobs` connections at once, each closed afterwards: it
+/// has opened many tenants' history tables, and the pool should not keep
+/// those cache entries.
 async fn history_versions(
     pool: &PgPool,
-    schemas: &[SchemaName],
+    schemas: Vec<SchemaName>,
+    jobs: usize,
 ) -> Result<std::collections::HashMap<String, Option<i32>>, Error> {
-    const HISTORY_BATCH: usize = 500;
+    const HISTORY_BATCH: usize = 250;
+    let batches: Vec<Vec<SchemaName>> = schemas
+        .chunks(HISTORY_BATCH)
+        .map(<[SchemaName]>::to_vec)
+        .collect();
     let mut out = std::collections::HashMap::with_capacity(schemas.len());
-    if schemas.is_empty() {
-        return Ok(out);
+    let mut failure = None;
+    let pool = pool.clone();
+    for_each_bounded(
+        batches,
+        jobs,
+        move |batch| {
+            let pool = pool.clone();
+            async move {
+                let sql = batch
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "SELECT '{s}'::text, (SELECT max(version) FROM {}.{HISTORY_TABLE})",
+                            s.quoted()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" UNION ALL ");
+                let mut conn = pool.acquire().await?;
+                conn.close_on_drop();
+                sqlx::query_as::<_, (String, Option<i32>)>(&sql)
+                    .persistent(false)
+                    .fetch_all(&mut *conn)
+                    .await
+            }
+        },
+        |rows| match rows {
+            Ok(rows) => out.extend(rows),
+            Err(e) => failure = Some(e),
+        },
+    )
+    .await;
+    match failure {
+        Some(e) => Err(e.into()),
+        None => Ok(out),
     }
-    let mut conn = pool.acquire().await?;
-    for batch in schemas.chunks(HISTORY_BATCH) {
-        let sql = batch
-            .iter()
-            .map(|s| {
-                format!(
-                    "SELECT '{s}'::text, (SELECT max(version) FROM {}.{HISTORY_TABLE})",
-                    s.quoted()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        let rows: Vec<(String, Option<i32>)> = sqlx::query_as(&sql)
-            .persistent(false)
-            .fetch_all(&mut *conn)
-            .await?;
-        out.extend(rows);
-    }
-    conn.close_on_drop();
-    Ok(out)
 }

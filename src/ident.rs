@@ -188,6 +188,65 @@ impl fmt::Display for SchemaName {
     }
 }
 
+/// Why a string cannot name a PostgreSQL role.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoleNameError {
+    #[error("role name must be 1 to {IDENT_MAX_BYTES} bytes (got {0})")]
+    Length(usize),
+    #[error("role name must not contain NUL or control characters")]
+    BadChar,
+    #[error("role name {0:?} is reserved by PostgreSQL")]
+    Reserved(String),
+}
+
+/// A PostgreSQL role: a tenant's (`t_` + org id hex, like its schema) or a
+/// serving role named by configuration. Always quoted in SQL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct RoleName(String);
+
+impl RoleName {
+    /// A role named in configuration (e.g. the user of a connection URL).
+    pub fn parse(input: &str) -> Result<Self, RoleNameError> {
+        if input.is_empty() || input.len() > IDENT_MAX_BYTES {
+            return Err(RoleNameError::Length(input.len()));
+        }
+        if input.chars().any(char::is_control) {
+            return Err(RoleNameError::BadChar);
+        }
+        if input.starts_with("pg_")
+            || matches!(
+                input,
+                "public" | "current_user" | "session_user" | "current_role" | "none"
+            )
+        {
+            return Err(RoleNameError::Reserved(input.to_owned()));
+        }
+        Ok(RoleName(input.to_owned()))
+    }
+
+    /// The role of the org with this id: the same name as the schema the org
+    /// gets at creation (see [`SchemaName::for_org`]); unique across the
+    /// cluster, as roles must be.
+    pub fn for_org(id: &uuid::Uuid) -> Self {
+        RoleName(SchemaName::for_org(id).0)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn quoted(&self) -> String {
+        quote_ident(&self.0)
+    }
+}
+
+impl fmt::Display for RoleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Quotes any string as a PostgreSQL identifier: wraps it in double quotes
 /// and doubles embedded quotes. This is the one quoting function of the crate.
 /// NUL bytes cannot be sent to PostgreSQL at all, so they are dropped.

@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod ident;
 pub mod provision;
 pub mod registry;
+pub mod roles;
 pub mod router;
 pub mod secret;
 pub mod server;

@@ -76,8 +76,8 @@ fn orphan_schema(schema: &SchemaName) -> Error {
 /// be injected mid-provisioning.
 pub type FaultHook = fn() -> Result<(), Error>;
 
-/// Creates an organization atomically: registry row, owner user, schema,
-/// tenant template and initial data in one transaction. Any failure leaves
+/// Creates an organization atomically: registry row, owner user, role,
+/// schema, tenant template and initial data in one transaction. Any failure leaves
 /// nothing behind. A concurrent create of the same slug waits on the unique
 /// index and then fails with [`Error::Conflict`].
 #[tracing::instrument(skip(pool, template, new), fields(slug = %new.slug))]
@@ -142,8 +142,9 @@ pub async fn create_org_with_hook(
     // A leftover schema of the same name (e.g. from a crash outside our
     // transaction) is reported, never adopted: CREATE SCHEMA without IF NOT
     // EXISTS fails with duplicate_schema.
+    let role = crate::roles::create_tenant_role(&mut tx, &organization.id).await?;
     let applied = template
-        .apply_to_new_schema(&mut tx, &schema)
+        .apply_to_new_schema(&mut tx, &schema, &role)
         .await
         .map_err(|e| match e {
             TemplateError::Database(db) if sqlstate(&db).as_deref() == Some(DUPLICATE_SCHEMA) => {
@@ -280,8 +281,8 @@ pub async fn rename_org(
     Ok(org)
 }
 
-/// Deletes an org: its registry row (users and tokens cascade) and its schema
-/// with everything in it, in one transaction.
+/// Deletes an org: its registry row (users and tokens cascade), its schema
+/// with everything in it, and its role, in one transaction.
 #[tracing::instrument(skip(pool))]
 pub async fn delete_org(pool: &PgPool, slug: &Slug) -> Result<Organization, Error> {
     let mut tx = pool.begin().await?;
@@ -295,6 +296,7 @@ pub async fn delete_org(pool: &PgPool, slug: &Slug) -> Result<Organization, Erro
     let org = Organization::try_from(row.ok_or_else(|| Error::OrgNotFound(slug.to_string()))?)?;
     let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", org.schema_name.quoted());
     simple_query(&mut tx, &drop).await?;
+    crate::roles::drop_tenant_role(&mut tx, &org.id).await?;
     announce(&mut tx, &Change::Org(slug.clone())).await?;
     tx.commit().await?;
     tracing::info!(slug = %org.slug, schema = %org.schema_name, "organization deleted");

@@ -1,12 +1,15 @@
 //! The tenant router: resolves an org slug to its tenant through a moka cache
-//! and opens tenant transactions whose `search_path` is exactly the tenant's
-//! schema, set transaction-locally in the same message as BEGIN.
+//! and opens tenant transactions that run as the tenant's role with a
+//! `search_path` of exactly the tenant's schema, both set transaction-locally
+//! in the same message as BEGIN.
 //!
 //! Invariants this module carries (see `shared/design.md`):
 //! 1. a tenant transaction's search_path is the tenant schema alone: if the
 //!    schema vanished, queries fail instead of falling through to `public`;
 //! 2. no tenant state outlives the transaction: `SET LOCAL` ends with COMMIT
 //!    or ROLLBACK, and [`TenantRouter::begin`] survives cancellation;
+//! 7. the transaction runs as the tenant's role: PostgreSQL refuses the
+//!    registry, `public` and other tenants' schemas (see `roles`);
 //! 6. the cache is invalidated by `tenancy` (at once for this process's
 //!    changes, through NOTIFY for others'; at worst the TTL bounds staleness).
 
@@ -23,7 +26,7 @@ use uuid::Uuid;
 
 use crate::db::{Placement, TenantPool};
 use crate::error::Error;
-use crate::ident::{SchemaName, Slug};
+use crate::ident::{RoleName, SchemaName, Slug};
 use crate::registry::{self, OrgStatus};
 
 /// What a [`TenantRouter::with_tenant`] closure returns: a boxed future
@@ -37,6 +40,8 @@ pub struct Tenant {
     pub id: Uuid,
     pub slug: Slug,
     pub schema: SchemaName,
+    /// Its PostgreSQL role, which tenant transactions run as.
+    pub role: RoleName,
     pub status: OrgStatus,
     pub template_version: i32,
 }
@@ -68,6 +73,15 @@ pub struct RouterConfig {
     pub negative_ttl: Duration,
     pub max_tenants: u64,
     pub statements: StatementMode,
+    /// `statement_timeout` of tenant transactions.
+    pub statement_timeout: Duration,
+    /// `lock_timeout` of tenant transactions: a request waiting this long
+    /// for a lock fails (503 `tenant_busy`) instead of holding a connection.
+    pub lock_timeout: Duration,
+    /// Run tenant transactions as the tenant's role (invariant 7). Only
+    /// benchmarks turn it off, to measure what it costs.
+    #[doc(hidden)]
+    pub set_role: bool,
 }
 
 impl Default for RouterConfig {
@@ -77,6 +91,9 @@ impl Default for RouterConfig {
             negative_ttl: Duration::from_secs(2),
             max_tenants: 100_000,
             statements: StatementMode::PerTenant,
+            statement_timeout: Duration::from_secs(10),
+            lock_timeout: Duration::from_secs(2),
+            set_role: true,
         }
     }
 }
@@ -105,6 +122,9 @@ pub struct TenantRouter {
     tenants: TenantPool,
     cache: Cache<Slug, Entry>,
     statements: StatementMode,
+    /// `SET LOCAL` settings every tenant transaction starts with.
+    settings: Arc<str>,
+    set_role: bool,
 }
 
 impl TenantRouter {
@@ -118,11 +138,18 @@ impl TenantRouter {
                 negative_ttl: config.negative_ttl,
             })
             .build();
+        let settings = format!(
+            "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+            config.statement_timeout.as_millis().max(1),
+            config.lock_timeout.as_millis().max(1)
+        );
         TenantRouter {
             control,
             tenants,
             cache,
             statements: config.statements,
+            settings: settings.into(),
+            set_role: config.set_role,
         }
     }
 
@@ -150,6 +177,7 @@ impl TenantRouter {
                 let org = registry::find_org(&mut conn, slug).await?;
                 Ok::<_, Error>(org.map(|o| {
                     Arc::new(Tenant {
+                        role: RoleName::for_org(&o.id),
                         id: o.id,
                         slug: o.slug,
                         schema: o.schema_name,
@@ -165,8 +193,10 @@ impl TenantRouter {
             })
     }
 
-    /// Opens a transaction scoped to `tenant`: `BEGIN; SET LOCAL search_path`
-    /// in one round trip, on a connection of the tenant's sub-pool.
+    /// Opens a transaction scoped to `tenant`, in one round trip on a
+    /// connection of the tenant's sub-pool: `BEGIN; SET LOCAL ROLE <tenant
+    /// role>; SET LOCAL search_path TO <tenant schema>` plus the statement and
+    /// lock timeouts, all transaction-local.
     ///
     /// Cancellation safety: sqlx counts a transaction only once BEGIN has
     /// answered, so a caller dropped while BEGIN is in flight would return a
@@ -175,7 +205,7 @@ impl TenantRouter {
     /// unfinished BEGIN to a background task that completes it and drops the
     /// transaction, which queues its ROLLBACK before the connection is reused.
     pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
-        let sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
+        let sql = self.begin_sql(tenant);
         let placement = self.tenants.place(&tenant.id);
         let mut begin = DetachOnDrop(Some(Box::pin(async move {
             let tx = placement.pool().begin_with(sql).await?;
@@ -188,6 +218,20 @@ impl TenantRouter {
             tenant: tenant.clone(),
             statements: self.statements,
         })
+    }
+
+    /// The BEGIN message of a tenant transaction.
+    pub fn begin_sql(&self, tenant: &Tenant) -> String {
+        let role = if self.set_role {
+            format!(" SET LOCAL ROLE {};", tenant.role.quoted())
+        } else {
+            String::new()
+        };
+        format!(
+            "BEGIN;{role} SET LOCAL search_path TO {}; {}",
+            tenant.schema.quoted(),
+            self.settings
+        )
     }
 
     /// Runs `f` in a transaction of the org `slug` and commits when it

@@ -94,6 +94,58 @@ pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Erro
     })
 }
 
+/// The password of a connection URL, percent-decoded.
+pub fn url_password(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let raw = parsed.password()?;
+    Some(
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+/// Makes the database ready to serve: gives orgs created before tenant roles
+/// their role, and makes the login role of `serving_url` a serving role
+/// (creating it with `password` when missing). Returns warnings for the
+/// operator.
+pub async fn prepare_serving(
+    admin: &PgPool,
+    admin_url: &str,
+    serving_url: &str,
+    password: Option<&str>,
+) -> Result<Vec<String>, Error> {
+    let mut notes = vec![];
+    let upgraded = crate::roles::ensure_tenant_roles(admin).await?;
+    if !upgraded.is_empty() {
+        notes.push(format!(
+            "{} organization(s) created by an earlier version got their PostgreSQL role",
+            upgraded.len()
+        ));
+    }
+    let options: sqlx::postgres::PgConnectOptions = serving_url.parse()?;
+    let role =
+        crate::ident::RoleName::parse(options.get_username()).map_err(|e| Error::Validation {
+            field: "app database url",
+            message: e.to_string(),
+        })?;
+    if serving_url == admin_url {
+        let superuser: bool =
+            sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+                .fetch_one(admin)
+                .await?;
+        if superuser {
+            notes.push(format!(
+                "tenant connections log in as {role}, a superuser: tenant roles still confine every \
+                 tenant transaction, but set TENANTRY_APP_DATABASE_URL to a role that is not one"
+            ));
+        }
+    } else {
+        crate::roles::ensure_serving_role(admin, &role, password).await?;
+    }
+    Ok(notes)
+}
+
 /// Creates the first superuser and returns its token when the registry has
 /// none, so a fresh installation can be administered at all.
 pub async fn bootstrap_superuser(pool: &PgPool) -> Result<Option<IssuedToken>, Error> {

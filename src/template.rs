@@ -18,7 +18,7 @@ use sqlx::PgConnection;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::ident::SchemaName;
+use crate::ident::{RoleName, SchemaName};
 
 /// refinery's default history table name, created in the target schema.
 pub const HISTORY_TABLE: &str = "refinery_schema_history";
@@ -222,17 +222,23 @@ impl Template {
         self.run(conn, schema.as_str(), target, grouped).await
     }
 
-    /// Creates `schema` and applies the whole template to it, grouped. The
-    /// schema, the search path and refinery's history table are set up in one
-    /// round trip; a schema that exists already fails with SQLSTATE 42P06.
+    /// Creates `schema`, owned by `owner`, and applies the whole template to
+    /// it as `owner`, grouped. The schema, the role, the search path and
+    /// refinery's history table are set up in one round trip; a schema that
+    /// exists already fails with SQLSTATE 42P06. The transaction goes on as
+    /// `owner`.
     pub async fn apply_to_new_schema(
         &self,
         conn: &mut PgConnection,
         schema: &SchemaName,
+        owner: &RoleName,
     ) -> Result<Applied, TemplateError> {
+        // The schema belongs to the tenant's role, and so does everything
+        // the template creates: it runs as that role.
         let setup = format!(
-            "CREATE SCHEMA {q}; SET LOCAL search_path TO {q}; {history}",
+            "CREATE SCHEMA {q} AUTHORIZATION {r}; SET LOCAL ROLE {r}; SET LOCAL search_path TO {q}; {history}",
             q = schema.quoted(),
+            r = owner.quoted(),
             history = <MigrationConn as AsyncMigrate>::assert_migrations_table_query(HISTORY_TABLE)
         );
         simple_query(conn, &setup).await?;

@@ -287,3 +287,213 @@ async fn token_use_is_recorded_once_per_interval() {
         "queued again within the interval"
     );
 }
+
+/// Invariant 7, through the tenant handle itself: schema-qualified SQL that
+/// names another tenant, the registry or `public` fails with a permission
+/// error, while the tenant's own tables work. Run through a server whose
+/// tenant connections log in as a non-superuser serving role.
+#[tokio::test]
+async fn a_tenant_transaction_cannot_reach_other_schemas() {
+    let db = TestDb::new().await;
+    // roles are cluster-wide: one per test database; the password shows
+    // that quotes and backslashes survive role creation
+    let role = format!("app_{}", &db.name["tenantry_test_".len()..]);
+    let app = common::spawn_app_serving_as(db, &role, "pw'with\\quotes").await;
+    app.org_with_token("mine").await;
+    app.org_with_token("theirs").await;
+    sqlx::raw_sql(
+        "CREATE TABLE public.marker (v text); INSERT INTO public.marker VALUES ('public data')",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let theirs = app.db.schema_of("theirs").await;
+    let router = app.state.tenancy.router();
+    let tenant = router
+        .resolve(&tenantry::ident::Slug::parse("mine").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut tx = router.begin(&tenant).await.unwrap();
+    // who we are inside
+    let (current, session, is_super): (String, String, bool) = sqlx::query_as(
+        "SELECT current_user::text, session_user::text, (SELECT rolsuper FROM pg_roles WHERE rolname = session_user)",
+    )
+    .fetch_one(tx.conn())
+    .await
+    .unwrap();
+    assert_eq!(current, tenant.role.as_str());
+    assert_eq!(session, role);
+    assert!(!is_super, "the serving login role must not be a superuser");
+    // own tables work
+    let own: i64 = sqlx::query_scalar("SELECT count(*) FROM statuses")
+        .fetch_one(tx.conn())
+        .await
+        .unwrap();
+    assert_eq!(own, 3);
+    let own_qualified: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}.behaviors",
+        tenant.schema.quoted()
+    ))
+    .fetch_one(tx.conn())
+    .await
+    .unwrap();
+    assert_eq!(own_qualified, 3);
+    tx.commit().await.unwrap();
+
+    for sql in [
+        format!("SELECT * FROM {theirs}.tests"),
+        format!("SELECT name FROM {theirs}.statuses"),
+        format!("INSERT INTO {theirs}.statuses (name, created_by, updated_by) VALUES ('x', gen_random_uuid(), gen_random_uuid())"),
+        format!("UPDATE {theirs}.behaviors SET name = 'pwned'"),
+        format!("DELETE FROM {theirs}.tests"),
+        format!("DROP TABLE {theirs}.tests"),
+        "SELECT * FROM tenantry.api_tokens".to_string(),
+        "SELECT slug FROM tenantry.organizations".to_string(),
+        "UPDATE tenantry.organizations SET status = 'active'".to_string(),
+        "SELECT * FROM public.marker".to_string(),
+        "INSERT INTO public.marker VALUES ('from a tenant')".to_string(),
+        "CREATE TABLE public.planted (v int)".to_string(),
+    ] {
+        let mut tx = router.begin(&tenant).await.unwrap();
+        let err = sqlx::raw_sql(&sql)
+            .execute(tx.conn())
+            .await
+            .expect_err(&format!("{sql} must be refused"));
+        assert_eq!(
+            tenantry::error::sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{sql}: {err}"
+        );
+        tx.rollback().await.unwrap();
+    }
+    // nothing changed anywhere
+    assert_eq!(
+        app.db
+            .count(&format!(
+                "SELECT count(*) FROM {theirs}.behaviors WHERE name = 'pwned'"
+            ))
+            .await,
+        0
+    );
+    assert_eq!(app.db.count("SELECT count(*) FROM public.marker").await, 1);
+    // and the schema and its tables belong to the tenant's role, not to
+    // the login role
+    let owners: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT pg_get_userbyid(c.relowner)::text FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 \
+         UNION SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = $1",
+    )
+    .bind(tenant.schema.as_str())
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(owners, [tenant.role.as_str()]);
+}
+
+/// A database made by the version before tenant roles: schemas named after
+/// slugs, owned by the admin, no roles. `tenantry migrate` gives every org
+/// its role (owner of its schema and objects), after which the orgs are
+/// served with the role confining them.
+#[tokio::test]
+async fn migrate_gives_orgs_of_an_earlier_version_their_roles() {
+    let db = TestDb::new().await;
+    let template = tenantry::template::Template::embedded();
+    for slug in ["old-a", "old-b"] {
+        let schema =
+            tenantry::ident::SchemaName::parse(&format!("t_{}", slug.replace('-', "_"))).unwrap();
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO tenantry.organizations (id, slug, name, schema_name, status, template_version) \
+             VALUES (gen_random_uuid(), $1, 'Old', $2, 'active', $3)",
+        )
+        .bind(slug)
+        .bind(schema.as_str())
+        .bind(template.latest_version())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::raw_sql(&format!("CREATE SCHEMA {}", schema.quoted()))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        template.apply(&mut tx, &schema, None, true).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO statuses (name, created_by, updated_by) VALUES ('Legacy', gen_random_uuid(), gen_random_uuid())",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let report = tenantry::fleet::doctor(&db.pool, false).await.unwrap();
+    assert_eq!(
+        report.findings,
+        [
+            tenantry::fleet::Finding::MissingRole {
+                slug: "old-a".into()
+            },
+            tenantry::fleet::Finding::MissingRole {
+                slug: "old-b".into()
+            },
+        ]
+    );
+
+    let (ok, out, err) = db.cli(&["migrate"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("role of 2 organization(s)"), "{out}");
+    for slug in ["old-a", "old-b"] {
+        let schema = format!("t_{}", slug.replace('-', "_"));
+        let owners: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT pg_get_userbyid(c.relowner)::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 \
+             UNION SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = $1",
+        )
+        .bind(&schema)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let id: uuid::Uuid =
+            sqlx::query_scalar("SELECT id FROM tenantry.organizations WHERE slug = $1")
+                .bind(slug)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(owners, [format!("t_{}", id.simple())], "{slug}");
+    }
+    assert!(tenantry::fleet::doctor(&db.pool, false)
+        .await
+        .unwrap()
+        .findings
+        .is_empty());
+
+    // served, confined to its role: its own data, not the other's
+    let app = common::spawn_app_on(db, tenantry::server::ServerConfig::default()).await;
+    let (s, body) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/old-a/tokens",
+            &app.superuser,
+            Some(json!({"email": "x@old.test"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let token = body["token"]["token"].as_str().unwrap().to_owned();
+    let (s, page) = app.call(GET, "/v1/orgs/old-a/statuses", &token, None).await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.to_string().contains("Legacy"));
+    let tenant = app
+        .state
+        .tenancy
+        .router()
+        .resolve(&tenantry::ident::Slug::parse("old-a").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut tx = app.state.tenancy.router().begin(&tenant).await.unwrap();
+    let err = sqlx::raw_sql("SELECT * FROM t_old_b.statuses")
+        .execute(tx.conn())
+        .await
+        .unwrap_err();
+    assert_eq!(tenantry::error::sqlstate(&err).as_deref(), Some("42501"));
+}

@@ -62,6 +62,13 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "TENANTRY_BIND", default_value = "127.0.0.1:8080")]
     pub bind: std::net::SocketAddr,
+    /// URL of the role tenant connections log in as: not a superuser; made a
+    /// serving role (NOINHERIT, member of every tenant role), and created
+    /// with the URL's password if missing. Default: a `tenantry_app` role on
+    /// the local cluster; with DATABASE_URL and no app URL, tenant
+    /// connections log in as DATABASE_URL's role.
+    #[arg(long, env = "TENANTRY_APP_DATABASE_URL", hide_env_values = true)]
+    pub app_database_url: Option<String>,
     /// Database connections shared by all tenants, whatever their number.
     #[arg(long, env = "TENANTRY_POOL_SIZE", default_value_t = 16)]
     pub pool_size: u32,

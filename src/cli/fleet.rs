@@ -126,6 +126,25 @@ async fn migrate(
         target: args.target,
     };
     let started = std::time::Instant::now();
+    // Orgs created before tenant roles get theirs first: migrations run as
+    // the tenant's role.
+    if args.plan {
+        let missing = crate::roles::orgs_without_roles(pool).await?;
+        if !missing.is_empty() && !args.json {
+            println!(
+                "{} organization(s) have no PostgreSQL role yet; migrate creates them first",
+                missing.len()
+            );
+        }
+    } else {
+        let upgraded = crate::roles::ensure_tenant_roles(pool).await?;
+        if !upgraded.is_empty() && !args.json {
+            println!(
+                "created the PostgreSQL role of {} organization(s) made by an earlier version",
+                upgraded.len()
+            );
+        }
+    }
     let plan = fleet::plan(pool, &template, &opts).await?;
     if args.plan {
         let rows: Vec<[String; 3]> = plan

@@ -83,6 +83,19 @@ impl Database {
         Ok(Database { pool, url, local })
     }
 
+    /// The URL tenant connections use on the local cluster: its
+    /// non-superuser serving role (see `roles`), created on first use.
+    pub fn local_app_url(&self) -> anyhow::Result<Option<(String, String)>> {
+        let Some(pg) = &self.local else {
+            return Ok(None);
+        };
+        let password = pg.app_password()?;
+        Ok(Some((
+            pg.url_as(crate::embedded::APP_ROLE, &password, "postgres"),
+            password,
+        )))
+    }
+
     pub async fn close(self) -> anyhow::Result<()> {
         self.pool.close().await;
         if let Some(pg) = self.local.filter(LocalPostgres::started_here) {

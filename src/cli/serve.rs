@@ -42,7 +42,17 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     println!("tenantry listening on http://{addr}");
-    let pools = server::Pools::connect_lazy(db.pool.clone(), &db.url, &pool_config)?;
+    let (serving_url, password) = match (&args.app_database_url, db.local_app_url()?) {
+        (Some(url), _) => (url.clone(), server::url_password(url)),
+        (None, Some((url, password))) => (url, Some(password)),
+        (None, None) => (db.url.clone(), None),
+    };
+    for note in
+        server::prepare_serving(&db.pool, &db.url, &serving_url, password.as_deref()).await?
+    {
+        tracing::warn!("{note}");
+    }
+    let pools = server::Pools::connect_lazy(db.pool.clone(), &serving_url, &pool_config)?;
     let state = server::state(pools, &config).await?;
     let served = server::serve(listener, state.clone(), &config, server::shutdown_signal()).await;
     state.tenancy.router().tenant_pool().close().await;

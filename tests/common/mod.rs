@@ -158,6 +158,37 @@ pub async fn spawn_app_on(db: TestDb, config: tenantry::server::ServerConfig) ->
     spawn_app_with_pool(db, &tenantry::db::PoolConfig::default(), config).await
 }
 
+/// A server whose tenant and control connections log in as `role` (created
+/// with `password`, a serving role: not a superuser), over a fresh database.
+pub async fn spawn_app_serving_as(db: TestDb, role: &str, password: &str) -> TestApp {
+    let serving_url = with_user(&db.url, role, password);
+    let admin = tenantry::db::connect(
+        &db.url,
+        &tenantry::server::small_pool_config(&Default::default()),
+    )
+    .await
+    .expect("admin pool");
+    let notes = tenantry::server::prepare_serving(&admin, &db.url, &serving_url, Some(password))
+        .await
+        .expect("serving role");
+    assert!(notes.is_empty(), "{notes:?}");
+    spawn_app_with_urls(
+        db,
+        admin,
+        &serving_url,
+        tenantry::server::ServerConfig::default(),
+    )
+    .await
+}
+
+/// `url` with its user and password replaced (percent-encoded).
+pub fn with_user(url: &str, user: &str, password: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("a database URL");
+    parsed.set_username(user).unwrap();
+    parsed.set_password(Some(password)).unwrap();
+    parsed.to_string()
+}
+
 pub async fn spawn_app_with_pool(
     db: TestDb,
     pool_config: &tenantry::db::PoolConfig,
@@ -166,12 +197,32 @@ pub async fn spawn_app_with_pool(
     let pool = tenantry::db::connect(&db.url, &tenantry::server::small_pool_config(pool_config))
         .await
         .expect("server admin pool");
+    let url = db.url.clone();
+    spawn_app_with_pools(db, pool, &url, pool_config, config).await
+}
+
+async fn spawn_app_with_urls(
+    db: TestDb,
+    admin: sqlx::PgPool,
+    serving_url: &str,
+    config: tenantry::server::ServerConfig,
+) -> TestApp {
+    spawn_app_with_pools(db, admin, serving_url, &Default::default(), config).await
+}
+
+async fn spawn_app_with_pools(
+    db: TestDb,
+    pool: sqlx::PgPool,
+    serving_url: &str,
+    pool_config: &tenantry::db::PoolConfig,
+    config: tenantry::server::ServerConfig,
+) -> TestApp {
     let (_, token) =
         tenantry::provision::issue_superuser_token(&pool, "root@tenantry.test", None, None)
             .await
             .expect("superuser");
-    let pools =
-        tenantry::server::Pools::connect_lazy(pool, &db.url, pool_config).expect("server pools");
+    let pools = tenantry::server::Pools::connect_lazy(pool, serving_url, pool_config)
+        .expect("server pools");
     let state = tenantry::server::state(pools, &config)
         .await
         .expect("server state");

@@ -1,0 +1,254 @@
+//! PostgreSQL roles, so that PostgreSQL itself enforces the separation of
+//! tenants (design invariant 7).
+//!
+//! - Every org has a `NOLOGIN` role, named like its schema after the org's
+//!   id, that owns its schema and everything in it and is granted nothing
+//!   else. A tenant transaction runs as that role (`SET LOCAL ROLE` in its
+//!   BEGIN message), so SQL that names the registry, `public` or another
+//!   tenant's schema fails with a permission error whatever our code sends.
+//! - Serving roles (the login role of the server's tenant connections) are
+//!   recorded in `tenantry.serving_roles`; each is `NOINHERIT`, not a
+//!   superuser, a member of every tenant role (so it may `SET ROLE` to them,
+//!   but holds none of their privileges outside a tenant transaction) and
+//!   may read the registry tables that authentication and routing need.
+//! - The admin role (DATABASE_URL) creates and drops tenant roles, so it
+//!   needs `CREATEROLE` or to be a superuser; when it is not a superuser it
+//!   is made a member of each tenant role too, to manage their objects.
+//!
+//! What roles do not stop: SQL that itself runs `RESET ROLE` or `SET ROLE`
+//! gets the login role's rights back. They guard against our own mistakes
+//! (a schema-qualified name, a missing search path), not against arbitrary
+//! SQL from an attacker, which never reaches tenant transactions.
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::error::{sqlstate, Error};
+use crate::ident::{quote_ident, RoleName, SchemaName};
+use crate::template::simple_query;
+
+const DUPLICATE_OBJECT: &str = "42710";
+
+/// The roles a new tenant role is granted to: every registered serving role
+/// that exists, and the admin itself unless it is a superuser.
+async fn grantees(conn: &mut PgConnection) -> Result<Vec<RoleName>, Error> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT s.role FROM tenantry.serving_roles s JOIN pg_roles r ON r.rolname = s.role \
+         UNION SELECT current_user::text WHERE NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    names
+        .iter()
+        .map(|n| RoleName::parse(n).map_err(|e| Error::Corrupt(format!("serving role {n:?}: {e}"))))
+        .collect()
+}
+
+fn quoted_list(roles: &[RoleName]) -> String {
+    roles
+        .iter()
+        .map(RoleName::quoted)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Creates the role of org `org_id` inside the caller's transaction and
+/// grants it to the serving roles. A role of that name already existing is
+/// reported, never adopted.
+pub(crate) async fn create_tenant_role(
+    conn: &mut PgConnection,
+    org_id: &Uuid,
+) -> Result<RoleName, Error> {
+    let role = RoleName::for_org(org_id);
+    let grantees = grantees(conn).await?;
+    let mut sql = format!("CREATE ROLE {} NOLOGIN NOINHERIT", role.quoted());
+    if !grantees.is_empty() {
+        sql.push_str(&format!(
+            "; GRANT {} TO {}",
+            role.quoted(),
+            quoted_list(&grantees)
+        ));
+    }
+    simple_query(conn, &sql)
+        .await
+        .map_err(|e| match sqlstate(&e).as_deref() {
+            Some(DUPLICATE_OBJECT) => Error::Conflict(format!(
+                "role {role} already exists but no organization owns it; run `tenantry doctor`"
+            )),
+            _ => Error::Database(e),
+        })?;
+    Ok(role)
+}
+
+/// Drops the role of org `org_id` (after its schema), if it exists.
+pub(crate) async fn drop_tenant_role(conn: &mut PgConnection, org_id: &Uuid) -> Result<(), Error> {
+    let role = RoleName::for_org(org_id);
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(role.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+    if exists {
+        let q = role.quoted();
+        simple_query(conn, &format!("DROP OWNED BY {q}; DROP ROLE {q}")).await?;
+    }
+    Ok(())
+}
+
+/// Gives an org created before tenant roles its role, in one transaction:
+/// creates the role, then makes it the owner of the schema and of every
+/// object in it.
+async fn adopt_schema(pool: &PgPool, org_id: &Uuid, schema: &SchemaName) -> Result<(), Error> {
+    let mut tx = pool.begin().await?;
+    let role = create_tenant_role(&mut tx, org_id).await?;
+    // Only objects of the schema, named from the catalog and quoted.
+    let objects: Vec<(String, String)> = sqlx::query_as(
+        "SELECT CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' WHEN c.relkind IN ('v') THEN 'VIEW' \
+                     WHEN c.relkind = 'm' THEN 'MATERIALIZED VIEW' WHEN c.relkind = 'f' THEN 'FOREIGN TABLE' \
+                     ELSE 'TABLE' END, c.relname::text \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
+           AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'a')) \
+         UNION ALL \
+         SELECT 'ROUTINE', format('%s(%s)', quote_ident(p.proname), pg_get_function_identity_arguments(p.oid)) \
+         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 \
+         UNION ALL \
+         SELECT 'TYPE', t.typname::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+         WHERE n.nspname = $1 AND t.typtype IN ('c', 'e', 'd', 'r') AND t.typrelid = 0 \
+           AND t.typelem = 0 AND NOT EXISTS (SELECT 1 FROM pg_type a WHERE a.typarray = t.oid)",
+    )
+    .bind(schema.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut sql = format!(
+        "ALTER SCHEMA {} OWNER TO {}",
+        schema.quoted(),
+        role.quoted()
+    );
+    for (kind, name) in objects {
+        // Routines come with their argument list, already quoted by
+        // PostgreSQL; everything else is one name we quote.
+        let target = if kind == "ROUTINE" {
+            format!("{}.{name}", schema.quoted())
+        } else {
+            format!("{}.{}", schema.quoted(), quote_ident(&name))
+        };
+        sql.push_str(&format!(
+            "; ALTER {kind} {target} OWNER TO {}",
+            role.quoted()
+        ));
+    }
+    simple_query(&mut tx, &sql).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Orgs whose role does not exist yet (created by a version before tenant
+/// roles): (slug, id, schema).
+pub async fn orgs_without_roles(pool: &PgPool) -> Result<Vec<(String, Uuid, String)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT o.slug, o.id, o.schema_name FROM tenantry.organizations o \
+         WHERE NOT EXISTS (SELECT 1 FROM pg_roles r \
+                           WHERE r.rolname = 't_' || replace(o.id::text, '-', '')) \
+           AND EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = o.schema_name) \
+         ORDER BY o.slug",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Gives every org that has none its role (see [`adopt_schema`]); returns
+/// the slugs it upgraded. Idempotent; each org is one transaction.
+pub async fn ensure_tenant_roles(pool: &PgPool) -> Result<Vec<String>, Error> {
+    let mut done = vec![];
+    for (slug, id, schema) in orgs_without_roles(pool).await? {
+        let schema = SchemaName::parse(&schema)?;
+        adopt_schema(pool, &id, &schema).await?;
+        tracing::info!(slug = %slug, role = %RoleName::for_org(&id), "tenant role created");
+        done.push(slug);
+    }
+    Ok(done)
+}
+
+/// Makes `role` a serving role: creates it (`LOGIN NOINHERIT`, with
+/// `password`) if missing and a password is given, refuses a superuser,
+/// makes it `NOINHERIT`, records it, lets it read what authentication and
+/// routing need, and grants it every tenant role it is not yet a member of.
+pub async fn ensure_serving_role(
+    admin: &PgPool,
+    role: &RoleName,
+    password: Option<&str>,
+) -> Result<(), Error> {
+    let mut tx = admin.begin().await?;
+    let found: Option<(bool, bool)> =
+        sqlx::query_as("SELECT rolsuper, rolinherit FROM pg_roles WHERE rolname = $1")
+            .bind(role.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+    let q = role.quoted();
+    match found {
+        Some((true, _)) => {
+            return Err(Error::Validation {
+                field: "serving role",
+                message: format!(
+                    "{role} is a superuser; tenant connections must log in as a role that is not"
+                ),
+            })
+        }
+        Some((false, true)) => simple_query(&mut tx, &format!("ALTER ROLE {q} NOINHERIT"))
+            .await
+            .map(|_| ())?,
+        Some((false, false)) => {}
+        None => {
+            let password = password.ok_or_else(|| Error::Validation {
+                field: "serving role",
+                message: format!(
+                    "role {role} does not exist and no password was given to create it"
+                ),
+            })?;
+            if password.contains('\0') {
+                return Err(Error::Validation {
+                    field: "serving role",
+                    message: "the password must not contain NUL".into(),
+                });
+            }
+            // A utility statement takes no bind parameters: the password is an
+            // escape-string literal (E'...'), whose escaping does not depend
+            // on standard_conforming_strings.
+            let literal = password.replace('\\', "\\\\").replace('\'', "\\'");
+            simple_query(
+                &mut tx,
+                &format!("CREATE ROLE {q} LOGIN NOINHERIT PASSWORD E'{literal}'"),
+            )
+            .await?;
+        }
+    }
+    sqlx::query("INSERT INTO tenantry.serving_roles (role) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(role.as_str())
+        .execute(&mut *tx)
+        .await?;
+    simple_query(
+        &mut tx,
+        &format!(
+            "GRANT USAGE ON SCHEMA tenantry TO {q}; \
+             GRANT SELECT ON tenantry.organizations, tenantry.users, tenantry.api_tokens, \
+                             tenantry.settings TO {q}; \
+             GRANT UPDATE (last_used_at) ON tenantry.api_tokens TO {q}"
+        ),
+    )
+    .await?;
+    let missing: Vec<String> = sqlx::query_scalar(
+        "SELECT r.rolname::text FROM tenantry.organizations o \
+         JOIN pg_roles r ON r.rolname = 't_' || replace(o.id::text, '-', '') \
+         WHERE NOT pg_has_role($1, r.oid, 'MEMBER')",
+    )
+    .bind(role.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    for batch in missing.chunks(500) {
+        let names: Vec<String> = batch.iter().map(|n| quote_ident(n)).collect();
+        simple_query(&mut tx, &format!("GRANT {} TO {q}", names.join(", "))).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
