@@ -46,15 +46,29 @@ const POOL_SIZE: u32 = 16;
 struct Config {
     name: String,
     sub_pools: u32,
+    spill_margin: u32,
     statements: StatementMode,
+    /// Tenant transactions run as the tenant's role (`-norole`: not, to
+    /// measure what it costs).
+    set_role: bool,
 }
 
+/// `k<sub-pools>[m<spill margin>]-<statements>[-norole]`, e.g.
+/// `k16-pertenant` or `k16m2-shared`.
 fn parse_config(s: &str) -> Config {
-    let (k, stmt) = s.split_once('-').expect("configs look like k8-pertenant");
+    let (k, rest) = s.split_once('-').expect("configs look like k8-pertenant");
+    let (stmt, set_role) = match rest.strip_suffix("-norole") {
+        Some(stmt) => (stmt, false),
+        None => (rest, true),
+    };
+    let (k, margin) = k.split_once('m').unwrap_or((k, "0"));
     Config {
         name: s.to_owned(),
+        set_role,
         sub_pools: k.trim_start_matches('k').parse().expect("k<number>"),
+        spill_margin: margin.parse().expect("m<number>"),
         statements: match stmt {
+            "auto" => StatementMode::Auto,
             "pertenant" => StatementMode::PerTenant,
             "shared" => StatementMode::Shared,
             "unnamed" => StatementMode::Unnamed,
@@ -102,6 +116,21 @@ async fn database() -> (String, Option<LocalPostgres>) {
             .await
             .unwrap();
     }
+    // pg_stat_statements keys statements by the relations they touch, so
+    // tenant SQL makes an entry per tenant; beyond pg_stat_statements.max
+    // (5,000) every new one evicts and sorts (measured: several % of
+    // PostgreSQL's CPU at 10,000 tenants). Off unless --stat-statements:
+    // the figures are tenantry's, not the extension's.
+    let track = if std::env::args().any(|a| a == "--stat-statements") {
+        "top"
+    } else {
+        "none"
+    };
+    let _ = sqlx::query(&format!(
+        "ALTER DATABASE {DB_NAME} SET pg_stat_statements.track = '{track}'"
+    ))
+    .execute(&admin)
+    .await;
     admin.close().await;
     let (base, _) = url.rsplit_once('/').expect("URL has a database");
     (format!("{base}/{DB_NAME}"), pg)
@@ -110,6 +139,8 @@ async fn database() -> (String, Option<LocalPostgres>) {
 /// The first `n` targets, building what is missing.
 async fn tenant_set(pool: &PgPool, n: usize) -> Vec<Target> {
     tenantry::registry::migrate(pool).await.unwrap();
+    // a set built by an earlier version gets its tenant roles
+    tenantry::roles::ensure_tenant_roles(pool).await.unwrap();
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS public.bench_targets (
            n int PRIMARY KEY, slug text NOT NULL, token text NOT NULL, test_id uuid NOT NULL,
@@ -229,6 +260,47 @@ async fn provisioning_figures(pool: &PgPool, n: usize) {
         n - block + 1,
         last / first
     );
+}
+
+/// Creates `count` more orgs now, one at a time on one connection, and
+/// prints their median create time (to compare with the first orgs of the
+/// set, created into an empty database); then deletes them again.
+async fn probe_creates(url: &str, count: usize) {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .unwrap();
+    let template = Template::embedded();
+    let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM tenantry.organizations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut times = vec![];
+    for i in 0..count {
+        let slug = format!("probe-{i:05}");
+        let t = Instant::now();
+        provision::create_org(
+            &pool,
+            &template,
+            &NewOrg::parse(&slug, "Probe", None).unwrap(),
+        )
+        .await
+        .unwrap();
+        times.push(t.elapsed());
+    }
+    let stats = Stats::of(times);
+    println!(
+        "provisioning now, at {existing} orgs: {count} creates on one connection, median {:.2} ms, p95 {:.2} ms",
+        ms(stats.median),
+        ms(stats.p95)
+    );
+    for i in 0..count {
+        provision::delete_org(&pool, &Slug::parse(&format!("probe-{i:05}")).unwrap())
+            .await
+            .unwrap();
+    }
+    pool.close().await;
 }
 
 /// A wrk script driving the targets: uniform round robin (each thread from
@@ -379,6 +451,7 @@ async fn start_server(
     let pool_config = PoolConfig {
         max_connections: POOL_SIZE,
         sub_pools: config.sub_pools,
+        spill_margin: config.spill_margin,
         ..PoolConfig::default()
     };
     let admin = tenantry::db::connect(url, &server::small_pool_config(&pool_config))
@@ -395,6 +468,7 @@ async fn start_server(
     let server_config = ServerConfig {
         router: RouterConfig {
             statements: config.statements,
+            set_role: config.set_role,
             ..RouterConfig::default()
         },
         ..ServerConfig::default()
@@ -448,6 +522,10 @@ async fn main() {
         .unwrap();
     let all = tenant_set(&setup, max).await;
     provisioning_figures(&setup, max).await;
+    let probes: usize = arg("--probe-creates", 0);
+    if probes > 0 {
+        probe_creates(&url, probes).await;
+    }
     let script_dir = tempfile::tempdir().unwrap();
 
     println!(

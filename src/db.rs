@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Executor, PgPool};
+use sqlx::{Executor, PgPool, Postgres};
 use uuid::Uuid;
 
 #[derive(Debug, Clone)]
@@ -26,8 +27,14 @@ pub struct PoolConfig {
     /// Connections of this pool (for the tenant pool: all its sub-pools
     /// together), whatever the number of tenants.
     pub max_connections: u32,
-    /// Sub-pools of the tenant pool (1: no affinity).
+    /// Sub-pools of the tenant pool (1: no affinity; 0: one per
+    /// connection).
     pub sub_pools: u32,
+    /// How many more transactions than its connections a tenant's home
+    /// sub-pool may have (running or waiting) before a transaction goes to
+    /// the tenant's second choice instead (when that one is less loaded).
+    /// Higher keeps tenants on fewer connections; lower balances sooner.
+    pub spill_margin: u32,
     /// Each backend caches catalog entries of every tenant schema it touches
     /// (~58 KB per tenant, never evicted), so connections are recycled.
     pub max_lifetime: Duration,
@@ -42,6 +49,7 @@ impl Default for PoolConfig {
         PoolConfig {
             max_connections: 16,
             sub_pools: DEFAULT_SUB_POOLS,
+            spill_margin: DEFAULT_SPILL_MARGIN,
             max_lifetime: Duration::from_secs(15 * 60),
             idle_timeout: Duration::from_secs(5 * 60),
             acquire_timeout: Duration::from_secs(10),
@@ -52,7 +60,14 @@ impl Default for PoolConfig {
 
 /// Sub-pools of a default tenant pool: see docs/scaling.md for the
 /// measurements behind it.
-pub const DEFAULT_SUB_POOLS: u32 = 8;
+pub const DEFAULT_SUB_POOLS: u32 = 0;
+/// See [`PoolConfig::spill_margin`] and docs/scaling.md.
+pub const DEFAULT_SPILL_MARGIN: u32 = 8;
+
+/// How long a transaction waits for its home sub-pool before the second
+/// choice may serve it too: well above a normal transaction's time, far
+/// below what a request should wait behind a stuck neighbour.
+pub const SPILL_AFTER: Duration = Duration::from_millis(10);
 
 fn options(config: &PoolConfig, max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
@@ -92,6 +107,8 @@ pub fn connect_lazy(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Erro
 #[derive(Clone)]
 pub struct TenantPool {
     subs: Arc<[SubPool]>,
+    spill_margin: usize,
+    statement_cache: usize,
 }
 
 struct SubPool {
@@ -127,7 +144,10 @@ impl TenantPool {
     /// Connects lazily: connections open on first use. `max_connections` is
     /// spread over `sub_pools` (each gets at least one).
     pub fn connect_lazy(url: &str, config: &PoolConfig) -> Result<Self, sqlx::Error> {
-        let k = config.sub_pools.clamp(1, config.max_connections.max(1));
+        let k = match config.sub_pools {
+            0 => config.max_connections.max(1),
+            k => k.clamp(1, config.max_connections.max(1)),
+        };
         let connect = connect_options(url, config)?;
         let subs = (0..k)
             .map(|i| {
@@ -139,7 +159,11 @@ impl TenantPool {
                 }
             })
             .collect();
-        Ok(TenantPool { subs })
+        Ok(TenantPool {
+            subs,
+            spill_margin: config.spill_margin as usize,
+            statement_cache: config.statement_cache,
+        })
     }
 
     /// A tenant pool of one sub-pool over an existing pool (no affinity).
@@ -149,6 +173,8 @@ impl TenantPool {
                 pool,
                 load: AtomicUsize::new(0),
             }]),
+            spill_margin: 0,
+            statement_cache: PoolConfig::default().statement_cache,
         }
     }
 
@@ -165,23 +191,56 @@ impl TenantPool {
         (home, (home + step) % k)
     }
 
-    /// Places a transaction of `tenant`: its home sub-pool while home has a
-    /// free connection or is no busier than the second choice; otherwise the
-    /// second choice.
-    pub fn place(&self, tenant: &Uuid) -> Placement {
-        let (home, alt) = self.candidates(tenant);
-        let load = |i: usize| self.subs[i].load.load(Ordering::Relaxed);
-        let capacity = |i: usize| self.subs[i].pool.options().get_max_connections() as usize;
-        let index = if home == alt || load(home) < capacity(home) || load(home) <= load(alt) {
-            home
-        } else {
-            alt
-        };
+    fn placement(&self, index: usize) -> Placement {
         self.subs[index].load.fetch_add(1, Ordering::Relaxed);
         Placement {
             subs: self.subs.clone(),
             index,
         }
+    }
+
+    /// A connection for a transaction of `tenant`, from its home sub-pool
+    /// when home has one free or frees one soon; otherwise from whichever of
+    /// home and the second choice frees one first. The second choice is
+    /// considered when home holds `spill_margin` more transactions than
+    /// connections (and the second choice fewer), or when a wait at home
+    /// lasts longer than [`SPILL_AFTER`] (home is stuck behind slow
+    /// transactions, e.g. waiting for a lock). Waiting is cancel-safe.
+    pub async fn acquire(
+        &self,
+        tenant: &Uuid,
+    ) -> Result<(PoolConnection<Postgres>, Placement), sqlx::Error> {
+        let (home, alt) = self.candidates(tenant);
+        let sub = |i: usize| &self.subs[i];
+        if let Some(conn) = sub(home).pool.try_acquire() {
+            return Ok((conn, self.placement(home)));
+        }
+        let waiting = self.placement(home);
+        if home == alt {
+            return Ok((sub(home).pool.acquire().await?, waiting));
+        }
+        let load = |i: usize| sub(i).load.load(Ordering::Relaxed);
+        let capacity = sub(home).pool.options().get_max_connections() as usize;
+        let congested = load(home) > capacity + self.spill_margin && load(alt) < load(home);
+        if !congested {
+            if let Ok(conn) = tokio::time::timeout(SPILL_AFTER, sub(home).pool.acquire()).await {
+                return Ok((conn?, waiting));
+            }
+        }
+        let also = self.placement(alt);
+        tokio::select! {
+            conn = sub(home).pool.acquire() => Ok((conn?, waiting)),
+            conn = sub(alt).pool.acquire() => Ok((conn?, also)),
+        }
+    }
+
+    pub fn sub_pool_count(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// Prepared statements each connection keeps.
+    pub fn statement_cache(&self) -> usize {
+        self.statement_cache
     }
 
     pub fn sub_pools(&self) -> impl Iterator<Item = &PgPool> {

@@ -47,13 +47,21 @@ pub struct Tenant {
 }
 
 /// How tenant SQL is sent, decided in [`TenantTx`] so that no handler has
-/// to remember it. PostgreSQL re-plans a prepared statement whenever it runs
+/// to remember it. [`StatementMode::Auto`] (the default) chooses per-tenant
+/// statements while each connection's share of the active tenants' statements
+/// fits its statement cache, shared ones beyond. PostgreSQL re-plans a prepared statement whenever it runs
 /// under another `search_path` than it was planned under, so a statement
 /// shared by tenants is re-planned at (nearly) every tenant switch on a
 /// connection; a statement per tenant keeps its plan but multiplies the
 /// statements a connection must cache. See docs/scaling.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatementMode {
+    /// [`StatementMode::PerTenant`] while (active tenants / sub-pools) x
+    /// (distinct statements) fits in three quarters of a connection's
+    /// statement cache, otherwise [`StatementMode::Shared`]: an LRU cache
+    /// cycling through more statements than it holds misses every time,
+    /// which costs more than re-planning a shared statement.
+    Auto,
     /// The statement text carries the tenant's schema in a trailing comment:
     /// one prepared statement (and plan) per tenant and connection.
     PerTenant,
@@ -90,7 +98,7 @@ impl Default for RouterConfig {
             ttl: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(2),
             max_tenants: 100_000,
-            statements: StatementMode::PerTenant,
+            statements: StatementMode::Auto,
             statement_timeout: Duration::from_secs(10),
             lock_timeout: Duration::from_secs(2),
             set_role: true,
@@ -121,7 +129,7 @@ pub struct TenantRouter {
     control: PgPool,
     tenants: TenantPool,
     cache: Cache<Slug, Entry>,
-    statements: StatementMode,
+    statements: Arc<StatementRule>,
     /// `SET LOCAL` settings every tenant transaction starts with.
     settings: Arc<str>,
     set_role: bool,
@@ -147,7 +155,10 @@ impl TenantRouter {
             control,
             tenants,
             cache,
-            statements: config.statements,
+            statements: Arc::new(StatementRule {
+                mode: config.statements,
+                distinct: Default::default(),
+            }),
             settings: settings.into(),
             set_role: config.set_role,
         }
@@ -206,9 +217,11 @@ impl TenantRouter {
     /// transaction, which queues its ROLLBACK before the connection is reused.
     pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
         let sql = self.begin_sql(tenant);
-        let placement = self.tenants.place(&tenant.id);
+        // Waiting for a connection can be abandoned safely; the BEGIN on it
+        // cannot (see above).
+        let (conn, placement) = self.tenants.acquire(&tenant.id).await?;
         let mut begin = DetachOnDrop(Some(Box::pin(async move {
-            let tx = placement.pool().begin_with(sql).await?;
+            let tx = Transaction::begin(conn, Some(sql.into())).await?;
             Ok((tx, placement))
         })));
         let (tx, placement) = begin.run().await?;
@@ -216,8 +229,26 @@ impl TenantRouter {
             tx,
             _placement: placement,
             tenant: tenant.clone(),
-            statements: self.statements,
+            statements: self.statement_mode(),
+            rule: self.statements.clone(),
         })
+    }
+
+    /// The statement mode of the next tenant transaction (see
+    /// [`StatementMode::Auto`]).
+    pub fn statement_mode(&self) -> StatementMode {
+        let rule = &self.statements;
+        if rule.mode != StatementMode::Auto {
+            return rule.mode;
+        }
+        let distinct = rule.distinct.read().expect("statement set").len().max(1) as u64;
+        let per_connection = self.cache.entry_count() / self.tenants.sub_pool_count() as u64 + 1;
+        let fits = per_connection * distinct <= self.tenants.statement_cache() as u64 * 3 / 4;
+        if fits {
+            StatementMode::PerTenant
+        } else {
+            StatementMode::Shared
+        }
     }
 
     /// The BEGIN message of a tenant transaction.
@@ -259,9 +290,16 @@ impl TenantRouter {
         self.cache.invalidate_all();
     }
 
-    /// Tenants currently cached (resolved within the TTL).
+    /// Tenants currently cached (resolved within the TTL), as of the
+    /// cache's last housekeeping.
     pub fn cached_tenants(&self) -> u64 {
         self.cache.entry_count()
+    }
+
+    /// Runs the cache's pending housekeeping now (it otherwise runs as
+    /// the cache is used), so that counts are current.
+    pub async fn housekeep(&self) {
+        self.cache.run_pending_tasks().await;
     }
 }
 
@@ -305,6 +343,22 @@ impl Drop for DetachOnDrop {
     }
 }
 
+/// The statement rule of a router, and the distinct statements its tenant
+/// transactions have sent (their texts are `'static`: keyed by address).
+struct StatementRule {
+    mode: StatementMode,
+    distinct: std::sync::RwLock<std::collections::HashSet<usize>>,
+}
+
+impl StatementRule {
+    fn note(&self, sql: &'static str) {
+        let key = sql.as_ptr() as usize;
+        if !self.distinct.read().expect("statement set").contains(&key) {
+            self.distinct.write().expect("statement set").insert(key);
+        }
+    }
+}
+
 /// A transaction confined to one tenant's schema. Dropping it without
 /// [`TenantTx::commit`] rolls back. The only database access tenant handlers
 /// get; its query methods apply the statement rule ([`StatementMode`]).
@@ -313,7 +367,9 @@ pub struct TenantTx {
     // dropped after `tx`: the sub-pool counts the transaction until then
     _placement: Placement,
     tenant: Arc<Tenant>,
+    /// Decided when the transaction began (never `Auto`).
     statements: StatementMode,
+    rule: Arc<StatementRule>,
 }
 
 impl TenantTx {
@@ -347,9 +403,12 @@ impl TenantTx {
     /// in a trailing comment under [`StatementMode::PerTenant`] (schema names
     /// are `[a-z0-9_]`, so the tag cannot end the comment).
     pub fn sql(&self, sql: &'static str) -> Cow<'static, str> {
+        self.rule.note(sql);
         match self.statements {
             StatementMode::PerTenant => Cow::Owned(format!("{sql} /* {} */", self.tenant.schema)),
-            StatementMode::Shared | StatementMode::Unnamed => Cow::Borrowed(sql),
+            StatementMode::Auto | StatementMode::Shared | StatementMode::Unnamed => {
+                Cow::Borrowed(sql)
+            }
         }
     }
 

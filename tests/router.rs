@@ -222,7 +222,7 @@ async fn checked_read(tx: &mut TenantTx, c: &Counters) {
 
 async fn chaos_step(
     router: &TenantRouter,
-    pool: &sqlx::PgPool,
+    pools: &[sqlx::PgPool],
     slugs: &[Slug],
     rng: &mut Rng,
     c: &Counters,
@@ -312,6 +312,7 @@ async fn chaos_step(
     // Outside any tenant transaction a pooled connection carries no tenant
     // state: empty search_path, and no transaction left open.
     if rng.below(4) == 0 {
+        let pool = &pools[rng.below(pools.len() as u64) as usize];
         let mut conn = pool.acquire().await.unwrap();
         let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
             .fetch_one(&mut *conn)
@@ -333,6 +334,17 @@ async fn chaos_step(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_tenant_state_leaks_across_a_small_shared_pool() {
+    leak_test(1).await;
+}
+
+/// The same with tenant-affine sub-pools: 4 connections in 2 sub-pools,
+/// every tenant on its home or second choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_tenant_state_leaks_across_affine_sub_pools() {
+    leak_test(2).await;
+}
+
+async fn leak_test(sub_pools: u32) {
     let db = TestDb::new().await;
     let template = Template::embedded();
     let tenants = 40;
@@ -348,16 +360,16 @@ async fn no_tenant_state_leaks_across_a_small_shared_pool() {
         .unwrap();
         slugs.push(slug(&s));
     }
-    let pool = tenantry::db::connect(
-        &db.url,
-        &PoolConfig {
-            max_connections: 4,
-            ..PoolConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    let router = TenantRouter::single(pool.clone(), &RouterConfig::default());
+    let config = PoolConfig {
+        max_connections: 4,
+        sub_pools,
+        ..PoolConfig::default()
+    };
+    let control = tenantry::db::connect(&db.url, &config).await.unwrap();
+    let tenants_pool = tenantry::db::TenantPool::connect_lazy(&db.url, &config).unwrap();
+    let pools: Vec<sqlx::PgPool> = tenants_pool.sub_pools().cloned().collect();
+    assert_eq!(pools.len(), sub_pools as usize);
+    let router = TenantRouter::new(control, tenants_pool, &RouterConfig::default());
     let counters = Arc::new(Counters::default());
     let seed: u64 = std::env::var("LEAK_SEED")
         .ok()
@@ -369,7 +381,7 @@ async fn no_tenant_state_leaks_across_a_small_shared_pool() {
         .map(|w| {
             let (router, pool, slugs, c) = (
                 router.clone(),
-                pool.clone(),
+                pools.clone(),
                 slugs.clone(),
                 counters.clone(),
             );
@@ -505,4 +517,172 @@ async fn tenant_sql_tags_are_inert_comments() {
     let n: i64 = sqlx::query_scalar(&sql).fetch_one(tx.conn()).await.unwrap();
     assert_eq!(n, 3);
     tx.commit().await.unwrap();
+}
+
+async fn affine_router(
+    db: &TestDb,
+    connections: u32,
+    sub_pools: u32,
+    statement_cache: usize,
+) -> TenantRouter {
+    let config = PoolConfig {
+        max_connections: connections,
+        sub_pools,
+        statement_cache,
+        ..PoolConfig::default()
+    };
+    let control = tenantry::db::connect(
+        &db.url,
+        &PoolConfig {
+            sub_pools: 1,
+            ..config.clone()
+        },
+    )
+    .await
+    .unwrap();
+    let tenants = tenantry::db::TenantPool::connect_lazy(&db.url, &config).unwrap();
+    TenantRouter::new(control, tenants, &RouterConfig::default())
+}
+
+async fn create(db: &TestDb, prefix: &str, n: usize) -> Vec<Slug> {
+    let template = Template::embedded();
+    let mut slugs = vec![];
+    for i in 0..n {
+        let s = format!("{prefix}-{i:02}");
+        provision::create_org(
+            &db.pool,
+            &template,
+            &NewOrg::parse(&s, "Affine", None).unwrap(),
+        )
+        .await
+        .unwrap();
+        slugs.push(slug(&s));
+    }
+    slugs
+}
+
+async fn backend_pid(router: &TenantRouter, s: &Slug) -> i32 {
+    let tenant = router.resolve(s).await.unwrap().unwrap();
+    let mut tx = router.begin(&tenant).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(tx.conn())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    pid
+}
+
+/// Each tenant's transactions land on at most its two sub-pools' backends,
+/// so each backend serves a slice of the tenants, not all of them.
+#[tokio::test]
+async fn affinity_keeps_each_tenant_on_its_two_candidate_connections() {
+    let db = TestDb::new().await;
+    let slugs = create(&db, "aff", 24).await;
+    let router = affine_router(&db, 8, 8, 1024).await;
+    let mut backends_of: std::collections::BTreeMap<&Slug, std::collections::BTreeSet<i32>> =
+        Default::default();
+    // concurrent rounds, so that homes are busy now and then
+    for _ in 0..10 {
+        let mut handles = vec![];
+        for s in &slugs {
+            let (router, s) = (router.clone(), s.clone());
+            handles.push(tokio::spawn(async move {
+                (s.clone(), backend_pid(&router, &s).await)
+            }));
+        }
+        for h in handles {
+            let (s, pid) = h.await.unwrap();
+            let key = slugs.iter().find(|x| **x == s).unwrap();
+            backends_of.entry(key).or_default().insert(pid);
+        }
+    }
+    let mut tenants_of: std::collections::BTreeMap<i32, usize> = Default::default();
+    for (s, pids) in &backends_of {
+        assert!(pids.len() <= 2, "{s} ran on {} backends", pids.len());
+        for pid in pids {
+            *tenants_of.entry(*pid).or_default() += 1;
+        }
+    }
+    // 24 tenants over 8 connections, at most two each: no backend saw
+    // anywhere near all of them
+    assert!(tenants_of.values().all(|n| *n < 24), "{tenants_of:?}");
+}
+
+/// A tenant whose home connection is held by a long transaction is still
+/// served, by its second choice, without waiting for it (no deadlock when
+/// the holder is the same task, no starvation).
+#[tokio::test]
+async fn a_tenant_whose_home_is_held_busy_is_still_served() {
+    let db = TestDb::new().await;
+    let slugs = create(&db, "busy", 1).await;
+    let router = affine_router(&db, 4, 4, 1024).await;
+    let tenant = router.resolve(&slugs[0]).await.unwrap().unwrap();
+    let (home, alt) = router.tenant_pool().candidates(&tenant.id);
+    assert_ne!(home, alt);
+    // the same task holds a transaction on the tenant's home connection...
+    let mut held = router.begin(&tenant).await.unwrap();
+    let held_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(held.conn())
+        .await
+        .unwrap();
+    // ...and asks for more: each is served at once by another connection
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let pid = tokio::time::timeout(Duration::from_secs(5), backend_pid(&router, &slugs[0]))
+            .await
+            .expect("served while home is busy");
+        assert_ne!(pid, held_pid);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    held.commit().await.unwrap();
+}
+
+/// The statement rule: per-tenant statements while each connection's share
+/// of the active tenants' statements fits its cache, shared ones beyond.
+#[tokio::test]
+async fn statement_mode_follows_the_tenants_per_connection() {
+    use tenantry::router::StatementMode;
+    let db = TestDb::new().await;
+    let slugs = create(&db, "stmt", 12).await;
+    // 2 sub-pools, a cache of 8 statements: 6 tenants x 1 statement per
+    // connection fits three quarters of it (6 <= 6), 12 tenants do not
+    let router = affine_router(&db, 2, 2, 8).await;
+    let run = |s: Slug| {
+        let router = router.clone();
+        async move {
+            let tenant = router.resolve(&s).await.unwrap().unwrap();
+            let mut tx = router.begin(&tenant).await.unwrap();
+            let text = tx.sql("SELECT count(*) FROM statuses").into_owned();
+            let n: i64 = tx
+                .query_as::<(i64,)>("SELECT count(*) FROM statuses")
+                .fetch_one()
+                .await
+                .unwrap()
+                .0;
+            assert_eq!(n, 3);
+            tx.commit().await.unwrap();
+            text
+        }
+    };
+    for s in &slugs[..4] {
+        let text = run(s.clone()).await;
+        assert!(
+            text.contains("/* t_"),
+            "few tenants: per-tenant text, got {text}"
+        );
+    }
+    router.housekeep().await;
+    assert_eq!(router.statement_mode(), StatementMode::PerTenant);
+    for s in &slugs {
+        router.resolve(s).await.unwrap();
+    }
+    router.housekeep().await;
+    assert_eq!(router.cached_tenants(), 12);
+    assert_eq!(router.statement_mode(), StatementMode::Shared);
+    let text = run(slugs[0].clone()).await;
+    assert_eq!(text, "SELECT count(*) FROM statuses");
 }

@@ -73,10 +73,15 @@ pub struct ServeArgs {
     #[arg(long, env = "TENANTRY_POOL_SIZE", default_value_t = 16)]
     pub pool_size: u32,
     /// Sub-pools the tenant connections are split into; each tenant uses
-    /// its home sub-pool or a second choice, so each connection serves a
-    /// slice of the tenants (1: every connection serves every tenant).
+    /// its home sub-pool (or a second choice when home is congested), so each
+    /// connection serves a slice of the tenants. 0: one per connection;
+    /// 1: every connection serves every tenant.
     #[arg(long, env = "TENANTRY_SUB_POOLS", default_value_t = crate::db::DEFAULT_SUB_POOLS)]
     pub sub_pools: u32,
+    /// Transactions beyond its connections a tenant's home sub-pool may hold
+    /// before the tenant's second choice takes the next one.
+    #[arg(long, env = "TENANTRY_SPILL_MARGIN", default_value_t = crate::db::DEFAULT_SPILL_MARGIN)]
+    pub spill_margin: u32,
     /// Seconds a pooled connection lives before it is replaced (bounds the
     /// catalog cache each backend accumulates per tenant).
     #[arg(long, env = "TENANTRY_CONN_MAX_LIFETIME", default_value_t = 900)]

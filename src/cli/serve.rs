@@ -13,6 +13,7 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
     let pool_config = PoolConfig {
         max_connections: args.pool_size,
         sub_pools: args.sub_pools,
+        spill_margin: args.spill_margin,
         max_lifetime: Duration::from_secs(args.conn_max_lifetime),
         statement_cache: args.statement_cache,
         ..PoolConfig::default()
