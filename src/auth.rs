@@ -138,9 +138,13 @@ impl Authenticator {
             None if !self.gate.admits(presented) => None,
             None => {
                 let pool = &self.pool;
+                let attempts = pool.options().get_max_connections() as usize + 2;
                 self.cache
                     .try_get_with(hash, async move {
-                        registry::authenticate_hash(pool, &hash).await
+                        crate::error::retry_dead_connections(attempts, || {
+                            registry::authenticate_hash(pool, &hash)
+                        })
+                        .await
                     })
                     .await
                     .map_err(|e: Arc<Error>| match Arc::try_unwrap(e) {

@@ -247,6 +247,14 @@ impl TenantPool {
         self.subs.iter().map(|s| &s.pool)
     }
 
+    /// Connections over all sub-pools at most.
+    pub fn max_connections(&self) -> u32 {
+        self.subs
+            .iter()
+            .map(|s| s.pool.options().get_max_connections())
+            .sum()
+    }
+
     /// Open connections over all sub-pools.
     pub fn size(&self) -> u32 {
         self.subs.iter().map(|s| s.pool.size()).sum()

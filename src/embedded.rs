@@ -270,6 +270,13 @@ impl LocalPostgres {
         Ok(())
     }
 
+    /// Stops the server and starts it again on the same port (for fault
+    /// tests: clients see every connection drop, then the server return).
+    pub fn restart(&self, durability: Durability) -> Result<(), EmbeddedError> {
+        self.stop()?;
+        self.start(durability)
+    }
+
     /// Stops the server (fast shutdown: active sessions are rolled back).
     pub fn stop(&self) -> Result<(), EmbeddedError> {
         self.run(

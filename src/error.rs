@@ -81,3 +81,51 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     msg
 }
+
+/// True for errors of the connection rather than of the statement: the
+/// pool had no connection in time, the socket broke, or the server is
+/// shutting down, restarting or refusing connections (SQLSTATE classes 08
+/// and 57P0x). The statement did not run (or its transaction is lost), so
+/// it is safe to report as 503 and, for reads, to retry on a fresh
+/// connection.
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+/// Runs `f` again while it fails because the connection it drew was dead
+/// (a backend killed, the server restarted): such a connection is discarded
+/// on failure, so each retry draws another one, and a new connection waits
+/// out a restarting server. At most `attempts` runs; pool timeouts are not
+/// retried (the pool already waited). Only for work that did nothing when
+/// it failed this way (a read, or a BEGIN).
+pub async fn retry_dead_connections<T, F, Fut>(attempts: usize, mut f: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(Error::Database(e))
+                if attempt < attempts
+                    && is_connection_error(&e)
+                    && !matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) =>
+            {
+                tracing::debug!(error = %e, attempt, "the connection was dead; retrying");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}

@@ -182,10 +182,13 @@ impl TenantRouter {
     /// costs no SQL; concurrent misses for one slug share one registry query.
     pub async fn resolve(&self, slug: &Slug) -> Result<Option<Arc<Tenant>>, Error> {
         let pool = &self.control;
+        let attempts = pool.options().get_max_connections() as usize + 2;
         self.cache
             .try_get_with_by_ref(slug, async move {
-                let mut conn = pool.acquire().await?;
-                let org = registry::find_org(&mut conn, slug).await?;
+                let org = crate::error::retry_dead_connections(attempts, || async {
+                    registry::find_org(&mut *pool.acquire().await?, slug).await
+                })
+                .await?;
                 Ok::<_, Error>(org.map(|o| {
                     Arc::new(Tenant {
                         role: RoleName::for_org(&o.id),
@@ -215,7 +218,46 @@ impl TenantRouter {
     /// with this tenant's search_path. [`DetachOnDrop`] hands such an
     /// unfinished BEGIN to a background task that completes it and drops the
     /// transaction, which queues its ROLLBACK before the connection is reused.
+    ///
+    /// A pooled connection whose backend died (killed, server restarted)
+    /// fails its BEGIN and is discarded; the BEGIN is then retried on
+    /// another connection (up to once per connection of the pool, and a
+    /// new connection waits out a restarting server), so such faults never
+    /// reach the caller while the server comes back within the acquire
+    /// timeout.
     pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
+        let attempts = self.tenants.max_connections() as usize + 2;
+        crate::error::retry_dead_connections(attempts, || self.begin_once(tenant)).await
+    }
+
+    /// Runs the read-only work `f` in a transaction of `tenant` and commits.
+    /// If the connection dies under it (a backend killed, the server
+    /// restarting), the work runs again, once, on a fresh connection: reads
+    /// see no error. Only for work that writes nothing.
+    pub async fn read<T, F>(&self, tenant: &Arc<Tenant>, f: F) -> Result<T, Error>
+    where
+        F: for<'t> Fn(&'t mut TenantTx) -> TenantFuture<'t, T>,
+    {
+        let mut retried = false;
+        loop {
+            let result = async {
+                let mut tx = self.begin(tenant).await?;
+                let out = f(&mut tx).await?;
+                tx.commit().await?;
+                Ok(out)
+            }
+            .await;
+            match result {
+                Err(Error::Database(e)) if !retried && crate::error::is_connection_error(&e) => {
+                    tracing::debug!(error = %e, "read lost its connection; retrying once");
+                    retried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn begin_once(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
         let sql = self.begin_sql(tenant);
         // Waiting for a connection can be abandoned safely; the BEGIN on it
         // cannot (see above).

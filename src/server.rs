@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -28,6 +29,10 @@ pub struct ServerConfig {
     /// Listen for registry changes of other processes (LISTEN/NOTIFY). Off,
     /// other processes' changes reach this one only through the TTLs.
     pub listen_for_changes: bool,
+    /// A request running longer gets 503 `timeout`.
+    pub request_timeout: Duration,
+    /// After a shutdown signal, in-flight requests get this long to finish.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -36,6 +41,8 @@ impl Default for ServerConfig {
             router: RouterConfig::default(),
             auth: AuthConfig::default(),
             listen_for_changes: true,
+            request_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -91,6 +98,7 @@ pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Erro
     let auth = Authenticator::load(pools.control, &config.auth).await?;
     Ok(AppState {
         tenancy: Tenancy::new(pools.admin, router, auth, Arc::new(Template::embedded())),
+        request_timeout: config.request_timeout,
     })
 }
 
@@ -172,9 +180,30 @@ pub async fn serve(
         .then(|| tenancy.spawn_listener(tenancy.router().control_pool().clone()));
     let usage_task = tenancy.auth().spawn_usage_writer();
     let auth = tenancy.auth().clone();
-    let result = axum::serve(listener, api::app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    // In-flight requests get `shutdown_timeout` to finish after the signal.
+    let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
+    let graceful = {
+        let mut on_signal = on_signal.clone();
+        async move {
+            let _ = on_signal.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signalled.send(true);
+    });
+    let server = axum::serve(listener, api::app(state)).with_graceful_shutdown(graceful);
+    let deadline = config.shutdown_timeout;
+    let result = tokio::select! {
+        r = server => r,
+        _ = async {
+            let _ = on_signal.wait_for(|s| *s).await;
+            tokio::time::sleep(deadline).await;
+        } => {
+            tracing::warn!(seconds = deadline.as_secs_f64(), "shutdown deadline passed; dropping requests still in flight");
+            Ok(())
+        }
+    };
     if let Some(task) = listener_task {
         task.abort();
     }

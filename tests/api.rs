@@ -788,6 +788,7 @@ async fn a_stale_cache_never_routes_a_reused_slug_into_the_new_orgs_schema() {
             ttl: std::time::Duration::from_secs(600),
             ..Default::default()
         },
+        ..Default::default()
     };
     let a = common::spawn_app_with(deaf).await;
     let old_token = a.org_with_token("acme").await;
@@ -908,6 +909,117 @@ async fn openapi_describes_every_route() {
             assert!(item.get(*m).is_some(), "{m} {path} missing from OpenAPI");
         }
     }
+}
+
+/// Every status an operation answers is in the OpenAPI document: each
+/// documented operation is called with the invalid inputs it can receive
+/// (no token, another org's token, a suspended org, malformed JSON, a wrong
+/// content type, a malformed path parameter) and every status seen must be
+/// listed for that operation, with the error body.
+#[tokio::test]
+async fn every_status_an_operation_answers_is_documented() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("doc-a").await;
+    let other = app.org_with_token("doc-b").await;
+    app.org_with_token("doc-off").await;
+    let (s, _) = app
+        .call(POST, "/v1/admin/orgs/doc-off/suspend", &app.superuser, None)
+        .await;
+    assert_eq!(s, 200);
+    let doc: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let some_id = uuid::Uuid::new_v4().to_string();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let documented: Vec<u16> = op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| k.parse().unwrap())
+                .collect();
+            for (status, code) in documented
+                .iter()
+                .map(|c| (c, op["responses"][c.to_string()].clone()))
+            {
+                if *status >= 400 {
+                    let schema = &code["content"]["application/json"]["schema"]["$ref"];
+                    assert_eq!(
+                        schema, "#/components/schemas/ErrorBody",
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+            let fill = |slug: &str, id: &str| path.replace("{slug}", slug).replace("{id}", id);
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let has_body = op.get("requestBody").is_some();
+            let mut cases: Vec<(String, reqwest::RequestBuilder)> = vec![
+                (
+                    "no token".into(),
+                    app.http
+                        .request(m.clone(), app.url(&fill("doc-a", &some_id))),
+                ),
+                (
+                    "another org's token".into(),
+                    app.req(m.clone(), &fill("doc-a", &some_id), &other),
+                ),
+                (
+                    "a suspended org".into(),
+                    app.req(m.clone(), &fill("doc-off", &some_id), &app.superuser),
+                ),
+                (
+                    "a malformed path parameter".into(),
+                    app.req(m.clone(), &fill("Not A Slug", "not-a-uuid"), &token),
+                ),
+                (
+                    "an unknown query parameter".into(),
+                    app.req(
+                        m.clone(),
+                        &format!("{}?bogus=1", fill("doc-a", &some_id)),
+                        &token,
+                    ),
+                ),
+            ];
+            if has_body {
+                cases.push((
+                    "malformed JSON".into(),
+                    app.req(m.clone(), &fill("doc-a", &some_id), &token)
+                        .header("content-type", "application/json")
+                        .body("{nope"),
+                ));
+                cases.push((
+                    "a wrong content type".into(),
+                    app.req(m.clone(), &fill("doc-a", &some_id), &token)
+                        .header("content-type", "text/plain")
+                        .body("{}"),
+                ));
+                cases.push((
+                    "a body of the wrong shape".into(),
+                    app.req(m.clone(), &fill("doc-a", &some_id), &app.superuser)
+                        .json(&json!({"unexpected": true})),
+                ));
+            }
+            for (what, req) in cases {
+                let res = req.send().await.unwrap();
+                let status = res.status().as_u16();
+                assert!(
+                    documented.contains(&status),
+                    "{} {path} with {what} answered {status}, which the document does not list ({documented:?}): {}",
+                    method.to_uppercase(),
+                    res.text().await.unwrap()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "{checked}");
 }
 
 /// The README's first quick-start command: `tenantry serve` with no

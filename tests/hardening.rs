@@ -113,6 +113,7 @@ async fn statements_executed(db: &TestDb) -> i64 {
 /// lookup. Counted by PostgreSQL itself (pg_stat_statements).
 #[tokio::test]
 async fn made_up_tokens_cost_no_database_round_trips() {
+    let _serial = LOAD.lock().await;
     let app = spawn_app().await;
     app.org_with_token("victim").await;
     // a pre-MAC (format 1) token keeps working, in a process started after
@@ -496,4 +497,283 @@ async fn migrate_gives_orgs_of_an_earlier_version_their_roles() {
         .await
         .unwrap_err();
     assert_eq!(tenantry::error::sqlstate(&err).as_deref(), Some("42501"));
+}
+
+/// Load tests that measure latency run one at a time, so that they do not
+/// measure each other.
+static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn percentile(mut v: Vec<Duration>, q: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// One tenant's table is locked by another transaction: that tenant's
+/// requests give up after the lock timeout with 503 `tenant_busy` (and
+/// `Retry-After`) instead of holding connections, while every other tenant
+/// keeps answering 200 quickly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_locked_tenant_fails_fast_and_others_keep_answering() {
+    let _serial = LOAD.lock().await;
+    let config = tenantry::server::ServerConfig {
+        router: tenantry::router::RouterConfig {
+            lock_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let app = common::spawn_app_with(config).await;
+    let locked_token = app.org_with_token("locked").await;
+    let mut others = vec![];
+    for i in 0..6 {
+        let slug = format!("free-{i}");
+        let token = app.org_with_token(&slug).await;
+        others.push((slug, token));
+    }
+    let schema = app.db.schema_of("locked").await;
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "LOCK TABLE {schema}.tests IN ACCESS EXCLUSIVE MODE"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+
+    let window = Duration::from_secs(6);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..6 {
+        let (http, base, others) = (app.http.clone(), app.url(""), others.clone());
+        tasks.spawn(async move {
+            let mut lat = vec![];
+            let mut n = w;
+            while started.elapsed() < window {
+                let (slug, token) = &others[n % others.len()];
+                n += 1;
+                let t = Instant::now();
+                let res = http
+                    .get(format!("{base}/v1/orgs/{slug}/tests"))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 200, "{slug}: {}", res.text().await.unwrap());
+                lat.push(t.elapsed());
+            }
+            (lat, vec![])
+        });
+    }
+    for _ in 0..3 {
+        let (http, base, token) = (app.http.clone(), app.url(""), locked_token.clone());
+        tasks.spawn(async move {
+            let mut waits = vec![];
+            while started.elapsed() < window {
+                let t = Instant::now();
+                let res = http
+                    .get(format!("{base}/v1/orgs/locked/tests"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 503);
+                assert_eq!(res.headers()["retry-after"], "1");
+                let body: Value = res.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "tenant_busy", "{body}");
+                waits.push(t.elapsed());
+            }
+            (vec![], waits)
+        });
+    }
+    let (mut lat, mut waits) = (vec![], vec![]);
+    while let Some(r) = tasks.join_next().await {
+        let (l, w) = r.unwrap();
+        lat.extend(l);
+        waits.extend(w);
+    }
+    holder.rollback().await.unwrap();
+    let p99 = percentile(lat.clone(), 0.99);
+    let slowest_busy = *waits.iter().max().unwrap();
+    println!(
+        "others: {} requests, p99 {p99:?}; locked tenant: {} x 503 tenant_busy, slowest {slowest_busy:?}",
+        lat.len(),
+        waits.len()
+    );
+    assert!(lat.len() > 200, "too few requests to measure");
+    assert!(
+        p99 < Duration::from_millis(50),
+        "p99 of the other tenants {p99:?}"
+    );
+    assert!(
+        slowest_busy < Duration::from_millis(1500),
+        "a locked tenant's request waited {slowest_busy:?}"
+    );
+    // the lock gone, the tenant answers again
+    let (s, _) = app
+        .call(GET, "/v1/orgs/locked/tests", &locked_token, None)
+        .await;
+    assert_eq!(s, 200);
+}
+
+/// Faults: backends killed again and again under concurrent reads, and
+/// PostgreSQL restarted once. Reads never see a 5xx (a dead pooled
+/// connection is replaced and the read retried), never see another tenant's
+/// row, and the server is ready again soon after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_survive_killed_backends_and_a_restart() {
+    let _serial = LOAD.lock().await;
+    // a cluster of its own: this test restarts it
+    let dir = tempfile::Builder::new()
+        .prefix("tenantry-fault-pg-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let pg = tenantry::embedded::LocalPostgres::ensure_running(
+        &dir,
+        tenantry::embedded::Durability::Throwaway,
+    )
+    .unwrap();
+    pg.remove_when_process_exits(std::process::id()).unwrap();
+    let url = pg.url("postgres");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .unwrap();
+    tenantry::registry::migrate(&pool).await.unwrap();
+    let db = TestDb {
+        pool,
+        url: url.clone(),
+        name: "postgres".into(),
+    };
+    let app = common::spawn_app_on(db, tenantry::server::ServerConfig::default()).await;
+    // each tenant holds one test whose prompt is its own slug
+    let mut targets = vec![];
+    for i in 0..8 {
+        let slug = format!("fault-{i}");
+        let token = app.org_with_token(&slug).await;
+        let (_, statuses) = app
+            .call(GET, &format!("/v1/orgs/{slug}/statuses"), &token, None)
+            .await;
+        let (_, behaviors) = app
+            .call(GET, &format!("/v1/orgs/{slug}/behaviors"), &token, None)
+            .await;
+        let (s, test) = app
+            .call(
+                POST,
+                &format!("/v1/orgs/{slug}/tests"),
+                &token,
+                Some(json!({"prompt": slug, "expected_outcome": "",
+                    "status_id": statuses["items"][0]["id"], "behavior_id": behaviors["items"][0]["id"]})),
+            )
+            .await;
+        assert_eq!(s, 201, "{test}");
+        targets.push((slug, token, test["id"].as_str().unwrap().to_owned()));
+    }
+
+    let window = Duration::from_secs(8);
+    let started = Instant::now();
+    let mut readers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let (http, base, targets) = (app.http.clone(), app.url(""), targets.clone());
+        readers.spawn(async move {
+            let (mut ok, mut wrong, mut failed) = (0u64, 0u64, vec![]);
+            let mut n = w;
+            while started.elapsed() < window {
+                let (slug, token, id) = &targets[n % targets.len()];
+                n += 1;
+                let res = http
+                    .get(format!("{base}/v1/orgs/{slug}/tests/{id}"))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = res.status().as_u16();
+                let body = res.text().await.unwrap();
+                if status != 200 {
+                    failed.push(format!("{status} {body}"));
+                    continue;
+                }
+                let v: Value = serde_json::from_str(&body).unwrap();
+                if v["prompt"] != slug.as_str() {
+                    wrong += 1;
+                }
+                ok += 1;
+            }
+            (ok, wrong, failed)
+        });
+    }
+    // the killer: every backend of the database but its own, every 300 ms
+    let killer = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut killed = 0u64;
+            while started.elapsed() < window {
+                if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await
+                {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND backend_type = 'client backend' \
+                         AND pid <> pg_backend_pid()) k",
+                    )
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap_or(0);
+                    killed += n as u64;
+                    let _ = sqlx::Connection::close(conn).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            killed
+        })
+    };
+    // one restart in the middle
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let restarted = Instant::now();
+    tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            let pg = tenantry::embedded::LocalPostgres::ensure_running(
+                &dir,
+                tenantry::embedded::Durability::Throwaway,
+            )
+            .unwrap();
+            pg.restart(tenantry::embedded::Durability::Throwaway)
+                .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let ready = loop {
+        let res = app.http.get(app.url("/readyz")).send().await.unwrap();
+        if res.status() == 200 {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "not ready 5 s after the restart"
+        );
+    };
+    let killed = killer.await.unwrap();
+    let (mut ok, mut wrong, mut failed) = (0, 0, vec![]);
+    while let Some(r) = readers.join_next().await {
+        let (o, w, f) = r.unwrap();
+        ok += o;
+        wrong += w;
+        failed.extend(f);
+    }
+    println!(
+        "{ok} reads, {} failed, {wrong} wrong-tenant; {killed} backends killed; ready {ready:?} after the restart began",
+        failed.len()
+    );
+    assert_eq!(wrong, 0, "a read returned another tenant's row");
+    assert!(
+        failed.is_empty(),
+        "reads failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        killed >= 10,
+        "the test killed too few backends to mean anything"
+    );
+    assert!(ok > 500);
 }

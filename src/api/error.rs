@@ -31,7 +31,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    pub details: Option<Value>,
+    pub details: Option<Box<Value>>,
+    /// Seconds after which a retry may succeed (`Retry-After`).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -41,11 +43,21 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after: None,
+        }
+    }
+
+    /// A 503 worth retrying after a second: the database is restarting,
+    /// busy or out of connections; the request did nothing.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
         }
     }
 
     pub fn with_details(mut self, details: Value) -> Self {
-        self.details = Some(details);
+        self.details = Some(Box::new(details));
         self
     }
 
@@ -101,9 +113,15 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({ "code": self.code, "message": self.message });
         if let Some(details) = self.details {
-            body["details"] = details;
+            body["details"] = *details;
         }
-        (self.status, axum::Json(json!({ "error": body }))).into_response()
+        let mut response = (self.status, axum::Json(json!({ "error": body }))).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -123,8 +141,8 @@ impl From<Error> for ApiError {
             }
             Error::Database(db) => ApiError::from(db),
             Error::Shared(shared) => match &*shared {
-                Error::Database(sqlx::Error::PoolTimedOut) => {
-                    ApiError::from(sqlx::Error::PoolTimedOut)
+                Error::Database(db) if crate::error::is_connection_error(db) => {
+                    ApiError::unavailable("unavailable", "the database is unavailable, retry later")
                 }
                 other => {
                     tracing::error!(error = %crate::error::chain(other), "internal error");
@@ -187,21 +205,26 @@ impl From<sqlx::Error> for ApiError {
                         "this organization's data is unavailable; an operator has been alerted",
                     );
                 }
+                // statement_timeout
                 Some("57014") => {
-                    return ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "timeout",
-                        "the database query took too long",
+                    return ApiError::unavailable("timeout", "the database query took too long")
+                }
+                // lock_timeout: another transaction holds what this one
+                // needs; the connection was given back instead of waiting
+                Some("55P03") => {
+                    return ApiError::unavailable(
+                        "tenant_busy",
+                        "this organization's data is locked by other work; retry shortly",
                     )
                 }
                 _ => {}
             }
         }
-        if matches!(e, sqlx::Error::PoolTimedOut) {
-            return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+        if crate::error::is_connection_error(&e) {
+            tracing::warn!(error = %crate::error::chain(&e), "database unavailable");
+            return ApiError::unavailable(
                 "unavailable",
-                "no database connection available, retry later",
+                "the database is unavailable, retry later",
             );
         }
         tracing::error!(error = %crate::error::chain(&e), "database error");

@@ -15,7 +15,7 @@ use super::error::ApiError;
 use crate::auth::Authenticator;
 use crate::ident::Slug;
 use crate::registry::{OrgStatus, Principal};
-use crate::router::{Tenant, TenantRouter, TenantTx};
+use crate::router::{Tenant, TenantFuture, TenantRouter, TenantTx};
 
 /// The authenticated caller. Missing, malformed, unknown or revoked token: 401.
 #[derive(Debug, Clone)]
@@ -87,6 +87,15 @@ impl OrgScope {
     /// Opens a transaction in this org's schema.
     pub async fn begin(&self) -> Result<TenantTx, ApiError> {
         Ok(self.router.begin(&self.tenant).await?)
+    }
+
+    /// Runs read-only work in a transaction of this org, retried once on a
+    /// fresh connection if its connection dies (see [`TenantRouter::read`]).
+    pub async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        F: for<'t> Fn(&'t mut TenantTx) -> TenantFuture<'t, T>,
+    {
+        Ok(self.router.read(&self.tenant, f).await?)
     }
 
     /// The user on whose behalf rows are created and updated.

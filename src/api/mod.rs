@@ -33,6 +33,9 @@ pub const BODY_LIMIT: usize = 256 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub tenancy: Tenancy,
+    /// A request still running after this gets 503 `timeout` (its work is
+    /// cancelled, and its transaction rolled back).
+    pub request_timeout: Duration,
 }
 
 /// What tenant routes may use: no pool.
@@ -62,6 +65,7 @@ impl FromRef<TenantApi> for TenantRouter {
 
 /// The whole application.
 pub fn app(state: AppState) -> Router {
+    let request_timeout = state.request_timeout;
     let tenant_api = TenantApi {
         router: state.tenancy.router().clone(),
         auth: state.tenancy.auth().clone(),
@@ -75,6 +79,15 @@ pub fn app(state: AppState) -> Router {
         .merge(resources::router().with_state(tenant_api))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(
+            move |req: Request<axum::body::Body>, next: axum::middleware::Next| async move {
+                match tokio::time::timeout(request_timeout, next.run(req)).await {
+                    Ok(response) => response,
+                    Err(_) => ApiError::unavailable("timeout", "the request took too long")
+                        .into_response(),
+                }
+            },
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(
             TraceLayer::new_for_http()

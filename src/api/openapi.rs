@@ -2,6 +2,7 @@
 //! handlers' `#[utoipa::path]` annotations and the types' `ToSchema`.
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{admin, resources};
@@ -42,7 +43,7 @@ use super::{admin, resources};
         admin::revoke_token,
         admin::stats,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &StandardErrors),
     tags(
         (name = "statuses"), (name = "behaviors"), (name = "tests"),
         (name = "admin", description = "superuser tokens only"),
@@ -65,5 +66,70 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// The error statuses any operation of a kind can answer, added to every
+/// operation that does not list them itself, so the document lists every
+/// status the server really sends (a test walks each operation with bad
+/// input and checks).
+struct StandardErrors;
+
+fn error_response(description: &str) -> RefOr<Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                Content::new(Some(RefOr::Ref(Ref::from_schema_name("ErrorBody")))),
+            )
+            .build(),
+    )
+}
+
+impl Modify for StandardErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in operations.into_iter().flatten() {
+                let mut errors: Vec<(&str, &str)> = vec![];
+                let database = !matches!(path.as_str(), "/healthz" | "/openapi.json");
+                if op.security.is_some() {
+                    errors.push((
+                        "401",
+                        "missing, malformed, unknown, revoked or expired token",
+                    ));
+                    errors.push(("403", "not allowed for this token (`forbidden`), or the organization is suspended (`org_suspended`)"));
+                }
+                if path.contains("{slug}") {
+                    errors.push(("404", "no such organization (also for an organization the token does not belong to)"));
+                }
+                if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+                    errors.push(("400", "a path or query parameter is malformed"));
+                }
+                if op.request_body.is_some() {
+                    errors.push(("400", "the body is not valid JSON"));
+                    errors.push(("413", "the body is larger than 256 KiB"));
+                    errors.push(("415", "the body is not application/json"));
+                    errors.push(("422", "the body has the wrong shape or invalid values"));
+                }
+                if database {
+                    errors.push(("503", "the database is unavailable (`unavailable`), the request timed out (`timeout`) or the organization's data is locked (`tenant_busy`); see `Retry-After`"));
+                    errors.push(("500", "an internal error (logged)"));
+                }
+                for (code, why) in errors {
+                    op.responses
+                        .responses
+                        .entry(code.to_owned())
+                        .or_insert_with(|| error_response(why));
+                }
+            }
+        }
     }
 }

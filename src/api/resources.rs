@@ -331,14 +331,18 @@ pub async fn list_named<T: NamedTable>(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<axum::Json<Page<Named>>, ApiError> {
     let (limit, cursor) = q.parse()?;
-    let mut tx = org.begin().await?;
-    let rows: Vec<Named> = tx
-        .query_as(T::LIST)
-        .bind(cursor)
-        .bind(limit + 1)
-        .fetch_all()
+    let rows: Vec<Named> = org
+        .read(move |tx| {
+            Box::pin(async move {
+                Ok(tx
+                    .query_as(T::LIST)
+                    .bind(cursor)
+                    .bind(limit + 1)
+                    .fetch_all()
+                    .await?)
+            })
+        })
         .await?;
-    tx.commit().await?;
     Ok(axum::Json(page(rows, limit, |r| r.id)))
 }
 
@@ -346,9 +350,11 @@ pub async fn get_named<T: NamedTable>(
     org: OrgScope,
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<axum::Json<Named>, ApiError> {
-    let mut tx = org.begin().await?;
-    let row: Option<Named> = tx.query_as(T::GET).bind(id).fetch_optional().await?;
-    tx.commit().await?;
+    let row: Option<Named> = org
+        .read(move |tx| {
+            Box::pin(async move { Ok(tx.query_as(T::GET).bind(id).fetch_optional().await?) })
+        })
+        .await?;
     row.map(axum::Json).ok_or_else(|| not_found::<T>(id))
 }
 
@@ -524,16 +530,21 @@ pub async fn list_tests(
         cursor: q.cursor,
     }
     .parse()?;
-    let mut tx = org.begin().await?;
-    let rows: Vec<TestCase> = tx
-        .query_as(LIST_TESTS)
-        .bind(cursor)
-        .bind(q.status_id)
-        .bind(q.behavior_id)
-        .bind(limit + 1)
-        .fetch_all()
+    let (status_id, behavior_id) = (q.status_id, q.behavior_id);
+    let rows: Vec<TestCase> = org
+        .read(move |tx| {
+            Box::pin(async move {
+                Ok(tx
+                    .query_as(LIST_TESTS)
+                    .bind(cursor)
+                    .bind(status_id)
+                    .bind(behavior_id)
+                    .bind(limit + 1)
+                    .fetch_all()
+                    .await?)
+            })
+        })
         .await?;
-    tx.commit().await?;
     Ok(axum::Json(page(rows, limit, |r| r.id)))
 }
 
@@ -546,9 +557,11 @@ pub async fn get_test(
     org: OrgScope,
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<axum::Json<TestCase>, ApiError> {
-    let mut tx = org.begin().await?;
-    let row: Option<TestCase> = tx.query_as(GET_TEST).bind(id).fetch_optional().await?;
-    tx.commit().await?;
+    let row: Option<TestCase> = org
+        .read(move |tx| {
+            Box::pin(async move { Ok(tx.query_as(GET_TEST).bind(id).fetch_optional().await?) })
+        })
+        .await?;
     row.map(axum::Json).ok_or_else(|| test_not_found(id))
 }
 

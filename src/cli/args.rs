@@ -97,6 +97,19 @@ pub struct ServeArgs {
     /// Seconds a verified token stays cached in this process.
     #[arg(long, env = "TENANTRY_AUTH_TTL", default_value_t = 10)]
     pub auth_ttl: u64,
+    /// statement_timeout of tenant transactions, milliseconds.
+    #[arg(long, env = "TENANTRY_STATEMENT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub statement_timeout_ms: u64,
+    /// lock_timeout of tenant transactions, milliseconds: a request waiting
+    /// longer for a lock gets 503 tenant_busy instead of holding a connection.
+    #[arg(long, env = "TENANTRY_LOCK_TIMEOUT_MS", default_value_t = 2_000)]
+    pub lock_timeout_ms: u64,
+    /// Seconds a request may run before it gets 503 timeout.
+    #[arg(long, env = "TENANTRY_REQUEST_TIMEOUT", default_value_t = 30)]
+    pub request_timeout: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "TENANTRY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
     #[arg(long, env = "TENANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }

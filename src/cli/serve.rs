@@ -22,8 +22,12 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
     let config = ServerConfig {
         router: RouterConfig {
             ttl: Duration::from_secs(args.cache_ttl),
+            statement_timeout: Duration::from_millis(args.statement_timeout_ms.max(1)),
+            lock_timeout: Duration::from_millis(args.lock_timeout_ms.max(1)),
             ..RouterConfig::default()
         },
+        request_timeout: Duration::from_secs(args.request_timeout.max(1)),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         auth: AuthConfig {
             ttl: Duration::from_secs(args.auth_ttl),
             ..AuthConfig::default()
