@@ -17,6 +17,7 @@ pub mod roles;
 pub mod router;
 pub mod secret;
 pub mod server;
+pub mod sql;
 pub mod template;
 pub mod tenancy;
 

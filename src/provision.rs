@@ -144,7 +144,7 @@ pub async fn create_org_with_hook(
     // EXISTS fails with duplicate_schema.
     let role = crate::roles::create_tenant_role(&mut tx, &organization.id).await?;
     let applied = template
-        .apply_to_new_schema(&mut tx, &schema, &role)
+        .apply_to_new_schema(&mut tx, &schema, &role, false)
         .await
         .map_err(|e| match e {
             TemplateError::Database(db) if sqlstate(&db).as_deref() == Some(DUPLICATE_SCHEMA) => {

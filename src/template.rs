@@ -101,6 +101,16 @@ pub(crate) fn simple_query<'a>(conn: &'a mut PgConnection, sql: &'a str) -> Send
     Box::pin(async move { Ok(sqlx::Executor::execute(conn, sql).await?.rows_affected()) })
 }
 
+/// Runs SQL text (one or several statements, no bind parameters) in one
+/// round trip and returns the rows of all of them (boxed for `Send`, see
+/// [`simple_query`]).
+pub(crate) fn simple_rows<'a>(
+    conn: &'a mut PgConnection,
+    sql: &'a str,
+) -> SendFuture<'a, Vec<sqlx::postgres::PgRow>> {
+    Box::pin(async move { sqlx::Executor::fetch_all(conn, sql).await })
+}
+
 fn fetch_history<'a>(
     conn: &'a mut PgConnection,
     query: &'a str,
@@ -141,10 +151,25 @@ pub struct Applied {
     pub versions: Vec<i32>,
 }
 
+/// The first-line marker of a migration that must run outside a
+/// transaction (e.g. `CREATE INDEX CONCURRENTLY`).
+pub const NO_TRANSACTION_MARKER: &str = "-- tenantry:no-transaction";
+
 /// A set of versioned SQL migrations applied to one schema at a time.
 #[derive(Debug, Clone)]
 pub struct Template {
     migrations: Vec<Migration>,
+    /// Versions of the migrations marked [`NO_TRANSACTION_MARKER`].
+    no_transaction: std::collections::BTreeSet<i32>,
+}
+
+/// Why a template's history cannot be continued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// The applied migration that differs from (or is missing in) the
+    /// template, e.g. `V1__initial`.
+    pub migration: String,
+    pub message: String,
 }
 
 impl Template {
@@ -176,7 +201,96 @@ impl Template {
             return Err(TemplateError::Empty);
         }
         migrations.sort();
-        Ok(Template { migrations })
+        let mut no_transaction = std::collections::BTreeSet::new();
+        for m in &migrations {
+            let sql = m.sql().unwrap_or_default();
+            let marked = sql
+                .lines()
+                .next()
+                .is_some_and(|first| first.trim() == NO_TRANSACTION_MARKER);
+            if marked {
+                let n = crate::sql::statements(sql).len();
+                if n != 1 {
+                    return Err(TemplateError::Load(format!(
+                        "{m}: a no-transaction migration must contain exactly one statement (found {n})"
+                    )));
+                }
+                no_transaction.insert(m.version());
+            }
+        }
+        Ok(Template {
+            migrations,
+            no_transaction,
+        })
+    }
+
+    /// True for a migration marked [`NO_TRANSACTION_MARKER`].
+    pub fn is_no_transaction(&self, m: &Migration) -> bool {
+        self.no_transaction.contains(&m.version())
+    }
+
+    /// The SQL of `m` as it runs inside a transaction: a no-transaction
+    /// migration loses its `CONCURRENTLY` (valid in a new, empty schema,
+    /// which nothing else can be using).
+    pub fn transactional_sql(&self, m: &Migration) -> String {
+        let sql = m.sql().unwrap_or_default();
+        if self.is_no_transaction(m) {
+            crate::sql::remove_keyword(sql, "concurrently")
+        } else {
+            sql.to_owned()
+        }
+    }
+
+    /// The migrations still to apply to a schema whose history holds
+    /// `applied` (version, name, checksum), up to `target`: refinery's rules,
+    /// checked here so that the history of many tenants can be read in one
+    /// query. An applied migration that is missing from the template or
+    /// differs from it (name or checksum), or a template migration below the
+    /// applied ones that was never applied, is a divergence.
+    pub fn pending(
+        &self,
+        applied: &[(i32, String, String)],
+        target: i32,
+    ) -> Result<Vec<&Migration>, Divergence> {
+        for (version, name, checksum) in applied {
+            let label = format!("V{version}__{name}");
+            match self.migrations.iter().find(|m| m.version() == *version) {
+                None => {
+                    return Err(Divergence {
+                        migration: label,
+                        message: format!(
+                            "applied migration V{version}__{name} is missing from the template"
+                        ),
+                    })
+                }
+                Some(m) if m.name() != name || m.checksum().to_string() != *checksum => {
+                    return Err(Divergence {
+                        migration: label,
+                        message: format!(
+                            "applied migration V{version}__{name} differs from the template's {m}"
+                        ),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        let current = applied.iter().map(|a| a.0).max().unwrap_or(-1);
+        let mut pending = vec![];
+        for m in &self.migrations {
+            if applied.iter().any(|a| a.0 == m.version()) {
+                continue;
+            }
+            if m.version() <= current {
+                return Err(Divergence {
+                    migration: m.to_string(),
+                    message: format!("{m} was never applied but later versions were"),
+                });
+            }
+            if m.version() <= target {
+                pending.push(m);
+            }
+        }
+        Ok(pending)
     }
 
     /// The highest version in the template: what a fully migrated schema's
@@ -223,26 +337,63 @@ impl Template {
     }
 
     /// Creates `schema`, owned by `owner`, and applies the whole template to
-    /// it as `owner`, grouped. The schema, the role, the search path and
-    /// refinery's history table are set up in one round trip; a schema that
-    /// exists already fails with SQLSTATE 42P06. The transaction goes on as
-    /// `owner`.
+    /// it as `owner`, with refinery's history rows: in one round trip, or one
+    /// statement per message where the server needs that (Citus). A schema
+    /// that exists already fails with SQLSTATE 42P06 (as
+    /// `TemplateError::Database`). The transaction goes on as `owner`.
     pub async fn apply_to_new_schema(
         &self,
         conn: &mut PgConnection,
         schema: &SchemaName,
         owner: &RoleName,
+        one_statement_per_message: bool,
     ) -> Result<Applied, TemplateError> {
         // The schema belongs to the tenant's role, and so does everything
-        // the template creates: it runs as that role.
-        let setup = format!(
-            "CREATE SCHEMA {q} AUTHORIZATION {r}; SET LOCAL ROLE {r}; SET LOCAL search_path TO {q}; {history}",
-            q = schema.quoted(),
-            r = owner.quoted(),
-            history = <MigrationConn as AsyncMigrate>::assert_migrations_table_query(HISTORY_TABLE)
-        );
-        simple_query(conn, &setup).await?;
-        self.run(conn, schema.as_str(), None, true).await
+        // the template creates: it runs as that role. The history is written
+        // as refinery writes it, so refinery reads it back unchanged.
+        let mut statements = vec![
+            format!(
+                "CREATE SCHEMA {q} AUTHORIZATION {r}",
+                q = schema.quoted(),
+                r = owner.quoted()
+            ),
+            format!("SET LOCAL ROLE {}", owner.quoted()),
+            format!("SET LOCAL search_path TO {}", schema.quoted()),
+            <MigrationConn as AsyncMigrate>::assert_migrations_table_query(HISTORY_TABLE),
+        ];
+        for m in &self.migrations {
+            statements.push(self.transactional_sql(m));
+            statements.push(history_insert(m));
+        }
+        let result = if one_statement_per_message {
+            let mut r = Ok(0);
+            'all: for block in &statements {
+                for statement in crate::sql::statements(block) {
+                    r = simple_query(conn, statement).await;
+                    if r.is_err() {
+                        break 'all;
+                    }
+                }
+            }
+            r
+        } else {
+            // "\n;\n" ends a trailing line comment before the separator.
+            simple_query(conn, &statements.join("\n;\n")).await
+        };
+        result.map_err(|e| match crate::error::sqlstate(&e).as_deref() {
+            // the schema exists: the caller reports it
+            Some("42P06") => TemplateError::Database(e),
+            _ => TemplateError::Migration {
+                schema: schema.to_string(),
+                migration: None,
+                message: crate::error::chain(&e),
+                diverged: false,
+            },
+        })?;
+        Ok(Applied {
+            migrations: self.migrations.iter().map(ToString::to_string).collect(),
+            versions: self.migrations.iter().map(|m| m.version()).collect(),
+        })
     }
 
     /// Applies these migrations to the registry schema `tenantry`.
@@ -323,4 +474,18 @@ fn migration_error(schema: &str, e: refinery_core::Error) -> TemplateError {
         message: crate::error::chain(&e),
         diverged,
     }
+}
+
+/// The history row refinery writes for `m`, applied now (its exact format:
+/// refinery parses `applied_on` and `checksum` back).
+pub fn history_insert(m: &Migration) -> String {
+    format!(
+        "INSERT INTO {HISTORY_TABLE} (version, name, applied_on, checksum) VALUES ({}, '{}', '{}', '{}')",
+        m.version(),
+        m.name().replace('\'', "''"),
+        OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .expect("the current time formats as RFC 3339"),
+        m.checksum()
+    )
 }

@@ -294,6 +294,7 @@ async fn only_and_target_stage_a_rollout() {
             Slug::parse(&slugs[1]).unwrap(),
         ],
         target: Some(2),
+        ..MigrateOptions::default()
     };
     let plan = fleet::plan(&db.pool, &v3, &canary).await.unwrap();
     assert_eq!(plan.behind.len(), 2);
@@ -600,4 +601,256 @@ async fn doctor_finds_orphans_missing_schemas_and_version_drift() {
     // the orphan's data is never dropped automatically
     assert_eq!(db.count("SELECT count(*) FROM t_orphan.keep").await, 1);
     assert_eq!(repaired.left.len(), 2);
+}
+
+/// A tenant whose `tests` table is locked by a long transaction: the run
+/// finishes every other tenant without waiting for it, retries it, and
+/// reports it as `lock_timeout` (non-zero exit, named), leaving it at its
+/// version; meanwhile that tenant's API reads keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_locked_tenant_times_out_is_retried_and_reported_while_reads_go_on() {
+    let app = common::spawn_app().await;
+    let mut tokens = vec![];
+    for i in 0..6 {
+        tokens.push(app.org_with_token(&format!("lk-{i}")).await);
+    }
+    let locked = "lk-3";
+    let schema = app.db.schema_of(locked).await;
+    // an open transaction that wrote to the tenant's tests table: it holds
+    // a lock that ALTER TABLE must wait for
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::raw_sql(&format!("LOCK TABLE {schema}.tests IN ROW EXCLUSIVE MODE"))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tenant_template/V1__initial.sql"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("V1__initial.sql"), v1).unwrap();
+    std::fs::write(dir.path().join("V2__priority.sql"), V2_PRIORITY).unwrap();
+
+    // readers of the locked tenant, all through the run
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = {
+        let (http, url, token, reading) = (
+            app.http.clone(),
+            app.url(&format!("/v1/orgs/{locked}/tests")),
+            tokens[3].clone(),
+            reading.clone(),
+        );
+        tokio::spawn(async move {
+            let mut statuses = std::collections::BTreeMap::new();
+            while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                let res = http.get(&url).bearer_auth(&token).send().await.unwrap();
+                *statuses.entry(res.status().as_u16()).or_insert(0) += 1;
+            }
+            statuses
+        })
+    };
+    let started = std::time::Instant::now();
+    let db_url = app.db.url.clone();
+    let dir_path = dir.path().to_owned();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+            .args(["migrate", "--json", "--lock-retries", "2", "--template-dir"])
+            .arg(&dir_path)
+            .env("DATABASE_URL", db_url)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    reading.store(false, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.await.unwrap();
+    holder.rollback().await.unwrap();
+
+    assert!(
+        !ok,
+        "a tenant that never got its locks must fail the run: {out}"
+    );
+    assert!(err.contains("lock"), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["migrated"], 5, "{report}");
+    assert_eq!(report["lock_timeouts"], 1, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    let f = &report["failures"][0];
+    assert_eq!(f["outcome"], "lock_timeout");
+    assert_eq!(f["slug"], locked);
+    assert_eq!(f["attempts"], 3);
+    assert_eq!(version_of(&app.db, locked).await, 1);
+    assert!(!has_priority(&app.db, locked).await);
+    for i in [0, 1, 2, 4, 5] {
+        assert_eq!(version_of(&app.db, &format!("lk-{i}")).await, 2);
+    }
+    let status = fleet::status(&app.db.pool).await.unwrap();
+    assert!(status
+        .failed
+        .iter()
+        .any(|f| f.slug == locked && f.error.contains("lock_timeout")));
+    // the readers were served throughout (queued behind a waiting migration
+    // at most for its 1 s lock timeout, under the serving 2 s one)
+    println!("run took {took:?}; reads of the locked tenant: {reads:?}");
+    assert_eq!(
+        reads.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "{reads:?}"
+    );
+    assert!(reads[&200] > 5);
+    // once the lock is gone, a rerun finishes it
+    let v2 = Template::from_dir(dir.path()).unwrap();
+    let rerun = fleet::migrate(&app.db.pool, &v2, &opts(2), |_| {})
+        .await
+        .unwrap();
+    assert_eq!((rerun.migrated, rerun.lock_timeouts), (1, 0));
+    assert!(fleet::status(&app.db.pool).await.unwrap().failed.is_empty());
+}
+
+/// A migration marked `-- tenantry:no-transaction` (CREATE INDEX
+/// CONCURRENTLY) runs outside a transaction; killed during its build, it
+/// leaves an invalid index, which the next run drops before building again:
+/// the index ends valid and exists once. New orgs get it in their
+/// provisioning transaction, without CONCURRENTLY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_concurrent_index_build_survives_being_killed() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "cic", 3).await;
+    let big = &slugs[0];
+    let schema = schema(&db, big).await;
+    let cic = "-- tenantry:no-transaction\nCREATE INDEX CONCURRENTLY IF NOT EXISTS tests_prompt_idx ON tests (prompt, expected_outcome);\n";
+    let (_dir, v2) = template_dir(&[("V2__prompt_index.sql", cic)]);
+
+    // A writer that stays open on the big tenant's table: the concurrent
+    // build, once its (invalid) index exists, waits for it to end. It must
+    // wait (no lock timeout fails it) and is killed while waiting.
+    let mut writer = db.pool.begin().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {schema}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+         SELECT 'p', 'o', (SELECT id FROM {schema}.behaviors LIMIT 1), \
+                (SELECT id FROM {schema}.statuses LIMIT 1), gen_random_uuid(), gen_random_uuid()"
+    ))
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    let killer = {
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                // waiting longer than the 1 s lock timeout proves the build
+                // runs without one
+                let waiting: Option<(i32, f64)> = sqlx::query_as(
+                    "SELECT pid, extract(epoch FROM now() - query_start)::float8 FROM pg_stat_activity \
+                     WHERE query LIKE '%CREATE INDEX CONCURRENTLY%' AND wait_event_type = 'Lock' \
+                       AND pid <> pg_backend_pid() LIMIT 1",
+                )
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+                if let Some((pid, waited)) = waiting {
+                    if waited > 1.5 {
+                        sqlx::query("SELECT pg_terminate_backend($1)")
+                            .bind(pid)
+                            .execute(&pool)
+                            .await
+                            .unwrap();
+                        return;
+                    }
+                }
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(60),
+                    "the build never waited"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let first = fleet::migrate(&db.pool, &v2, &opts(1), |_| {})
+        .await
+        .unwrap();
+    killer.await.unwrap();
+    writer.rollback().await.unwrap();
+    assert_eq!(first.failed, 1, "{first:?}");
+    assert!(
+        matches!(&first.failures[0], TenantOutcome::Failed { slug, migration, .. }
+        if slug == big && migration.as_deref() == Some("V2__prompt_index"))
+    );
+    let invalid = |db: &TestDb, schema: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT count(*), count(*) FILTER (WHERE NOT i.indisvalid) FROM pg_index i \
+                 JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = 'tests_prompt_idx'",
+            )
+            .bind(schema)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        invalid(&db, schema.clone()).await,
+        (1, 1),
+        "the killed build leaves an invalid index"
+    );
+    assert_eq!(version_of(&db, big).await, 1);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {schema}.refinery_schema_history WHERE version = 2"
+        ))
+        .await,
+        0,
+        "not recorded before it succeeded"
+    );
+
+    // the rerun drops the invalid index and builds it again
+    let second = fleet::migrate(&db.pool, &v2, &opts(1), |_| {})
+        .await
+        .unwrap();
+    assert_eq!((second.migrated, second.failed), (1, 0), "{second:?}");
+    assert_eq!(invalid(&db, schema.clone()).await, (1, 0));
+    for s in &slugs {
+        assert_eq!(version_of(&db, s).await, 2);
+        assert_eq!(
+            invalid(&db, super_schema(&db, s).await).await,
+            (1, 0),
+            "{s}"
+        );
+    }
+    // a new org gets the index in its provisioning transaction
+    let created = provision::create_org(
+        &db.pool,
+        &v2,
+        &NewOrg::parse("cic-new", "New", None).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.organization.template_version, 2);
+    assert_eq!(
+        invalid(&db, created.organization.schema_name.to_string()).await,
+        (1, 0)
+    );
+    // and a second no-transaction statement in one file is refused
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("V1__a.sql"), "CREATE TABLE a (x int);").unwrap();
+    std::fs::write(
+        dir.path().join("V2__b.sql"),
+        "-- tenantry:no-transaction\nCREATE INDEX CONCURRENTLY a_x ON a (x);\nCREATE INDEX CONCURRENTLY a_y ON a (x);",
+    )
+    .unwrap();
+    let err = Template::from_dir(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("exactly one statement"), "{err}");
+}
+
+async fn super_schema(db: &TestDb, slug: &str) -> String {
+    schema(db, slug).await
 }

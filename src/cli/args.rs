@@ -130,6 +130,15 @@ pub struct MigrateArgs {
     /// Tenants migrated at once (default: 4).
     #[arg(long, default_value_t = 4)]
     pub jobs: usize,
+    /// lock_timeout of each tenant's migration, milliseconds (keep it below
+    /// the servers' --lock-timeout-ms, so their requests queued behind a
+    /// waiting migration do not time out).
+    #[arg(long, default_value_t = 1000)]
+    pub lock_timeout_ms: u64,
+    /// Further attempts, after the other tenants and with backoff, for a
+    /// tenant whose locks timed out; then it is reported as lock_timeout.
+    #[arg(long, default_value_t = 3)]
+    pub lock_retries: u32,
     /// Apply the migrations in this directory instead of the template built
     /// into this binary (V{n}__{name}.sql files).
     #[arg(long)]

@@ -124,6 +124,8 @@ async fn migrate(
         jobs: args.jobs,
         only,
         target: args.target,
+        lock_timeout: std::time::Duration::from_millis(args.lock_timeout_ms.max(1)),
+        lock_retries: args.lock_retries,
     };
     let started = std::time::Instant::now();
     // Orgs created before tenant roles get theirs first: migrations run as
@@ -197,7 +199,7 @@ async fn migrate(
         bar
     });
     let json = args.json;
-    let report = fleet::migrate_planned(pool, &template, plan, opts.jobs, started, |outcome| {
+    let report = fleet::migrate_planned(pool, &template, plan, &opts, started, |outcome| {
         if let Some(bar) = &bar {
             bar.inc(1);
             if let fleet::TenantOutcome::Failed { slug, .. } = outcome {
@@ -214,6 +216,9 @@ async fn migrate(
                     println!("skipped {slug}: {reason}")
                 }
                 fleet::TenantOutcome::Failed { slug, .. } => println!("failed {slug}"),
+                fleet::TenantOutcome::LockTimeout { slug, .. } => {
+                    println!("lock timeout {slug}: left at its version")
+                }
             }
         }
     })
@@ -233,6 +238,12 @@ async fn migrate(
             report.up_to_date,
             report.seconds
         );
+        if report.lock_timeouts > 0 {
+            println!(
+                "{} tenant(s) could not get their locks and were left at their version",
+                report.lock_timeouts
+            );
+        }
         for f in &report.failures {
             if let fleet::TenantOutcome::Failed {
                 slug,
@@ -251,15 +262,43 @@ async fn migrate(
                     "  {slug}: {what} at {}: {error}",
                     migration.as_deref().unwrap_or("?")
                 );
+            } else if let fleet::TenantOutcome::LockTimeout {
+                slug,
+                from,
+                attempts,
+                ..
+            } = f
+            {
+                println!("  {slug}: lock timeout at version {from} after {attempts} attempt(s)");
             }
         }
     }
+    let mut problems = vec![];
     if report.failed > 0 {
-        return Err(PartialFailure(format!(
+        problems.push(format!(
             "{} tenant(s) failed and were rolled back; fix them and run migrate again",
             report.failed
-        ))
-        .into());
+        ));
+    }
+    if report.lock_timeouts > 0 {
+        let names: Vec<&str> = report
+            .failures
+            .iter()
+            .filter_map(|f| match f {
+                fleet::TenantOutcome::LockTimeout { slug, .. } => Some(slug.as_str()),
+                _ => None,
+            })
+            .collect();
+        problems.push(format!(
+            "{} tenant(s) could not take their locks within the lock timeout ({}); \
+             they are unchanged: find the long transaction holding them (pg_stat_activity) \
+             and run migrate again, or raise --lock-timeout-ms",
+            report.lock_timeouts,
+            names.join(", ")
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(PartialFailure(problems.join("; ")).into());
     }
     Ok(())
 }

@@ -1,0 +1,799 @@
+//! Fleet migrations: the tenant template applied to every tenant that is
+//! behind, `jobs` tenants at a time.
+//!
+//! Per tenant, the guarantees are: one transaction (per run of
+//! transactional migrations), the per-tenant advisory lock and the registry
+//! row lock, a re-check of the registry and the history under the locks,
+//! failure isolation (a failing tenant is rolled back, recorded and the
+//! others go on), and divergence detection (refinery's rules, against the
+//! history rows refinery writes).
+//!
+//! Cost near the floor of raw DDL: the histories of a batch of tenants are
+//! read in one query before locking; a tenant then costs two round trips
+//! (BEGIN + settings + locks + re-check; the migration with its history row,
+//! the registry update and COMMIT), plus one per further migration.
+//!
+//! Lock-safe: each tenant's transaction sets `lock_timeout` (shorter than
+//! the serving one, so readers queued behind a waiting migration never time
+//! out); a tenant that times out is retried after the others, with backoff,
+//! and reported as `lock_timeout` if it never gets its locks.
+//!
+//! Online: a migration whose first line is `-- tenantry:no-transaction`
+//! (one statement, e.g. `CREATE INDEX CONCURRENTLY`) runs outside a
+//! transaction under a session-level advisory lock, after dropping the
+//! invalid indexes a failed concurrent build leaves behind, and is recorded
+//! in the history only once it succeeded. A concurrent build runs without
+//! lock timeout: its lock blocks neither readers nor writers, and its waits
+//! for older transactions must not fail it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use refinery_core::Migration;
+use serde::Serialize;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres, Row};
+use uuid::Uuid;
+
+use super::{for_each_bounded, FleetRow, FleetTenant};
+use crate::error::{sqlstate, Error};
+use crate::ident::{quote_ident, RoleName};
+use crate::registry::OrgStatus;
+use crate::template::{history_insert, simple_query, simple_rows, Template, HISTORY_TABLE};
+
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Tenants migrated at once.
+    pub jobs: usize,
+    /// Only these orgs (all when empty).
+    pub only: Vec<crate::ident::Slug>,
+    /// Stop at this template version (the template's latest when `None`).
+    pub target: Option<i32>,
+    /// `lock_timeout` of each tenant's migration.
+    pub lock_timeout: Duration,
+    /// Further attempts for a tenant whose locks timed out.
+    pub lock_retries: u32,
+}
+
+/// Default `lock_timeout` of a tenant's migration: shorter than the serving
+/// lock timeout (2 s), so requests queued behind a migration that waits for
+/// a lock get through when it gives up.
+pub const DEFAULT_MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_millis(1000);
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            jobs: 4,
+            only: vec![],
+            target: None,
+            lock_timeout: DEFAULT_MIGRATION_LOCK_TIMEOUT,
+            lock_retries: 3,
+        }
+    }
+}
+
+/// What happened to one tenant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum TenantOutcome {
+    Migrated {
+        slug: String,
+        from: i32,
+        to: i32,
+        applied: Vec<String>,
+        ms: f64,
+    },
+    /// Already current when its turn came (e.g. another runner did it), or
+    /// deleted/suspended-for-deletion in the meantime.
+    Skipped { slug: String, reason: String },
+    Failed {
+        slug: String,
+        from: i32,
+        migration: Option<String>,
+        error: String,
+        /// An applied migration differs from (or is missing in) the template.
+        diverged: bool,
+    },
+    /// Never got its locks within the lock timeout, after every retry: left
+    /// at its version, nothing wrong with its SQL.
+    LockTimeout {
+        slug: String,
+        from: i32,
+        attempts: u32,
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetReport {
+    pub target: i32,
+    /// Tenants the registry already showed at the target, untouched.
+    pub up_to_date: usize,
+    pub migrated: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub lock_timeouts: usize,
+    /// The failed and lock-timed-out tenants.
+    pub failures: Vec<TenantOutcome>,
+    pub seconds: f64,
+}
+
+/// The registry's view of who is behind `target`, from one query.
+pub struct Plan {
+    pub target: i32,
+    pub behind: Vec<FleetTenant>,
+    pub up_to_date: usize,
+}
+
+/// Reads the plan: tenants (active or suspended) whose `template_version` is
+/// below `target`. No tenant schema is touched.
+pub async fn plan(
+    pool: &PgPool,
+    template: &Template,
+    opts: &MigrateOptions,
+) -> Result<Plan, Error> {
+    let target = resolve_target(template, opts.target)?;
+    let only: Vec<String> = opts.only.iter().map(|s| s.to_string()).collect();
+    let rows: Vec<(FleetRow, i64)> = sqlx::query_as::<_, (Uuid, String, String, OrgStatus, i32, i64)>(
+        "WITH scope AS ( \
+           SELECT id, slug, schema_name, status, template_version FROM tenantry.organizations \
+           WHERE status IN ('active', 'suspended') AND (cardinality($2::text[]) = 0 OR slug = ANY($2))) \
+         SELECT id, slug, schema_name, status, template_version, \
+                (SELECT count(*) FROM scope WHERE template_version >= $1) \
+         FROM scope WHERE template_version < $1 ORDER BY slug",
+    )
+    .bind(target)
+    .bind(&only)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|(id, slug, schema_name, status, template_version, up)| {
+        (
+            FleetRow {
+                id,
+                slug,
+                schema_name,
+                status,
+                template_version,
+            },
+            up,
+        )
+    })
+    .collect();
+    let up_to_date = match rows.first() {
+        Some((_, up)) => *up as usize,
+        None => sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM tenantry.organizations \
+             WHERE status IN ('active', 'suspended') AND (cardinality($1::text[]) = 0 OR slug = ANY($1))",
+        )
+        .bind(&only)
+        .fetch_one(pool)
+        .await? as usize,
+    };
+    if !only.is_empty() {
+        let known: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tenantry.organizations WHERE slug = ANY($1)")
+                .bind(&only)
+                .fetch_one(pool)
+                .await?;
+        if known as usize != only.len() {
+            return Err(Error::Validation {
+                field: "only",
+                message: "some of the given orgs do not exist".into(),
+            });
+        }
+    }
+    let behind = rows
+        .into_iter()
+        .map(|(r, _)| FleetTenant::try_from(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Plan {
+        target,
+        behind,
+        up_to_date,
+    })
+}
+
+fn resolve_target(template: &Template, target: Option<i32>) -> Result<i32, Error> {
+    let latest = template.latest_version();
+    match target {
+        None => Ok(latest),
+        Some(t) if template.migrations().iter().any(|m| m.version() == t) => Ok(t),
+        Some(t) => Err(Error::Validation {
+            field: "target",
+            message: format!("the template has no version {t} (latest is {latest})"),
+        }),
+    }
+}
+
+/// Names of the template's migrations above `from` up to `target`.
+pub fn pending(template: &Template, from: i32, target: i32) -> Vec<String> {
+    template
+        .migrations()
+        .iter()
+        .filter(|m| m.version() > from && m.version() <= target)
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// Applies the template to every tenant behind the target (see the module
+/// documentation). Calls `progress` with each tenant's final outcome.
+pub async fn migrate(
+    pool: &PgPool,
+    template: &Template,
+    opts: &MigrateOptions,
+    progress: impl FnMut(&TenantOutcome),
+) -> Result<FleetReport, Error> {
+    let started = Instant::now();
+    let plan = plan(pool, template, opts).await?;
+    migrate_planned(pool, template, plan, opts, started, progress).await
+}
+
+/// Tenants whose histories are read in one query.
+const HISTORY_BATCH: usize = 32;
+
+/// [`migrate`] with a plan the caller already read (e.g. to size a progress
+/// bar); `started` is when the run began, for the report's duration.
+pub async fn migrate_planned(
+    pool: &PgPool,
+    template: &Template,
+    plan: Plan,
+    opts: &MigrateOptions,
+    started: Instant,
+    mut progress: impl FnMut(&TenantOutcome),
+) -> Result<FleetReport, Error> {
+    let target = plan.target;
+    let mut report = FleetReport {
+        target,
+        up_to_date: plan.up_to_date,
+        migrated: 0,
+        skipped: 0,
+        failed: 0,
+        lock_timeouts: 0,
+        failures: vec![],
+        seconds: 0.0,
+    };
+    let template = Arc::new(template.clone());
+    let mut todo = plan.behind;
+    let mut gave_up: Vec<(FleetTenant, String)> = vec![];
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let last = attempt > opts.lock_retries;
+        let timed_out = Arc::new(Mutex::new(Vec::new()));
+        let batches: Vec<Vec<FleetTenant>> = todo
+            .chunks(
+                HISTORY_BATCH
+                    .min(todo.len().div_ceil(opts.jobs.max(1)))
+                    .max(1),
+            )
+            .map(<[FleetTenant]>::to_vec)
+            .collect();
+        let (pool2, template2, lock_timeout) = (pool.clone(), template.clone(), opts.lock_timeout);
+        let timed_out2 = timed_out.clone();
+        for_each_bounded(
+            batches,
+            opts.jobs.max(1),
+            move |batch| {
+                let (pool, template) = (pool2.clone(), template2.clone());
+                async move { migrate_batch(&pool, &template, batch, target, lock_timeout).await }
+            },
+            |outcomes| {
+                for (tenant, outcome) in outcomes {
+                    if let TenantOutcome::LockTimeout { .. } = &outcome {
+                        if !last {
+                            timed_out2.lock().expect("retry list").push(tenant);
+                            continue;
+                        }
+                    }
+                    match &outcome {
+                        TenantOutcome::Migrated { .. } => report.migrated += 1,
+                        TenantOutcome::Skipped { .. } => report.skipped += 1,
+                        TenantOutcome::Failed { .. } => {
+                            report.failed += 1;
+                            report.failures.push(outcome.clone());
+                        }
+                        TenantOutcome::LockTimeout { error, .. } => {
+                            report.lock_timeouts += 1;
+                            report
+                                .failures
+                                .push(with_attempts(outcome.clone(), attempt));
+                            gave_up.push((tenant.clone(), error.clone()));
+                        }
+                    }
+                    progress(&outcome);
+                }
+            },
+        )
+        .await;
+        todo = std::mem::take(&mut *timed_out.lock().expect("retry list"));
+        if todo.is_empty() {
+            break;
+        }
+        // Whatever held the locks may let go: back off, then try again.
+        tokio::time::sleep(Duration::from_millis(500) * 2u32.pow(attempt.min(5))).await;
+    }
+    for (t, error) in gave_up {
+        let error = format!("lock_timeout: {error}");
+        if let Err(e) = record_failure(pool, &t, target, None, &error, false).await {
+            tracing::warn!(slug = %t.slug, error = %e, "could not record the failure");
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn with_attempts(outcome: TenantOutcome, n: u32) -> TenantOutcome {
+    match outcome {
+        TenantOutcome::LockTimeout {
+            slug, from, error, ..
+        } => TenantOutcome::LockTimeout {
+            slug,
+            from,
+            attempts: n,
+            error,
+        },
+        other => other,
+    }
+}
+
+type History = Vec<(i32, String, String)>;
+
+/// The history (version, name, checksum) of each tenant of the batch, in
+/// one query; a tenant whose history cannot be read (its schema vanished)
+/// gets its error, read on its own.
+async fn read_histories(
+    pool: &PgPool,
+    batch: &[FleetTenant],
+) -> HashMap<Uuid, Result<History, sqlx::Error>> {
+    let query = |tenants: &[FleetTenant]| {
+        tenants
+            .iter()
+            .map(|t| {
+                format!(
+                    "SELECT '{}'::uuid, (SELECT coalesce(json_agg(json_build_array(version, name, checksum) \
+                     ORDER BY version), '[]') FROM {}.{HISTORY_TABLE})::text",
+                    t.id,
+                    t.schema.quoted()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    };
+    let parse = |(id, json): (Uuid, String)| {
+        let rows: Vec<(i32, String, String)> = serde_json::from_str(&json)
+            .map_err(|e| sqlx::Error::Decode(format!("history of {id}: {e}").into()))?;
+        Ok::<_, sqlx::Error>((id, rows))
+    };
+    let fetch = |sql: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (Uuid, String)>(&sql)
+                .persistent(false)
+                .fetch_all(&pool)
+                .await
+        }
+    };
+    let mut out = HashMap::new();
+    match fetch(query(batch)).await {
+        Ok(rows) => {
+            for row in rows {
+                let id = row.0;
+                out.insert(id, parse(row).map(|(_, h)| h));
+            }
+        }
+        Err(_) => {
+            for t in batch {
+                let one = fetch(query(std::slice::from_ref(t)))
+                    .await
+                    .and_then(|mut rows| rows.pop().ok_or(sqlx::Error::RowNotFound))
+                    .and_then(|row| parse(row).map(|(_, h)| h));
+                out.insert(t.id, one);
+            }
+        }
+    }
+    out
+}
+
+async fn migrate_batch(
+    pool: &PgPool,
+    template: &Template,
+    batch: Vec<FleetTenant>,
+    target: i32,
+    lock_timeout: Duration,
+) -> Vec<(FleetTenant, TenantOutcome)> {
+    let mut histories = read_histories(pool, &batch).await;
+    let mut out = Vec::with_capacity(batch.len());
+    for t in batch {
+        let history = histories
+            .remove(&t.id)
+            .unwrap_or(Err(sqlx::Error::RowNotFound));
+        let outcome = migrate_tenant(pool, template, &t, history, target, lock_timeout).await;
+        out.push((t, outcome));
+    }
+    out
+}
+
+/// Why a tenant's migration stopped.
+enum Stop {
+    /// The registry or the history changed since they were read (another
+    /// runner, a delete): nothing to do here.
+    Changed,
+    Failed {
+        migration: Option<String>,
+        error: sqlx::Error,
+    },
+}
+
+async fn migrate_tenant(
+    pool: &PgPool,
+    template: &Template,
+    t: &FleetTenant,
+    history: Result<History, sqlx::Error>,
+    target: i32,
+    lock_timeout: Duration,
+) -> TenantOutcome {
+    let started = Instant::now();
+    let slug = t.slug.to_string();
+    let failed = |migration: Option<String>, error: String, diverged: bool| {
+        let (pool, t) = (pool.clone(), t.clone());
+        async move {
+            if let Err(e) =
+                record_failure(&pool, &t, target, migration.as_deref(), &error, diverged).await
+            {
+                tracing::warn!(slug = %t.slug, error = %e, "could not record the failure");
+            }
+            TenantOutcome::Failed {
+                slug: t.slug.to_string(),
+                from: t.template_version,
+                migration,
+                error,
+                diverged,
+            }
+        }
+    };
+    let history = match history {
+        Ok(h) => h,
+        Err(e) => return failed(None, crate::error::chain(&e), false).await,
+    };
+    let pending = match template.pending(&history, target) {
+        Ok(p) => p,
+        Err(d) => return failed(Some(d.migration), d.message, true).await,
+    };
+    // Runs of transactional migrations, each no-transaction migration alone.
+    let mut segments: Vec<(bool, Vec<&Migration>)> = vec![];
+    for m in pending {
+        let no_tx = template.is_no_transaction(m);
+        match segments.last_mut() {
+            Some((false, run)) if !no_tx => run.push(m),
+            _ => segments.push((no_tx, vec![m])),
+        }
+    }
+    if segments.is_empty() {
+        // Behind in the registry only: the history has it all.
+        segments.push((false, vec![]));
+    }
+    let mut registry_at = t.template_version;
+    let mut history_at = history.iter().map(|h| h.0).max();
+    let mut applied = vec![];
+    for (no_tx, migrations) in segments {
+        let now_at = migrations
+            .last()
+            .map(|m| m.version())
+            .or(history_at)
+            .unwrap_or(registry_at);
+        let run = if no_tx {
+            run_no_transaction(
+                pool,
+                t,
+                migrations[0],
+                registry_at,
+                history_at,
+                lock_timeout,
+            )
+            .await
+        } else {
+            run_transactional(
+                pool,
+                template,
+                t,
+                &migrations,
+                (registry_at, history_at, now_at),
+                lock_timeout,
+            )
+            .await
+        };
+        match run {
+            Ok(()) => {
+                applied.extend(migrations.iter().map(|m| m.to_string()));
+                registry_at = now_at;
+                history_at = Some(now_at);
+            }
+            Err(Stop::Changed) if applied.is_empty() => {
+                return TenantOutcome::Skipped {
+                    slug,
+                    reason: "already at the target, or no longer active".into(),
+                }
+            }
+            Err(Stop::Changed) => break,
+            Err(Stop::Failed { error, .. }) if sqlstate(&error).as_deref() == Some("55P03") => {
+                return TenantOutcome::LockTimeout {
+                    slug,
+                    from: registry_at,
+                    attempts: 1,
+                    error: crate::error::chain(&error),
+                }
+            }
+            Err(Stop::Failed { migration, error }) => {
+                return failed(migration, crate::error::chain(&error), false).await
+            }
+        }
+    }
+    TenantOutcome::Migrated {
+        slug,
+        from: t.template_version,
+        to: registry_at,
+        applied,
+        ms: started.elapsed().as_secs_f64() * 1000.0,
+    }
+}
+
+/// A pooled connection that is closed instead of reused unless the work on
+/// it finished cleanly (so no half-done transaction or session setting ever
+/// goes back to the pool, whatever failed or was cancelled).
+struct Guarded {
+    conn: PoolConnection<Postgres>,
+    clean: bool,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if !self.clean {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// The lock-and-check query: the per-tenant advisory lock, then the
+/// registry row (locked in a transaction) and the history's last version.
+fn check_sql(t: &FleetTenant, lock: &str, for_update: bool) -> String {
+    format!(
+        "WITH lock AS MATERIALIZED (SELECT {lock}(hashtextextended('tenantry:{id}', 0))) \
+         SELECT o.status::text, o.template_version, (SELECT max(version) FROM {s}.{HISTORY_TABLE}) \
+         FROM lock, tenantry.organizations o WHERE o.id = '{id}'{upd}",
+        id = t.id,
+        s = t.schema.quoted(),
+        upd = if for_update { " FOR UPDATE OF o" } else { "" }
+    )
+}
+
+/// True when the row read under the locks still says what the plan saw.
+fn unchanged(
+    row: Option<sqlx::postgres::PgRow>,
+    registry_at: i32,
+    history_at: Option<i32>,
+) -> bool {
+    let Some(row) = row else { return false };
+    let status: String = row.get(0);
+    let version: i32 = row.get(1);
+    let history: Option<i32> = row.get(2);
+    matches!(status.as_str(), "active" | "suspended")
+        && version == registry_at
+        && history == history_at
+}
+
+fn record_sql(t: &FleetTenant, now_at: i32) -> String {
+    format!(
+        "UPDATE tenantry.organizations SET template_version = {now_at}, updated_at = now() WHERE id = '{id}';\n\
+         DELETE FROM tenantry.migration_failures WHERE organization_id = '{id}'",
+        id = t.id
+    )
+}
+
+/// Transactional migrations of one tenant, in one transaction.
+async fn run_transactional(
+    pool: &PgPool,
+    template: &Template,
+    t: &FleetTenant,
+    migrations: &[&Migration],
+    (registry_at, history_at, now_at): (i32, Option<i32>, i32),
+    lock_timeout: Duration,
+) -> Result<(), Stop> {
+    let failed = |migration: Option<&Migration>| {
+        let migration = migration.map(ToString::to_string);
+        move |error| Stop::Failed { migration, error }
+    };
+    let mut g = Guarded {
+        conn: pool.acquire().await.map_err(failed(None))?,
+        clean: false,
+    };
+    // Round trip 1: BEGIN, settings, locks, re-check.
+    let begin = format!(
+        "BEGIN; SET LOCAL search_path TO {}; SET LOCAL lock_timeout = {};\n{}",
+        t.schema.quoted(),
+        lock_timeout.as_millis().max(1),
+        check_sql(t, "pg_advisory_xact_lock", true)
+    );
+    // (raw_sql's fetch_optional is fetch_one in sqlx 0.8: take the rows)
+    let row = simple_rows(&mut g.conn, &begin)
+        .await
+        .map(|mut rows| rows.pop())
+        .map_err(failed(None));
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => {
+            let _ = simple_query(&mut g.conn, "ROLLBACK").await;
+            return Err(e);
+        }
+    };
+    if !unchanged(row, registry_at, history_at) {
+        simple_query(&mut g.conn, "ROLLBACK")
+            .await
+            .map_err(failed(None))?;
+        g.clean = true;
+        return Err(Stop::Changed);
+    }
+    // Then each migration with its history row, as the tenant's role, one
+    // message each (so a failure names its migration); the last message
+    // also records the new version and commits.
+    let role = RoleName::for_org(&t.id);
+    let finish = format!("RESET ROLE;\n{};\nCOMMIT", record_sql(t, now_at));
+    if migrations.is_empty() {
+        if let Err(e) = simple_query(&mut g.conn, &finish).await {
+            let _ = simple_query(&mut g.conn, "ROLLBACK").await;
+            return Err(failed(None)(e));
+        }
+    }
+    for (i, m) in migrations.iter().enumerate() {
+        let mut message = String::new();
+        if i == 0 {
+            message.push_str(&format!("SET LOCAL ROLE {};\n", role.quoted()));
+        }
+        message.push_str(&template.transactional_sql(m));
+        // "\n;\n" ends a trailing line comment of the migration
+        message.push_str("\n;\n");
+        message.push_str(&history_insert(m));
+        if i + 1 == migrations.len() {
+            message.push_str(";\n");
+            message.push_str(&finish);
+        }
+        if let Err(e) = simple_query(&mut g.conn, &message).await {
+            let _ = simple_query(&mut g.conn, "ROLLBACK").await;
+            return Err(failed(Some(m))(e));
+        }
+    }
+    g.clean = true;
+    Ok(())
+}
+
+/// One no-transaction migration: outside a transaction, under the
+/// per-tenant advisory lock held by the session, on a connection that is
+/// closed afterwards (which also releases the lock).
+async fn run_no_transaction(
+    pool: &PgPool,
+    t: &FleetTenant,
+    m: &Migration,
+    registry_at: i32,
+    history_at: Option<i32>,
+    lock_timeout: Duration,
+) -> Result<(), Stop> {
+    let failed = |error| Stop::Failed {
+        migration: Some(m.to_string()),
+        error,
+    };
+    let mut g = Guarded {
+        conn: pool.acquire().await.map_err(failed)?,
+        clean: false,
+    };
+    let setup = format!(
+        "SET lock_timeout = {};\n{}",
+        lock_timeout.as_millis().max(1),
+        check_sql(t, "pg_advisory_lock", false)
+    );
+    let row = simple_rows(&mut g.conn, &setup)
+        .await
+        .map_err(failed)?
+        .pop();
+    if !unchanged(row, registry_at, history_at) {
+        return Err(Stop::Changed);
+    }
+    let role = RoleName::for_org(&t.id);
+    simple_query(
+        &mut g.conn,
+        &format!(
+            "SET ROLE {}; SET search_path TO {}",
+            role.quoted(),
+            t.schema.quoted()
+        ),
+    )
+    .await
+    .map_err(failed)?;
+    // A concurrent index build that failed (killed, cancelled, timed out)
+    // leaves an invalid index behind; drop it so that the build can run
+    // again and end with one valid index.
+    let invalid: Vec<String> = simple_rows(
+        &mut g.conn,
+        &format!(
+            "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = '{}' AND NOT i.indisvalid",
+            t.schema
+        ),
+    )
+    .await
+    .map_err(failed)?
+    .iter()
+    .map(|r| r.get::<String, _>(0))
+    .collect();
+    for index in invalid {
+        tracing::info!(slug = %t.slug, index = %index, "dropping an invalid index left by a failed build");
+        simple_query(
+            &mut g.conn,
+            &format!(
+                "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
+                t.schema.quoted(),
+                quote_ident(&index)
+            ),
+        )
+        .await
+        .map_err(failed)?;
+    }
+    let statement = m.sql().unwrap_or_default();
+    if is_concurrent(statement) {
+        // A concurrent build holds SHARE UPDATE EXCLUSIVE, which neither
+        // readers nor writers wait for, and then waits for every older
+        // transaction of the database to end. Under a lock timeout any long
+        // report elsewhere would fail the build; without one it simply
+        // waits, blocking no one.
+        simple_query(&mut g.conn, "SET lock_timeout = 0")
+            .await
+            .map_err(failed)?;
+    }
+    simple_query(&mut g.conn, statement).await.map_err(failed)?;
+    let record = format!(
+        "BEGIN;\n{};\nRESET ROLE;\n{};\nCOMMIT",
+        history_insert(m),
+        record_sql(t, m.version())
+    );
+    if let Err(e) = simple_query(&mut g.conn, &record).await {
+        let _ = simple_query(&mut g.conn, "ROLLBACK").await;
+        return Err(failed(e));
+    }
+    // the connection carries session settings and the session lock: it is
+    // closed, not reused (clean stays false)
+    Ok(())
+}
+
+/// Whether a statement builds or drops concurrently (the word as code, not
+/// in a comment or literal).
+fn is_concurrent(statement: &str) -> bool {
+    crate::sql::remove_keyword(statement, "CONCURRENTLY") != statement
+}
+
+async fn record_failure(
+    pool: &PgPool,
+    t: &FleetTenant,
+    target: i32,
+    migration: Option<&str>,
+    error: &str,
+    diverged: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO tenantry.migration_failures \
+           (organization_id, from_version, target_version, migration, error, diverged) \
+         SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM tenantry.organizations WHERE id = $1) \
+         ON CONFLICT (organization_id) DO UPDATE SET from_version = EXCLUDED.from_version, \
+           target_version = EXCLUDED.target_version, migration = EXCLUDED.migration, \
+           error = EXCLUDED.error, diverged = EXCLUDED.diverged, failed_at = now()",
+    )
+    .bind(t.id)
+    .bind(t.template_version)
+    .bind(target)
+    .bind(migration)
+    .bind(error)
+    .bind(diverged)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
