@@ -34,15 +34,95 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-async fn raw_loop(pool: &sqlx::PgPool, schemas: &[String], column: &str, jobs: usize) -> f64 {
+/// What a raw per-tenant transaction does besides the DDL: the steps of
+/// `fleet::migrate`'s transaction, added one by one for the breakdown.
+#[derive(Clone, Copy)]
+struct Extras {
+    history: bool,
+    locks: bool,
+    registry: bool,
+    role: bool,
+    /// tenantry's first message as is: search_path set, the whole history
+    /// read as JSON
+    json_history: bool,
+    /// the lock-and-read part sent first, then the rest (two round trips)
+    two_messages: bool,
+    /// distinguishes the history rows of successive loops
+    step: u32,
+}
+
+const RAW: Extras = Extras {
+    history: false,
+    locks: false,
+    registry: false,
+    role: false,
+    json_history: false,
+    two_messages: false,
+    step: 0,
+};
+
+async fn raw_loop(pool: &sqlx::PgPool, tenants: &[Tenant], column: &str, jobs: usize) -> f64 {
+    raw_loop_with(pool, tenants, column, jobs, RAW).await
+}
+
+async fn raw_loop_with(
+    pool: &sqlx::PgPool,
+    tenants: &[Tenant],
+    column: &str,
+    jobs: usize,
+    extras: Extras,
+) -> f64 {
     let started = Instant::now();
-    let sqls: Vec<String> = schemas
+    let sqls: Vec<String> = tenants
         .iter()
-        .map(|s| {
-            format!(
-                "BEGIN; ALTER TABLE {s}.tests ADD COLUMN {column} integer NOT NULL DEFAULT 0; \
-                 CREATE INDEX tests_{column}_idx ON {s}.tests ({column}); COMMIT;"
-            )
+        .map(|t| {
+            let (s, id) = (&t.schema, t.id);
+            let mut sql = String::from("BEGIN;\n");
+            if extras.json_history {
+                sql.push_str(&format!(
+                    "SET LOCAL search_path TO {s}; SET LOCAL lock_timeout = 1000;\n\
+                     WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended('tenantry:{id}', 0))) \
+                     SELECT o.status::text, o.template_version, \
+                       (SELECT coalesce(json_agg(json_build_array(version, name, checksum) ORDER BY version), '[]') \
+                        FROM {s}.refinery_schema_history)::text \
+                     FROM lock, tenantry.organizations o WHERE o.id = '{id}' FOR UPDATE OF o;\n"
+                ));
+            } else if extras.locks {
+                sql.push_str(&format!(
+                    "WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended('tenantry:{id}', 0))) \
+                     SELECT o.status, o.template_version, (SELECT max(version) FROM {s}.refinery_schema_history) \
+                     FROM lock, tenantry.organizations o WHERE o.id = '{id}' FOR UPDATE OF o;\n"
+                ));
+            }
+            if extras.two_messages {
+                sql.push('\u{0}');
+            }
+            if extras.role {
+                sql.push_str(&format!("SET LOCAL ROLE {};\n", t.role));
+            }
+            sql.push_str(&format!(
+                "ALTER TABLE {s}.tests ADD COLUMN {column} integer NOT NULL DEFAULT 0;\n\
+                 CREATE INDEX tests_{column}_idx ON {s}.tests ({column});\n"
+            ));
+            if extras.history {
+                // a version far above the template's, one per loop
+                let version = 1000 + extras.step;
+                sql.push_str(&format!(
+                    "INSERT INTO {s}.refinery_schema_history (version, name, applied_on, checksum) \
+                     VALUES ({version}, '{column}', '2026-11-28T00:00:00Z', '1');\n"
+                ));
+            }
+            if extras.role {
+                sql.push_str("RESET ROLE;\n");
+            }
+            if extras.registry {
+                sql.push_str(&format!(
+                    "UPDATE tenantry.organizations SET template_version = template_version, updated_at = now() WHERE id = '{id}';\n\
+                     DELETE FROM tenantry.migration_failures WHERE organization_id = '{id}';\n"
+                ));
+            }
+            sql.push_str("COMMIT;");
+            sql
         })
         .collect();
     let pool = pool.clone();
@@ -51,12 +131,33 @@ async fn raw_loop(pool: &sqlx::PgPool, schemas: &[String], column: &str, jobs: u
         jobs,
         move |sql| {
             let pool = pool.clone();
-            async move { sqlx::raw_sql(&sql).execute(&pool).await.unwrap() }
+            async move {
+                // a failure would leave an aborted transaction on a pooled
+                // connection: stop the whole program instead
+                // NUL separates the messages of a two-message transaction
+                let mut conn = pool.acquire().await.unwrap_or_else(fail);
+                for message in sql.split('\u{0}') {
+                    sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(message))
+                        .await
+                        .unwrap_or_else(fail);
+                }
+            }
         },
         |_| {},
     )
     .await;
     started.elapsed().as_secs_f64()
+}
+
+fn fail<T>(e: sqlx::Error) -> T {
+    eprintln!("raw loop failed: {e}");
+    std::process::exit(1)
+}
+
+struct Tenant {
+    id: uuid::Uuid,
+    schema: String,
+    role: String,
 }
 
 #[tokio::main]
@@ -85,7 +186,20 @@ async fn main() {
         "created {tenants} tenants in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let schemas: Vec<String> = (0..tenants).map(|i| format!("t_fleet_{i:05}")).collect();
+    let rows: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT id, schema_name FROM tenantry.organizations ORDER BY slug")
+            .fetch_all(&setup)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), tenants);
+    let schemas: Vec<Tenant> = rows
+        .into_iter()
+        .map(|(id, schema)| Tenant {
+            id,
+            schema,
+            role: tenantry::ident::RoleName::for_org(&id).quoted(),
+        })
+        .collect();
     setup.close().await;
 
     let pool = tenantry::db::connect(
@@ -110,6 +224,45 @@ async fn main() {
     let c2 = cpu_ticks();
     let (cpu_seq, cpu_par) = (per_tenant_us(&c0, &c1), per_tenant_us(&c1, &c2));
 
+    // The breakdown: the raw loop at the same parallelism, adding the
+    // steps of a tenantry transaction one at a time.
+    let mut breakdown = vec![];
+    let mut extras = RAW;
+    for (step, label) in [
+        "+ history row (refinery_schema_history insert)",
+        "+ advisory lock, registry row lock, re-check",
+        "+ registry update, failure record cleared",
+        "+ SET LOCAL ROLE (DDL as the tenant's role)",
+        "+ search_path, lock_timeout, history as JSON",
+        "+ lock-and-read first, then the rest (2 trips)",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        match step {
+            0 => extras.history = true,
+            1 => extras.locks = true,
+            2 => extras.registry = true,
+            3 => extras.role = true,
+            4 => extras.json_history = true,
+            _ => extras.two_messages = true,
+        }
+        extras.step = step as u32 + 1;
+        let before = cpu_ticks();
+        let secs = raw_loop_with(&pool, &schemas, &format!("step{step}"), jobs, extras).await;
+        breakdown.push((label, secs, per_tenant_us(&before, &cpu_ticks())));
+    }
+    // (the breakdown's history rows are not the template's: removed, untimed)
+    for t in &schemas {
+        sqlx::raw_sql(&format!(
+            "DELETE FROM {}.refinery_schema_history WHERE version > 1000",
+            t.schema
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
     let dir = tempfile::tempdir().unwrap();
     for m in Template::embedded().migrations() {
         std::fs::write(dir.path().join(format!("{m}.sql")), m.sql().unwrap()).unwrap();
@@ -133,6 +286,10 @@ async fn main() {
     let cpu_tenantry = per_tenant_us(&c3, &cpu_ticks());
     let peak = status_kb("VmHWM:");
     assert_eq!((report.migrated, report.failed), (tenants, 0));
+
+    let c4 = cpu_ticks();
+    let raw_after = raw_loop(&pool, &schemas, "raw_after", jobs).await;
+    let cpu_after = per_tenant_us(&c4, &cpu_ticks());
 
     let noop_started = Instant::now();
     let noop = fleet::migrate(&pool, &v2, &opts, |_| {}).await.unwrap();
@@ -160,14 +317,23 @@ async fn main() {
         raw_par,
         cpu_par,
     );
+    for (label, secs, cpu) in &breakdown {
+        row(label, *secs, *cpu);
+    }
     row(
         &format!("tenantry migrate (refinery, locks, {jobs} jobs)"),
         report.seconds,
         cpu_tenantry,
     );
+    row(
+        &format!("raw SQL loop again, {jobs} jobs (drift check)"),
+        raw_after,
+        cpu_after,
+    );
+    let raw_mean = (raw_par + raw_after) / 2.0;
     println!(
-        "ratio tenantry / raw loop: {:.2}x vs {jobs} jobs, {:.2}x vs 1 job",
-        report.seconds / raw_par,
+        "ratio tenantry / raw loop: {:.2}x vs {jobs} jobs (mean of both raw runs), {:.2}x vs 1 job",
+        report.seconds / raw_mean,
         report.seconds / raw_seq
     );
     println!("no-op run over {tenants} tenants: {:.3} s", noop_secs);

@@ -139,7 +139,7 @@ async fn main() {
     let mut slugs = Vec::new();
     for i in 0..tenants {
         let slug = format!("bench-{i:04}");
-        provision::create_org(
+        let created = provision::create_org(
             &setup_pool,
             &template,
             &NewOrg::parse(&slug, "Bench", None).unwrap(),
@@ -155,7 +155,7 @@ async fn main() {
         )
         .await
         .unwrap();
-        let schema = format!("t_{}", slug.replace('-', "_"));
+        let schema = created.organization.schema_name.to_string();
         let id: Uuid = sqlx::query_scalar(&format!(
             "INSERT INTO {schema}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
              SELECT 'prompt ' || g, 'ok', (SELECT id FROM {schema}.behaviors LIMIT 1), (SELECT id FROM {schema}.statuses LIMIT 1), \
@@ -225,6 +225,28 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // The same API on the same pool, with tenant transactions not switching
+    // to the tenant's role: what the role costs.
+    let no_roles = server::state(
+        server::Pools {
+            admin: pool.clone(),
+            control: pool.clone(),
+            tenants: tenantry::db::TenantPool::single(pool.clone()),
+        },
+        &ServerConfig {
+            router: tenantry::router::RouterConfig {
+                set_role: false,
+                ..Default::default()
+            },
+            ..ServerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base_no_roles = format!("http://{}", listener.local_addr().unwrap());
+    let app_no_roles = tenantry::api::app(no_roles);
+    tokio::spawn(async move { axum::serve(listener, app_no_roles).await.unwrap() });
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
@@ -237,22 +259,29 @@ async fn main() {
     load(&client, &base, &routed_targets, concurrency, 1.0).await;
     load(&client, &base, &baseline_targets, concurrency, 1.0).await;
     load(&client, &base, &qualified_targets, concurrency, 1.0).await;
+    load(&client, &base_no_roles, &routed_targets, concurrency, 1.0).await;
 
     println!("HTTP GET one test by id: {tenants} tenants, concurrency {concurrency}, pool {pool_size}, {rounds} x {seconds}s per side, alternating");
     println!(
         "{:<10} {:>6} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
         "side", "round", "req/s", "p50 ms", "p99 ms", "requests", "pg us/req", "app us/req"
     );
-    let mut sums = [(0.0, Vec::new()), (0.0, Vec::new()), (0.0, Vec::new())];
+    let mut sums = [
+        (0.0, Vec::new()),
+        (0.0, Vec::new()),
+        (0.0, Vec::new()),
+        (0.0, Vec::new()),
+    ];
     for round in 0..rounds {
         let sides = [
-            ("baseline", &baseline_targets),
-            ("qualified", &qualified_targets),
-            ("routed", &routed_targets),
+            ("baseline", &base, &baseline_targets),
+            ("qualified", &base, &qualified_targets),
+            ("routed", &base, &routed_targets),
+            ("no-roles", &base_no_roles, &routed_targets),
         ];
-        for (side, (name, t)) in sides.into_iter().enumerate() {
+        for (side, (name, base, t)) in sides.into_iter().enumerate() {
             let before = cpu_ticks();
-            let (stats, rps) = load(&client, &base, t, concurrency, seconds).await;
+            let (stats, rps) = load(&client, base, t, concurrency, seconds).await;
             let (pg, me) = cpu_ticks().since(&before);
             let per_req = |ticks: u64| ticks as f64 * 10_000.0 / stats.n as f64; // 100 ticks/s -> us
             println!(
@@ -279,9 +308,17 @@ async fn main() {
     let (b_rps, b_p50, b_p99) = avg(0);
     let (q_rps, q_p50, q_p99) = avg(1);
     let (r_rps, r_p50, r_p99) = avg(2);
+    let (n_rps, n_p50, n_p99) = avg(3);
     println!("mean baseline:  {b_rps:.0} req/s, p50 {b_p50:.2} ms, p99 {b_p99:.2} ms");
     println!("mean qualified: {q_rps:.0} req/s, p50 {q_p50:.2} ms, p99 {q_p99:.2} ms");
     println!("mean routed:    {r_rps:.0} req/s, p50 {r_p50:.2} ms, p99 {r_p99:.2} ms");
+    println!("mean no-roles:  {n_rps:.0} req/s, p50 {n_p50:.2} ms, p99 {n_p99:.2} ms");
+    println!(
+        "ratio routed/no-roles (the tenant role's cost): throughput {:.3}x, p50 {:.3}x, p99 {:.3}x",
+        r_rps / n_rps,
+        r_p50 / n_p50,
+        r_p99 / n_p99
+    );
     println!(
         "ratio routed/baseline (one fixed schema): throughput {:.3}x, p50 {:.3}x, p99 {:.3}x",
         r_rps / b_rps,

@@ -31,12 +31,12 @@ use std::time::Instant;
 use common::{arg, cpu_ticks, ms, Stats};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use tenantry::db::{PoolConfig, TenantPool};
+use tenantry::db::PoolConfig;
 use tenantry::embedded::{Durability, LocalPostgres};
 use tenantry::ident::Slug;
 use tenantry::provision::{self, NewOrg};
 use tenantry::router::{RouterConfig, StatementMode};
-use tenantry::server::{self, Pools, ServerConfig};
+use tenantry::server::{Pools, ServerConfig};
 use tenantry::template::Template;
 
 const DB_NAME: &str = "tenantry_scale";
@@ -442,8 +442,7 @@ async fn backend_memory(pool: &PgPool) -> (usize, f64, f64) {
     (pids.len(), pss as f64 / 1024.0, private as f64 / 1024.0)
 }
 
-/// A server over `url` with this configuration, on port 0; it stops when
-/// the returned sender is dropped.
+/// A server over `url` with this configuration, on port 0.
 async fn start_server(
     url: &str,
     config: &Config,
@@ -454,17 +453,6 @@ async fn start_server(
         spill_margin: config.spill_margin,
         ..PoolConfig::default()
     };
-    let admin = tenantry::db::connect(url, &server::small_pool_config(&pool_config))
-        .await
-        .unwrap();
-    let control =
-        tenantry::db::connect_lazy(url, &server::small_pool_config(&pool_config)).unwrap();
-    let tenants = TenantPool::connect_lazy(url, &pool_config).unwrap();
-    let pools = Pools {
-        admin: admin.clone(),
-        control: control.clone(),
-        tenants: tenants.clone(),
-    };
     let server_config = ServerConfig {
         router: RouterConfig {
             statements: config.statements,
@@ -473,27 +461,7 @@ async fn start_server(
         },
         ..ServerConfig::default()
     };
-    let state = server::state(pools, &server_config).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        server::serve(listener, state, &server_config, shutdown)
-            .await
-            .unwrap()
-    });
-    (
-        base,
-        Pools {
-            admin,
-            control,
-            tenants,
-        },
-        stop,
-    )
+    common::start_server(url, &pool_config, server_config).await
 }
 
 #[tokio::main]

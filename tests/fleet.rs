@@ -246,6 +246,36 @@ async fn two_concurrent_runners_apply_each_migration_once() {
     }
 }
 
+/// The same with a no-transaction migration (a concurrent index build
+/// without IF NOT EXISTS, which fails if run twice): the runner that waited
+/// for a tenant's lock sees what the other recorded and leaves it alone.
+#[tokio::test]
+async fn two_concurrent_runners_build_a_concurrent_index_once() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "twincic", 12).await;
+    let cic = "-- tenantry:no-transaction\nCREATE INDEX CONCURRENTLY tests_prompt_idx ON tests (prompt);\n";
+    let (_dir, v2) = template_dir(&[("V2__prompt_index.sql", cic)]);
+    let three = opts(3);
+    let (a, b) = tokio::join!(
+        fleet::migrate(&db.pool, &v2, &three, |_| {}),
+        fleet::migrate(&db.pool, &v2, &three, |_| {})
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.failed + b.failed, 0, "{a:?} {b:?}");
+    assert_eq!(a.migrated + b.migrated, 12, "{a:?} {b:?}");
+    for s in &slugs {
+        assert_eq!(version_of(&db, s).await, 2);
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) FROM {}.refinery_schema_history WHERE version = 2",
+                schema(&db, s).await
+            ))
+            .await,
+            1
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_edited_applied_migration_is_reported_and_changes_nothing() {
     let db = TestDb::new().await;

@@ -1,5 +1,5 @@
-//! Shared by the benchmark programs: a database to measure against and
-//! latency statistics.
+//! Shared by the benchmark programs: a database to measure against, a
+//! server in the benchmark's process, and latency statistics.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -127,4 +127,49 @@ impl CpuSnapshot {
             .sum();
         (pg, self.me.saturating_sub(earlier.me))
     }
+}
+
+/// A server over `url` (admin, control and tenant pools, all on that URL),
+/// listening on port 0; it stops when the returned sender is dropped.
+pub async fn start_server(
+    url: &str,
+    pool_config: &tenantry::db::PoolConfig,
+    server_config: tenantry::server::ServerConfig,
+) -> (
+    String,
+    tenantry::server::Pools,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use tenantry::server::{self, Pools};
+    let admin = tenantry::db::connect(url, &server::small_pool_config(pool_config))
+        .await
+        .unwrap();
+    let control = tenantry::db::connect_lazy(url, &server::small_pool_config(pool_config)).unwrap();
+    let tenants = tenantry::db::TenantPool::connect_lazy(url, pool_config).unwrap();
+    let pools = Pools {
+        admin: admin.clone(),
+        control: control.clone(),
+        tenants: tenants.clone(),
+    };
+    let state = server::state(pools, &server_config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        server::serve(listener, state, &server_config, shutdown)
+            .await
+            .unwrap()
+    });
+    (
+        base,
+        Pools {
+            admin,
+            control,
+            tenants,
+        },
+        stop,
+    )
 }

@@ -8,10 +8,15 @@
 //! others go on), and divergence detection (refinery's rules, against the
 //! history rows refinery writes).
 //!
-//! Cost near the floor of raw DDL: the histories of a batch of tenants are
-//! read in one query before locking; a tenant then costs two round trips
-//! (BEGIN + settings + locks + re-check; the migration with its history row,
-//! the registry update and COMMIT), plus one per further migration.
+//! Cost near the floor of raw DDL: a tenant costs two round trips, (1)
+//! BEGIN + settings + locks + the registry row and the whole history, read
+//! under the locks on the connection that then migrates (so its catalog
+//! entries are loaded once), and (2) the migration with its history row,
+//! the registry update and COMMIT; plus one per further migration.
+//!
+//! The per-tenant advisory lock is tried, not waited for, until the lock
+//! timeout: a statement waiting for it would hold a snapshot that a
+//! concurrent index build of the lock's holder waits for (a deadlock).
 //!
 //! Lock-safe: each tenant's transaction sets `lock_timeout` (shorter than
 //! the serving one, so readers queued behind a waiting migration never time
@@ -26,14 +31,13 @@
 //! lock timeout: its lock blocks neither readers nor writers, and its waits
 //! for older transactions must not fail it.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use refinery_core::Migration;
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres, Row};
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 use uuid::Uuid;
 
 use super::{for_each_bounded, FleetRow, FleetTenant};
@@ -230,9 +234,6 @@ pub async fn migrate(
     migrate_planned(pool, template, plan, opts, started, progress).await
 }
 
-/// Tenants whose histories are read in one query.
-const HISTORY_BATCH: usize = 32;
-
 /// [`migrate`] with a plan the caller already read (e.g. to size a progress
 /// bar); `started` is when the run began, for the report's duration.
 pub async fn migrate_planned(
@@ -262,48 +263,42 @@ pub async fn migrate_planned(
         attempt += 1;
         let last = attempt > opts.lock_retries;
         let timed_out = Arc::new(Mutex::new(Vec::new()));
-        let batches: Vec<Vec<FleetTenant>> = todo
-            .chunks(
-                HISTORY_BATCH
-                    .min(todo.len().div_ceil(opts.jobs.max(1)))
-                    .max(1),
-            )
-            .map(<[FleetTenant]>::to_vec)
-            .collect();
         let (pool2, template2, lock_timeout) = (pool.clone(), template.clone(), opts.lock_timeout);
         let timed_out2 = timed_out.clone();
         for_each_bounded(
-            batches,
+            std::mem::take(&mut todo),
             opts.jobs.max(1),
-            move |batch| {
+            move |tenant| {
                 let (pool, template) = (pool2.clone(), template2.clone());
-                async move { migrate_batch(&pool, &template, batch, target, lock_timeout).await }
-            },
-            |outcomes| {
-                for (tenant, outcome) in outcomes {
-                    if let TenantOutcome::LockTimeout { .. } = &outcome {
-                        if !last {
-                            timed_out2.lock().expect("retry list").push(tenant);
-                            continue;
-                        }
-                    }
-                    match &outcome {
-                        TenantOutcome::Migrated { .. } => report.migrated += 1,
-                        TenantOutcome::Skipped { .. } => report.skipped += 1,
-                        TenantOutcome::Failed { .. } => {
-                            report.failed += 1;
-                            report.failures.push(outcome.clone());
-                        }
-                        TenantOutcome::LockTimeout { error, .. } => {
-                            report.lock_timeouts += 1;
-                            report
-                                .failures
-                                .push(with_attempts(outcome.clone(), attempt));
-                            gave_up.push((tenant.clone(), error.clone()));
-                        }
-                    }
-                    progress(&outcome);
+                async move {
+                    let outcome =
+                        migrate_tenant(&pool, &template, &tenant, target, lock_timeout).await;
+                    (tenant, outcome)
                 }
+            },
+            |(tenant, outcome)| {
+                if let TenantOutcome::LockTimeout { .. } = &outcome {
+                    if !last {
+                        timed_out2.lock().expect("retry list").push(tenant);
+                        return;
+                    }
+                }
+                match &outcome {
+                    TenantOutcome::Migrated { .. } => report.migrated += 1,
+                    TenantOutcome::Skipped { .. } => report.skipped += 1,
+                    TenantOutcome::Failed { .. } => {
+                        report.failed += 1;
+                        report.failures.push(outcome.clone());
+                    }
+                    TenantOutcome::LockTimeout { error, .. } => {
+                        report.lock_timeouts += 1;
+                        report
+                            .failures
+                            .push(with_attempts(outcome.clone(), attempt));
+                        gave_up.push((tenant.clone(), error.clone()));
+                    }
+                }
+                progress(&outcome);
             },
         )
         .await;
@@ -338,99 +333,37 @@ fn with_attempts(outcome: TenantOutcome, n: u32) -> TenantOutcome {
     }
 }
 
+/// A tenant's migration history: (version, name, checksum), by version.
 type History = Vec<(i32, String, String)>;
-
-/// The history (version, name, checksum) of each tenant of the batch, in
-/// one query; a tenant whose history cannot be read (its schema vanished)
-/// gets its error, read on its own.
-async fn read_histories(
-    pool: &PgPool,
-    batch: &[FleetTenant],
-) -> HashMap<Uuid, Result<History, sqlx::Error>> {
-    let query = |tenants: &[FleetTenant]| {
-        tenants
-            .iter()
-            .map(|t| {
-                format!(
-                    "SELECT '{}'::uuid, (SELECT coalesce(json_agg(json_build_array(version, name, checksum) \
-                     ORDER BY version), '[]') FROM {}.{HISTORY_TABLE})::text",
-                    t.id,
-                    t.schema.quoted()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ")
-    };
-    let parse = |(id, json): (Uuid, String)| {
-        let rows: Vec<(i32, String, String)> = serde_json::from_str(&json)
-            .map_err(|e| sqlx::Error::Decode(format!("history of {id}: {e}").into()))?;
-        Ok::<_, sqlx::Error>((id, rows))
-    };
-    let fetch = |sql: String| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_as::<_, (Uuid, String)>(&sql)
-                .persistent(false)
-                .fetch_all(&pool)
-                .await
-        }
-    };
-    let mut out = HashMap::new();
-    match fetch(query(batch)).await {
-        Ok(rows) => {
-            for row in rows {
-                let id = row.0;
-                out.insert(id, parse(row).map(|(_, h)| h));
-            }
-        }
-        Err(_) => {
-            for t in batch {
-                let one = fetch(query(std::slice::from_ref(t)))
-                    .await
-                    .and_then(|mut rows| rows.pop().ok_or(sqlx::Error::RowNotFound))
-                    .and_then(|row| parse(row).map(|(_, h)| h));
-                out.insert(t.id, one);
-            }
-        }
-    }
-    out
-}
-
-async fn migrate_batch(
-    pool: &PgPool,
-    template: &Template,
-    batch: Vec<FleetTenant>,
-    target: i32,
-    lock_timeout: Duration,
-) -> Vec<(FleetTenant, TenantOutcome)> {
-    let mut histories = read_histories(pool, &batch).await;
-    let mut out = Vec::with_capacity(batch.len());
-    for t in batch {
-        let history = histories
-            .remove(&t.id)
-            .unwrap_or(Err(sqlx::Error::RowNotFound));
-        let outcome = migrate_tenant(pool, template, &t, history, target, lock_timeout).await;
-        out.push((t, outcome));
-    }
-    out
-}
 
 /// Why a tenant's migration stopped.
 enum Stop {
-    /// The registry or the history changed since they were read (another
-    /// runner, a delete): nothing to do here.
+    /// Nothing (more) to do when its turn came: another runner did it, or
+    /// the org was deleted or is no longer active or suspended.
     Changed,
+    /// An applied migration differs from (or is missing in) the template.
+    Diverged { migration: String, message: String },
+    /// Another runner held the tenant's migration lock for the whole lock
+    /// timeout.
+    Busy,
     Failed {
         migration: Option<String>,
         error: sqlx::Error,
     },
 }
 
+/// What one step (one transaction, or one no-transaction migration) did.
+struct Step {
+    applied: Vec<String>,
+    now_at: i32,
+    /// Nothing left up to the target.
+    finished: bool,
+}
+
 async fn migrate_tenant(
     pool: &PgPool,
     template: &Template,
     t: &FleetTenant,
-    history: Result<History, sqlx::Error>,
     target: i32,
     lock_timeout: Duration,
 ) -> TenantOutcome {
@@ -453,62 +386,16 @@ async fn migrate_tenant(
             }
         }
     };
-    let history = match history {
-        Ok(h) => h,
-        Err(e) => return failed(None, crate::error::chain(&e), false).await,
-    };
-    let pending = match template.pending(&history, target) {
-        Ok(p) => p,
-        Err(d) => return failed(Some(d.migration), d.message, true).await,
-    };
-    // Runs of transactional migrations, each no-transaction migration alone.
-    let mut segments: Vec<(bool, Vec<&Migration>)> = vec![];
-    for m in pending {
-        let no_tx = template.is_no_transaction(m);
-        match segments.last_mut() {
-            Some((false, run)) if !no_tx => run.push(m),
-            _ => segments.push((no_tx, vec![m])),
-        }
-    }
-    if segments.is_empty() {
-        // Behind in the registry only: the history has it all.
-        segments.push((false, vec![]));
-    }
     let mut registry_at = t.template_version;
-    let mut history_at = history.iter().map(|h| h.0).max();
     let mut applied = vec![];
-    for (no_tx, migrations) in segments {
-        let now_at = migrations
-            .last()
-            .map(|m| m.version())
-            .or(history_at)
-            .unwrap_or(registry_at);
-        let run = if no_tx {
-            run_no_transaction(
-                pool,
-                t,
-                migrations[0],
-                registry_at,
-                history_at,
-                lock_timeout,
-            )
-            .await
-        } else {
-            run_transactional(
-                pool,
-                template,
-                t,
-                &migrations,
-                (registry_at, history_at, now_at),
-                lock_timeout,
-            )
-            .await
-        };
-        match run {
-            Ok(()) => {
-                applied.extend(migrations.iter().map(|m| m.to_string()));
-                registry_at = now_at;
-                history_at = Some(now_at);
+    loop {
+        match migrate_step(pool, template, t, target, lock_timeout).await {
+            Ok(step) => {
+                applied.extend(step.applied);
+                registry_at = step.now_at;
+                if step.finished {
+                    break;
+                }
             }
             Err(Stop::Changed) if applied.is_empty() => {
                 return TenantOutcome::Skipped {
@@ -517,6 +404,20 @@ async fn migrate_tenant(
                 }
             }
             Err(Stop::Changed) => break,
+            Err(Stop::Diverged { migration, message }) => {
+                return failed(Some(migration), message, true).await
+            }
+            Err(Stop::Busy) => {
+                return TenantOutcome::LockTimeout {
+                    slug,
+                    from: registry_at,
+                    attempts: 1,
+                    error: format!(
+                        "another runner held this tenant's migration lock for {} ms",
+                        lock_timeout.as_millis()
+                    ),
+                }
+            }
             Err(Stop::Failed { error, .. }) if sqlstate(&error).as_deref() == Some("55P03") => {
                 return TenantOutcome::LockTimeout {
                     slug,
@@ -547,6 +448,13 @@ struct Guarded {
     clean: bool,
 }
 
+impl Guarded {
+    /// Ends the transaction; the connection is clean if that worked.
+    async fn rollback(&mut self) {
+        self.clean = simple_query(&mut self.conn, "ROLLBACK").await.is_ok();
+    }
+}
+
 impl Drop for Guarded {
     fn drop(&mut self) {
         if !self.clean {
@@ -555,32 +463,97 @@ impl Drop for Guarded {
     }
 }
 
-/// The lock-and-check query: the per-tenant advisory lock, then the
-/// registry row (locked in a transaction) and the history's last version.
-fn check_sql(t: &FleetTenant, lock: &str, for_update: bool) -> String {
+/// The lock-and-read statements: tries the per-tenant advisory lock
+/// (without waiting: see [`lock_and_read`]), then, only if it was granted,
+/// reads the registry row (locked in a transaction) and the tenant's whole
+/// history. Two statements, so that the read takes its snapshot after the
+/// lock was granted and sees what the previous holder committed.
+fn check_sql(t: &FleetTenant, try_lock: &str, for_update: bool) -> String {
     format!(
-        "WITH lock AS MATERIALIZED (SELECT {lock}(hashtextextended('tenantry:{id}', 0))) \
-         SELECT o.status::text, o.template_version, (SELECT max(version) FROM {s}.{HISTORY_TABLE}) \
-         FROM lock, tenantry.organizations o WHERE o.id = '{id}'{upd}",
+        "SELECT set_config('tenantry.fleet_locked', {try_lock}(hashtextextended('tenantry:{id}', 0))::text, true);\n\
+         SELECT o.status::text, o.template_version, \
+           (SELECT coalesce(json_agg(json_build_array(version, name, checksum) ORDER BY version), '[]') \
+            FROM {s}.{HISTORY_TABLE})::text \
+         FROM tenantry.organizations o \
+         WHERE o.id = '{id}' AND current_setting('tenantry.fleet_locked') = 'true'{upd}",
         id = t.id,
         s = t.schema.quoted(),
         upd = if for_update { " FOR UPDATE OF o" } else { "" }
     )
 }
 
-/// True when the row read under the locks still says what the plan saw.
-fn unchanged(
-    row: Option<sqlx::postgres::PgRow>,
+/// Another runner held the tenant's lock for the whole lock timeout.
+struct Busy;
+
+/// Sends `prefix` + [`check_sql`] until the advisory lock is granted or
+/// `lock_timeout` has passed (then `Busy`; a transaction opened by `prefix`
+/// is rolled back before each new try).
+///
+/// It polls instead of waiting in the statement: a statement waiting for
+/// the lock holds a snapshot, and a concurrent index build of the runner
+/// holding the lock waits for every older snapshot to go, so waiting would
+/// deadlock with it.
+async fn lock_and_read(
+    conn: &mut PgConnection,
+    prefix: &str,
+    check: &str,
+    in_transaction: bool,
+    lock_timeout: Duration,
+) -> Result<Result<Option<Locked>, Busy>, sqlx::Error> {
+    let deadline = Instant::now() + lock_timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let rows = simple_rows(conn, &format!("{prefix}{check}")).await?;
+        let granted = rows
+            .iter()
+            .find(|r| r.len() == 1)
+            .map(|r| r.try_get::<String, _>(0))
+            .transpose()?
+            .is_some_and(|v| v == "true");
+        if granted {
+            return Locked::read(rows).map(Ok);
+        }
+        if in_transaction {
+            simple_query(conn, "ROLLBACK").await?;
+        }
+        if Instant::now() + pause > deadline {
+            return Ok(Err(Busy));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// What the lock-and-read query saw: the registry's version and the
+/// history; `None` when the org is gone or neither active nor suspended.
+struct Locked {
     registry_at: i32,
-    history_at: Option<i32>,
-) -> bool {
-    let Some(row) = row else { return false };
-    let status: String = row.get(0);
-    let version: i32 = row.get(1);
-    let history: Option<i32> = row.get(2);
-    matches!(status.as_str(), "active" | "suspended")
-        && version == registry_at
-        && history == history_at
+    history: History,
+}
+
+impl Locked {
+    /// From the rows of [`check_sql`]'s statements: the lock's row has one
+    /// column, the registry's three (none when the org is gone).
+    fn read(rows: Vec<sqlx::postgres::PgRow>) -> Result<Option<Locked>, sqlx::Error> {
+        let Some(row) = rows.into_iter().rfind(|r| r.len() == 3) else {
+            return Ok(None);
+        };
+        let status: String = row.try_get(0)?;
+        if !matches!(status.as_str(), "active" | "suspended") {
+            return Ok(None);
+        }
+        let json: String = row.try_get(2)?;
+        let history = serde_json::from_str(&json)
+            .map_err(|e| sqlx::Error::Decode(format!("migration history: {e}").into()))?;
+        Ok(Some(Locked {
+            registry_at: row.try_get(1)?,
+            history,
+        }))
+    }
+
+    fn history_at(&self) -> Option<i32> {
+        self.history.iter().map(|h| h.0).max()
+    }
 }
 
 fn record_sql(t: &FleetTenant, now_at: i32) -> String {
@@ -591,15 +564,17 @@ fn record_sql(t: &FleetTenant, now_at: i32) -> String {
     )
 }
 
-/// Transactional migrations of one tenant, in one transaction.
-async fn run_transactional(
+/// One step of a tenant's migration: locks and reads the registry row and
+/// the history, then applies the run of transactional migrations that
+/// comes next in the same transaction, or hands the next no-transaction
+/// migration to [`run_no_transaction`].
+async fn migrate_step(
     pool: &PgPool,
     template: &Template,
     t: &FleetTenant,
-    migrations: &[&Migration],
-    (registry_at, history_at, now_at): (i32, Option<i32>, i32),
+    target: i32,
     lock_timeout: Duration,
-) -> Result<(), Stop> {
+) -> Result<Step, Stop> {
     let failed = |migration: Option<&Migration>| {
         let migration = migration.map(ToString::to_string);
         move |error| Stop::Failed { migration, error }
@@ -608,44 +583,81 @@ async fn run_transactional(
         conn: pool.acquire().await.map_err(failed(None))?,
         clean: false,
     };
-    // Round trip 1: BEGIN, settings, locks, re-check.
+    // Round trip 1: BEGIN, settings, locks, the registry row and history.
     let begin = format!(
-        "BEGIN; SET LOCAL search_path TO {}; SET LOCAL lock_timeout = {};\n{}",
+        "BEGIN; SET LOCAL search_path TO {}; SET LOCAL lock_timeout = {};\n",
         t.schema.quoted(),
         lock_timeout.as_millis().max(1),
-        check_sql(t, "pg_advisory_xact_lock", true)
     );
-    // (raw_sql's fetch_optional is fetch_one in sqlx 0.8: take the rows)
-    let row = simple_rows(&mut g.conn, &begin)
-        .await
-        .map(|mut rows| rows.pop())
-        .map_err(failed(None));
-    let row = match row {
-        Ok(row) => row,
-        Err(e) => {
-            let _ = simple_query(&mut g.conn, "ROLLBACK").await;
-            return Err(e);
+    let check = check_sql(t, "pg_try_advisory_xact_lock", true);
+    let locked = lock_and_read(&mut g.conn, &begin, &check, true, lock_timeout).await;
+    let locked = match locked {
+        Ok(Ok(Some(locked))) => locked,
+        Ok(Ok(None)) => {
+            g.rollback().await;
+            return Err(Stop::Changed);
         }
-    };
-    if !unchanged(row, registry_at, history_at) {
-        simple_query(&mut g.conn, "ROLLBACK")
-            .await
-            .map_err(failed(None))?;
-        g.clean = true;
-        return Err(Stop::Changed);
-    }
-    // Then each migration with its history row, as the tenant's role, one
-    // message each (so a failure names its migration); the last message
-    // also records the new version and commits.
-    let role = RoleName::for_org(&t.id);
-    let finish = format!("RESET ROLE;\n{};\nCOMMIT", record_sql(t, now_at));
-    if migrations.is_empty() {
-        if let Err(e) = simple_query(&mut g.conn, &finish).await {
-            let _ = simple_query(&mut g.conn, "ROLLBACK").await;
+        Ok(Err(Busy)) => {
+            g.clean = true;
+            return Err(Stop::Busy);
+        }
+        Err(e) => {
+            g.rollback().await;
             return Err(failed(None)(e));
         }
+    };
+    let pending = match template.pending(&locked.history, target) {
+        Ok(pending) => pending,
+        Err(d) => {
+            g.rollback().await;
+            return Err(Stop::Diverged {
+                migration: d.migration,
+                message: d.message,
+            });
+        }
+    };
+    let history_at = locked.history_at();
+    let finish = |now_at: i32| format!("RESET ROLE;\n{};\nCOMMIT", record_sql(t, now_at));
+    let Some(first) = pending.first() else {
+        // Behind in the registry only (the history has it all), or done.
+        let now_at = history_at.unwrap_or(locked.registry_at);
+        if now_at <= locked.registry_at {
+            g.rollback().await;
+            return Err(Stop::Changed);
+        }
+        if let Err(e) = simple_query(&mut g.conn, &finish(now_at)).await {
+            g.rollback().await;
+            return Err(failed(None)(e));
+        }
+        g.clean = true;
+        return Ok(Step {
+            applied: vec![],
+            now_at,
+            finished: true,
+        });
+    };
+    if template.is_no_transaction(first) {
+        g.rollback().await;
+        drop(g);
+        run_no_transaction(pool, t, first, locked.registry_at, history_at, lock_timeout).await?;
+        return Ok(Step {
+            applied: vec![first.to_string()],
+            now_at: first.version(),
+            finished: pending.len() == 1,
+        });
     }
-    for (i, m) in migrations.iter().enumerate() {
+    // Round trip 2 (and one per further migration): each migration with its
+    // history row, as the tenant's role, one message each (so a failure
+    // names its migration); the last message also records the new version
+    // and commits.
+    let run: Vec<&Migration> = pending
+        .iter()
+        .copied()
+        .take_while(|m| !template.is_no_transaction(m))
+        .collect();
+    let now_at = run.last().map_or(locked.registry_at, |m| m.version());
+    let role = RoleName::for_org(&t.id);
+    for (i, m) in run.iter().enumerate() {
         let mut message = String::new();
         if i == 0 {
             message.push_str(&format!("SET LOCAL ROLE {};\n", role.quoted()));
@@ -654,17 +666,21 @@ async fn run_transactional(
         // "\n;\n" ends a trailing line comment of the migration
         message.push_str("\n;\n");
         message.push_str(&history_insert(m));
-        if i + 1 == migrations.len() {
+        if i + 1 == run.len() {
             message.push_str(";\n");
-            message.push_str(&finish);
+            message.push_str(&finish(now_at));
         }
         if let Err(e) = simple_query(&mut g.conn, &message).await {
-            let _ = simple_query(&mut g.conn, "ROLLBACK").await;
+            g.rollback().await;
             return Err(failed(Some(m))(e));
         }
     }
     g.clean = true;
-    Ok(())
+    Ok(Step {
+        applied: run.iter().map(ToString::to_string).collect(),
+        now_at,
+        finished: run.len() == pending.len(),
+    })
 }
 
 /// One no-transaction migration: outside a transaction, under the
@@ -686,17 +702,15 @@ async fn run_no_transaction(
         conn: pool.acquire().await.map_err(failed)?,
         clean: false,
     };
-    let setup = format!(
-        "SET lock_timeout = {};\n{}",
-        lock_timeout.as_millis().max(1),
-        check_sql(t, "pg_advisory_lock", false)
-    );
-    let row = simple_rows(&mut g.conn, &setup)
+    let setup = format!("SET lock_timeout = {};\n", lock_timeout.as_millis().max(1));
+    let check = check_sql(t, "pg_try_advisory_lock", false);
+    let locked = lock_and_read(&mut g.conn, &setup, &check, false, lock_timeout)
         .await
-        .map_err(failed)?
-        .pop();
-    if !unchanged(row, registry_at, history_at) {
-        return Err(Stop::Changed);
+        .map_err(failed)?;
+    match locked {
+        Ok(Some(l)) if l.registry_at == registry_at && l.history_at() == history_at => {}
+        Ok(_) => return Err(Stop::Changed),
+        Err(Busy) => return Err(Stop::Busy),
     }
     let role = RoleName::for_org(&t.id);
     simple_query(
