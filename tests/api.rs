@@ -1124,3 +1124,102 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
     assert_eq!(res.status(), 200, "data and token survive a restart");
     stop(second).await;
 }
+
+/// Every response carries a request id: the client's `x-request-id` when
+/// usable, a generated one otherwise; error bodies name it too, whatever
+/// produced the error (auth, validation, routing fallback, bad JSON).
+#[tokio::test]
+async fn every_response_carries_a_request_id_and_error_bodies_name_it() {
+    let app = spawn_app().await;
+    let id_of = |res: &reqwest::Response| {
+        res.headers()
+            .get("x-request-id")
+            .expect("x-request-id on every response")
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    // the client's id is kept, in the header and the error body
+    let res = app
+        .http
+        .get(app.url("/v1/orgs/acme/tests"))
+        .header("x-request-id", "trace-abc/123 x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id_of(&res), "trace-abc/123 x");
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap();
+    assert_error(status, &body, 401, "unauthorized");
+    assert_eq!(body["error"]["request_id"], "trace-abc/123 x", "{body}");
+
+    // generated when absent: distinct, on successes too
+    let a = app.http.get(app.url("/healthz")).send().await.unwrap();
+    let b = app.http.get(app.url("/healthz")).send().await.unwrap();
+    let (ida, idb) = (id_of(&a), id_of(&b));
+    assert_eq!(ida.len(), 32, "{ida}");
+    assert_ne!(ida, idb);
+    assert_eq!(a.json::<Value>().await.unwrap()["status"], "ok");
+
+    // unusable ids (too long, control characters) are replaced
+    for bad in ["x".repeat(129), "tab\there".to_string()] {
+        let res = app
+            .http
+            .get(app.url("/healthz"))
+            .header("x-request-id", bad.as_str())
+            .send()
+            .await
+            .unwrap();
+        let id = id_of(&res);
+        assert_ne!(id, bad);
+        assert_eq!(id.len(), 32);
+    }
+    let ok_128 = "y".repeat(128);
+    let res = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", ok_128.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id_of(&res), ok_128);
+
+    // errors from the fallback, from the JSON extractor and from a handler
+    let res = app
+        .http
+        .get(app.url("/no/such/route"))
+        .send()
+        .await
+        .unwrap();
+    let id = id_of(&res);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    assert_eq!(body["error"]["request_id"], id.as_str(), "{body}");
+    let res = app
+        .http
+        .post(app.url("/v1/admin/orgs"))
+        .bearer_auth(&app.superuser)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    let id = id_of(&res);
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["request_id"], id.as_str(), "{body}");
+    let (status, body) = app
+        .call(
+            POST,
+            "/v1/admin/orgs",
+            &app.superuser,
+            Some(json!({"slug": "Bad Slug", "name": "x"})),
+        )
+        .await;
+    assert_error(status, &body, 422, "validation_failed");
+    assert_eq!(
+        body["error"]["request_id"].as_str().map(str::len),
+        Some(32),
+        "{body}"
+    );
+}

@@ -24,6 +24,9 @@ pub struct ErrorDetail {
     /// For validation errors: `{"fields": {"<field>": "<problem>"}}`.
     #[schema(value_type = Option<Object>)]
     pub details: Option<Value>,
+    /// The request's id (its `x-request-id`, or one the server generated),
+    /// also in the response's `x-request-id` header and the server's log.
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug)]

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod openapi;
+pub mod request_id;
 pub mod resources;
 
 use std::time::Duration;
@@ -92,8 +93,14 @@ pub fn app(state: AppState) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request<_>| {
+                    let id = req
+                        .headers()
+                        .get(request_id::REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
                     tracing::info_span!(
                         "request",
+                        id,
                         method = %req.method(),
                         path = %req.uri().path(),
                         org = Empty,
@@ -109,6 +116,8 @@ pub fn app(state: AppState) -> Router {
                 })
                 .on_failure(()),
         )
+        // outermost: the span above records the id it sets
+        .layer(axum::middleware::from_fn(request_id::layer))
 }
 
 /// The process is up.
