@@ -133,10 +133,24 @@ impl Authenticator {
             return Ok(None);
         }
         let hash = token_hash(presented);
+        let counted = |result: &'static str| {
+            metrics::counter!(crate::metrics::AUTH, "result" => result).increment(1)
+        };
         let principal = match self.cache.get(&hash).await {
-            Some(entry) => entry,
-            None if !self.gate.admits(presented) => None,
+            Some(entry) => {
+                counted(if entry.is_some() {
+                    "hit"
+                } else {
+                    "negative_hit"
+                });
+                entry
+            }
+            None if !self.gate.admits(presented) => {
+                counted("rejected");
+                None
+            }
             None => {
+                counted("miss");
                 let pool = &self.pool;
                 let attempts = pool.options().get_max_connections() as usize + 2;
                 self.cache

@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod error;
 pub mod fleet;
 pub mod ident;
+pub mod metrics;
 pub mod provision;
 pub mod registry;
 pub mod roles;

@@ -183,8 +183,12 @@ impl TenantRouter {
     pub async fn resolve(&self, slug: &Slug) -> Result<Option<Arc<Tenant>>, Error> {
         let pool = &self.control;
         let attempts = pool.options().get_max_connections() as usize + 2;
-        self.cache
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let loaded_ref = &loaded;
+        let found = self
+            .cache
             .try_get_with_by_ref(slug, async move {
+                loaded_ref.store(true, std::sync::atomic::Ordering::Relaxed);
                 let org = crate::error::retry_dead_connections(attempts, || async {
                     registry::find_org(&mut *pool.acquire().await?, slug).await
                 })
@@ -204,7 +208,14 @@ impl TenantRouter {
             .map_err(|e: Arc<Error>| match Arc::try_unwrap(e) {
                 Ok(e) => e,
                 Err(shared) => Error::Shared(shared),
-            })
+            })?;
+        let result = match (loaded.into_inner(), &found) {
+            (true, _) => "miss",
+            (false, Some(_)) => "hit",
+            (false, None) => "negative_hit",
+        };
+        metrics::counter!(crate::metrics::RESOLVE, "result" => result).increment(1);
+        Ok(found)
     }
 
     /// Opens a transaction scoped to `tenant`, in one round trip on a
@@ -261,7 +272,9 @@ impl TenantRouter {
         let sql = self.begin_sql(tenant);
         // Waiting for a connection can be abandoned safely; the BEGIN on it
         // cannot (see above).
+        let waiting = std::time::Instant::now();
         let (conn, placement) = self.tenants.acquire(&tenant.id).await?;
+        crate::metrics::observe_acquire(waiting.elapsed());
         let mut begin = DetachOnDrop(Some(Box::pin(async move {
             let tx = Transaction::begin(conn, Some(sql.into())).await?;
             Ok((tx, placement))
@@ -273,6 +286,7 @@ impl TenantRouter {
             tenant: tenant.clone(),
             statements: self.statement_mode(),
             rule: self.statements.clone(),
+            outcome: crate::metrics::TxOutcome::begun(),
         })
     }
 
@@ -412,6 +426,8 @@ pub struct TenantTx {
     /// Decided when the transaction began (never `Auto`).
     statements: StatementMode,
     rule: Arc<StatementRule>,
+    /// Counts the transaction committed, or rolled back when dropped.
+    outcome: crate::metrics::TxOutcome,
 }
 
 impl TenantTx {
@@ -455,7 +471,15 @@ impl TenantTx {
     }
 
     pub async fn commit(self) -> Result<(), Error> {
-        self.tx.commit().await?;
+        // the placement goes after the COMMIT (see the field)
+        let TenantTx {
+            tx,
+            outcome,
+            _placement,
+            ..
+        } = self;
+        tx.commit().await?;
+        outcome.committed();
         Ok(())
     }
 

@@ -33,6 +33,9 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// After a shutdown signal, in-flight requests get this long to finish.
     pub shutdown_timeout: Duration,
+    /// Serve `GET /metrics` on this address instead of the API's listener
+    /// (e.g. one that only the monitoring network reaches).
+    pub metrics_bind: Option<std::net::SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +46,7 @@ impl Default for ServerConfig {
             listen_for_changes: true,
             request_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
+            metrics_bind: None,
         }
     }
 }
@@ -94,11 +98,14 @@ impl Pools {
 
 /// The state of a server on `pools`, whose registry must be migrated.
 pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Error> {
+    // the recorder first, so that everything from here on is counted
+    crate::metrics::handle();
     let router = TenantRouter::new(pools.control.clone(), pools.tenants, &config.router);
     let auth = Authenticator::load(pools.control, &config.auth).await?;
     Ok(AppState {
         tenancy: Tenancy::new(pools.admin, router, auth, Arc::new(Template::embedded())),
         request_timeout: config.request_timeout,
+        metrics_on_api: config.metrics_bind.is_none(),
     })
 }
 
@@ -174,6 +181,30 @@ pub async fn serve(
     config: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // bound first: a bad address fails before anything is started
+    let metrics_listener = match config.metrics_bind {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let metrics_task = match metrics_listener {
+        Some(metrics_listener) => {
+            tracing::info!(addr = %metrics_listener.local_addr()?, "metrics on their own listener");
+            let tenancy = state.tenancy.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let tenancy = tenancy.clone();
+                    async move { api::metrics_response(&tenancy) }
+                }),
+            );
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(metrics_listener, app).await {
+                    tracing::warn!(error = %e, "the metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let tenancy = &state.tenancy;
     let listener_task = config
         .listen_for_changes
@@ -205,6 +236,9 @@ pub async fn serve(
         }
     };
     if let Some(task) = listener_task {
+        task.abort();
+    }
+    if let Some(task) = metrics_task {
         task.abort();
     }
     usage_task.abort();

@@ -1223,3 +1223,151 @@ async fn every_response_carries_a_request_id_and_error_bodies_name_it() {
         "{body}"
     );
 }
+
+/// `GET /metrics`: Prometheus text that a Prometheus parser reads, with the
+/// documented families, counters that move with traffic, routes labelled by
+/// template (never by org), and no per-tenant label.
+#[tokio::test]
+async fn metrics_are_prometheus_text_and_move_with_traffic() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("metered").await;
+    let scrape = |app: &common::TestApp| {
+        let (http, url) = (app.http.clone(), app.url("/metrics"));
+        async move {
+            let res = http.get(url).send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            let kind = res.headers()["content-type"].to_str().unwrap().to_owned();
+            assert!(kind.starts_with("text/plain"), "{kind}");
+            let text = res.text().await.unwrap();
+            let lines = text.lines().map(|l| Ok(l.to_owned()));
+            let parsed = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+            (text, parsed)
+        }
+    };
+    // the recorder is process-wide (other tests' servers count too): compare
+    // before and after, on labels only this test produces
+    let value = |scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max)
+                }
+                prometheus_parse::Value::Summary(_) => 0.0,
+            })
+            .sum()
+    };
+    let (_, before) = scrape(&app).await;
+    let route = "/v1/orgs/:slug/tests";
+    let get_tests = &[("method", "GET"), ("route", route), ("status", "2xx")][..];
+    let before_ok = value(&before, "tenantry_http_requests_total", get_tests);
+    let before_tx = value(
+        &before,
+        "tenantry_tenant_transactions_total",
+        &[("event", "committed")],
+    );
+    for _ in 0..5 {
+        let (status, _) = app.call(GET, "/v1/orgs/metered/tests", &token, None).await;
+        assert_eq!(status, 200);
+    }
+    let (status, _) = app
+        .call(GET, "/v1/orgs/metered/tests", "tny_bogus", None)
+        .await;
+    assert_eq!(status, 401);
+
+    let (text, after) = scrape(&app).await;
+    assert_eq!(
+        value(&after, "tenantry_http_requests_total", get_tests) - before_ok,
+        5.0,
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        value(
+            &after,
+            "tenantry_http_requests_total",
+            &[("route", route), ("status", "4xx")]
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &after,
+            "tenantry_http_errors_total",
+            &[("code", "unauthorized")]
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &after,
+            "tenantry_tenant_transactions_total",
+            &[("event", "committed")]
+        ) - before_tx
+            >= 5.0
+    );
+    assert!(
+        value(
+            &after,
+            "tenantry_tenant_resolve_total",
+            &[("result", "hit")]
+        ) >= 4.0
+    );
+    assert!(value(&after, "tenantry_auth_lookups_total", &[("result", "hit")]) >= 4.0);
+    assert!(
+        value(
+            &after,
+            "tenantry_pool_connections",
+            &[("pool", "tenants"), ("state", "max")]
+        ) >= 1.0
+    );
+    assert!(
+        text.contains("tenantry_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tenantry_pool_acquire_seconds_bucket"),
+        "{text}"
+    );
+    // routes by template, never a concrete org
+    assert!(!text.contains("metered"), "{text}");
+
+    // with a listener of its own, /metrics leaves the API's listener
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let separate = common::spawn_app_with(tenantry::server::ServerConfig {
+        metrics_bind: Some(bind),
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = separate.call(GET, "/metrics", "", None).await;
+    assert_error(status, &body, 404, "not_found");
+    let mut text = String::new();
+    for _ in 0..100 {
+        // the listener is bound before serve starts; the task may lag
+        match separate
+            .http
+            .get(format!("http://{bind}/metrics"))
+            .send()
+            .await
+        {
+            Ok(res) => {
+                text = res.text().await.unwrap();
+                break;
+            }
+            Err(_) => tokio::task::yield_now().await,
+        }
+    }
+    assert!(text.contains("tenantry_http_requests_total"), "{text}");
+}

@@ -114,6 +114,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        metrics::counter!(crate::metrics::HTTP_ERRORS, "code" => self.code).increment(1);
         let mut body = json!({ "code": self.code, "message": self.message });
         if let Some(details) = self.details {
             body["details"] = *details;

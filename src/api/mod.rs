@@ -37,6 +37,9 @@ pub struct AppState {
     /// A request still running after this gets 503 `timeout` (its work is
     /// cancelled, and its transaction rolled back).
     pub request_timeout: Duration,
+    /// `GET /metrics` on the API's listener (off when metrics have a
+    /// listener of their own).
+    pub metrics_on_api: bool,
 }
 
 /// What tenant routes may use: no pool.
@@ -75,11 +78,13 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics_text))
         .merge(admin::router())
         .with_state(state)
         .merge(resources::router().with_state(tenant_api))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(count_request))
         .layer(axum::middleware::from_fn(
             move |req: Request<axum::body::Body>, next: axum::middleware::Next| async move {
                 match tokio::time::timeout(request_timeout, next.run(req)).await {
@@ -118,6 +123,60 @@ pub fn app(state: AppState) -> Router {
         )
         // outermost: the span above records the id it sets
         .layer(axum::middleware::from_fn(request_id::layer))
+}
+
+/// Counts the request and its latency, labelled by route template.
+async fn count_request(req: Request<axum::body::Body>, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| route_label(p.as_str()));
+    let response = next.run(req).await;
+    let status = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!(crate::metrics::HTTP_REQUESTS,
+        "method" => method.clone(), "route" => route.clone(), "status" => status)
+    .increment(1);
+    metrics::histogram!(crate::metrics::HTTP_DURATION, "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// A route template as a label: `/v1/orgs/:slug/tests` (braces inside
+/// label values trip up simple exposition parsers).
+fn route_label(template: &str) -> String {
+    template.replace('{', ":").replace('}', "")
+}
+
+/// Prometheus metrics (text format); 404 here when they are served on a
+/// listener of their own (`--metrics-bind`).
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
+        (status = 404, body = error::ErrorBody)))]
+async fn metrics_text(State(app): State<AppState>) -> Response {
+    if !app.metrics_on_api {
+        return ApiError::not_found("route not found").into_response();
+    }
+    metrics_response(&app.tenancy)
+}
+
+/// The body and content type of a metrics scrape.
+pub fn metrics_response(tenancy: &Tenancy) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(tenancy),
+    )
+        .into_response()
 }
 
 /// The process is up.

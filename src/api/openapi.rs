@@ -17,6 +17,7 @@ use super::{admin, resources};
     paths(
         super::healthz,
         super::readyz,
+        super::metrics_text,
         resources::statuses::list,
         resources::statuses::create,
         resources::statuses::get,

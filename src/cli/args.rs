@@ -110,6 +110,10 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "TENANTRY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Serve GET /metrics on this address (e.g. 127.0.0.1:9100) instead of
+    /// the API's listener.
+    #[arg(long, env = "TENANTRY_METRICS_BIND")]
+    pub metrics_bind: Option<std::net::SocketAddr>,
     #[arg(long, env = "TENANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }

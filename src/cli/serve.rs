@@ -28,6 +28,7 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
         },
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        metrics_bind: args.metrics_bind,
         auth: AuthConfig {
             ttl: Duration::from_secs(args.auth_ttl),
             ..AuthConfig::default()

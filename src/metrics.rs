@@ -1,0 +1,122 @@
+//! Prometheus metrics: one process-wide recorder (the `metrics` facade with
+//! the Prometheus exporter), the names of every family, and the rendering
+//! of `GET /metrics`, which samples the pools' gauges first.
+//!
+//! Families have no per-tenant label: with thousands of tenants that would
+//! make every scrape huge. Routes are labelled by their template
+//! (`/v1/orgs/:slug/tests/:id`), never by the concrete path.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::tenancy::Tenancy;
+
+/// `method`, `route`, `status` (`2xx`, `4xx`, ...): requests answered.
+pub const HTTP_REQUESTS: &str = "tenantry_http_requests_total";
+/// `method`, `route`: request latency.
+pub const HTTP_DURATION: &str = "tenantry_http_request_duration_seconds";
+/// `code`: error responses by their stable code.
+pub const HTTP_ERRORS: &str = "tenantry_http_errors_total";
+/// `result` (`hit`, `miss`, `negative_hit`): slug -> tenant cache lookups.
+pub const RESOLVE: &str = "tenantry_tenant_resolve_total";
+/// `result` (`hit`, `miss`, `negative_hit`, `rejected`): token lookups
+/// (`rejected`: refused before any lookup, e.g. a failed checksum).
+pub const AUTH: &str = "tenantry_auth_lookups_total";
+/// Time to get a connection for a tenant transaction.
+pub const POOL_ACQUIRE: &str = "tenantry_pool_acquire_seconds";
+/// `pool` (`tenants`, `control`, `admin`), `state` (`open`, `idle`, `max`).
+pub const POOL_CONNECTIONS: &str = "tenantry_pool_connections";
+/// `event` (`begun`, `committed`, `rolled_back`): tenant transactions.
+pub const TENANT_TX: &str = "tenantry_tenant_transactions_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process's recorder, installed on first use (tests and benchmarks
+/// start several servers in one process: they share it).
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("latency buckets are not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding app's);
+        // then ours still renders what goes through it: nothing. Say so.
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        handle
+    })
+}
+
+/// The Prometheus text of every family, with the pools sampled now.
+pub fn render(tenancy: &Tenancy) -> String {
+    let handle = handle();
+    let router = tenancy.router();
+    let tenants = router.tenant_pool();
+    let pools = [
+        (
+            "tenants",
+            tenants.size() as f64,
+            tenants.num_idle() as f64,
+            tenants.max_connections() as f64,
+        ),
+        pool_gauges("control", router.control_pool()),
+        pool_gauges("admin", tenancy.admin_pool()),
+    ];
+    for (pool, open, idle, max) in pools {
+        metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "open").set(open);
+        metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "idle").set(idle);
+        metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "max").set(max);
+    }
+    handle.render()
+}
+
+fn pool_gauges(name: &'static str, pool: &sqlx::PgPool) -> (&'static str, f64, f64, f64) {
+    (
+        name,
+        pool.size() as f64,
+        pool.num_idle() as f64,
+        pool.options().get_max_connections() as f64,
+    )
+}
+
+pub fn observe_acquire(waited: Duration) {
+    metrics::histogram!(POOL_ACQUIRE).record(waited.as_secs_f64());
+}
+
+pub fn tenant_tx(event: &'static str) {
+    metrics::counter!(TENANT_TX, "event" => event).increment(1);
+}
+
+/// Counts a tenant transaction as rolled back when dropped unfinished.
+#[derive(Debug)]
+pub struct TxOutcome {
+    committed: bool,
+}
+
+impl TxOutcome {
+    pub fn begun() -> Self {
+        tenant_tx("begun");
+        TxOutcome { committed: false }
+    }
+
+    pub fn committed(mut self) {
+        self.committed = true;
+        tenant_tx("committed");
+    }
+}
+
+impl Drop for TxOutcome {
+    fn drop(&mut self) {
+        if !self.committed {
+            tenant_tx("rolled_back");
+        }
+    }
+}
