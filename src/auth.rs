@@ -133,9 +133,7 @@ impl Authenticator {
             return Ok(None);
         }
         let hash = token_hash(presented);
-        let counted = |result: &'static str| {
-            metrics::counter!(crate::metrics::AUTH, "result" => result).increment(1)
-        };
+        let counted = crate::metrics::auth;
         let principal = match self.cache.get(&hash).await {
             Some(entry) => {
                 counted(if entry.is_some() {

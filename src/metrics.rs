@@ -6,9 +6,11 @@
 //! make every scrape huge. Routes are labelled by their template
 //! (`/v1/orgs/:slug/tests/:id`), never by the concrete path.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::tenancy::Tenancy;
@@ -87,12 +89,99 @@ fn pool_gauges(name: &'static str, pool: &sqlx::PgPool) -> (&'static str, f64, f
     )
 }
 
-pub fn observe_acquire(waited: Duration) {
-    metrics::histogram!(POOL_ACQUIRE).record(waited.as_secs_f64());
+/// How often histogram samples are folded into their buckets (the
+/// exporter keeps raw samples until then).
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Folds histogram samples into buckets every [`UPKEEP_EVERY`], so memory
+/// stays flat between scrapes.
+pub fn spawn_upkeep() -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            every.tick().await;
+            handle().run_upkeep();
+        }
+    })
 }
 
-pub fn tenant_tx(event: &'static str) {
-    metrics::counter!(TENANT_TX, "event" => event).increment(1);
+/// Handles of the label sets known in advance, registered once: the hot
+/// path then costs an atomic add, not a registry lookup.
+struct Handles {
+    resolve: [Counter; 3],
+    auth: [Counter; 4],
+    tx: [Counter; 3],
+    acquire: Histogram,
+}
+
+fn handles() -> &'static Handles {
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    HANDLES.get_or_init(|| {
+        handle();
+        Handles {
+            resolve: ["hit", "miss", "negative_hit"]
+                .map(|r| metrics::counter!(RESOLVE, "result" => r)),
+            auth: ["hit", "miss", "negative_hit", "rejected"]
+                .map(|r| metrics::counter!(AUTH, "result" => r)),
+            tx: ["begun", "committed", "rolled_back"]
+                .map(|e| metrics::counter!(TENANT_TX, "event" => e)),
+            acquire: metrics::histogram!(POOL_ACQUIRE),
+        }
+    })
+}
+
+/// A slug lookup: `hit`, `miss` or `negative_hit`.
+pub fn resolve(result: &'static str) {
+    let i = match result {
+        "hit" => 0,
+        "miss" => 1,
+        _ => 2,
+    };
+    handles().resolve[i].increment(1);
+}
+
+/// A token lookup: `hit`, `miss`, `negative_hit` or `rejected`.
+pub fn auth(result: &'static str) {
+    let i = match result {
+        "hit" => 0,
+        "miss" => 1,
+        "negative_hit" => 2,
+        _ => 3,
+    };
+    handles().auth[i].increment(1);
+}
+
+pub fn observe_acquire(waited: Duration) {
+    handles().acquire.record(waited.as_secs_f64());
+}
+
+fn tenant_tx(event: usize) {
+    handles().tx[event].increment(1);
+}
+
+/// One answered request, by method, route template and status class.
+pub fn http_request(method: &str, route: &str, status: &'static str, seconds: f64) {
+    static ROUTES: OnceLock<RwLock<HashMap<String, (Counter, Histogram)>>> = OnceLock::new();
+    let routes = ROUTES.get_or_init(Default::default);
+    let key = format!("{method} {route} {status}");
+    let known = routes.read().expect("route metrics").get(&key).cloned();
+    let (count, latency) = known.unwrap_or_else(|| {
+        handle();
+        let (method, route) = (method.to_owned(), route.to_owned());
+        let made = (
+            metrics::counter!(HTTP_REQUESTS,
+                "method" => method.clone(), "route" => route.clone(), "status" => status),
+            metrics::histogram!(HTTP_DURATION, "method" => method, "route" => route),
+        );
+        routes
+            .write()
+            .expect("route metrics")
+            .entry(key)
+            .or_insert(made)
+            .clone()
+    });
+    count.increment(1);
+    latency.record(seconds);
 }
 
 /// Counts a tenant transaction as rolled back when dropped unfinished.
@@ -103,20 +192,20 @@ pub struct TxOutcome {
 
 impl TxOutcome {
     pub fn begun() -> Self {
-        tenant_tx("begun");
+        tenant_tx(0);
         TxOutcome { committed: false }
     }
 
     pub fn committed(mut self) {
         self.committed = true;
-        tenant_tx("committed");
+        tenant_tx(1);
     }
 }
 
 impl Drop for TxOutcome {
     fn drop(&mut self) {
         if !self.committed {
-            tenant_tx("rolled_back");
+            tenant_tx(2);
         }
     }
 }

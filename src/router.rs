@@ -214,7 +214,7 @@ impl TenantRouter {
             (false, Some(_)) => "hit",
             (false, None) => "negative_hit",
         };
-        metrics::counter!(crate::metrics::RESOLVE, "result" => result).increment(1);
+        crate::metrics::resolve(result);
         Ok(found)
     }
 

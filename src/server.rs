@@ -210,6 +210,7 @@ pub async fn serve(
         .listen_for_changes
         .then(|| tenancy.spawn_listener(tenancy.router().control_pool().clone()));
     let usage_task = tenancy.auth().spawn_usage_writer();
+    let upkeep_task = crate::metrics::spawn_upkeep();
     let auth = tenancy.auth().clone();
     // In-flight requests get `shutdown_timeout` to finish after the signal.
     let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
@@ -242,6 +243,7 @@ pub async fn serve(
         task.abort();
     }
     usage_task.abort();
+    upkeep_task.abort();
     if let Err(e) = auth.flush_usage().await {
         tracing::warn!(error = %e, "could not record token use");
     }

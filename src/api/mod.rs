@@ -128,7 +128,7 @@ pub fn app(state: AppState) -> Router {
 /// Counts the request and its latency, labelled by route template.
 async fn count_request(req: Request<axum::body::Body>, next: axum::middleware::Next) -> Response {
     let started = std::time::Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = req.method().clone();
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -141,11 +141,12 @@ async fn count_request(req: Request<axum::body::Body>, next: axum::middleware::N
         400..=499 => "4xx",
         _ => "5xx",
     };
-    metrics::counter!(crate::metrics::HTTP_REQUESTS,
-        "method" => method.clone(), "route" => route.clone(), "status" => status)
-    .increment(1);
-    metrics::histogram!(crate::metrics::HTTP_DURATION, "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    crate::metrics::http_request(
+        method.as_str(),
+        &route,
+        status,
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
