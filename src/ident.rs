@@ -165,7 +165,7 @@ impl SchemaName {
     /// can be renamed and reused by a new org, an id cannot, so a schema
     /// belongs to one org for its whole life and no stale slug -> schema
     /// mapping anywhere can route one org's request into another org's data
-    /// (design invariant 8). Also unique across databases of one cluster,
+    /// (invariant 8, `docs/invariants.md`). Also unique across databases of one cluster,
     /// which roles need (they are cluster-wide).
     pub fn for_org(id: &uuid::Uuid) -> Self {
         let name = format!("{TENANT_SCHEMA_PREFIX}{}", id.simple());

@@ -1,5 +1,5 @@
 //! PostgreSQL roles, so that PostgreSQL itself enforces the separation of
-//! tenants (design invariant 7).
+//! tenants (invariant 7, `docs/invariants.md`).
 //!
 //! - Every org has a `NOLOGIN` role, named like its schema after the org's
 //!   id, that owns its schema and everything in it and is granted nothing

@@ -3,7 +3,7 @@
 //! `search_path` of exactly the tenant's schema, both set transaction-locally
 //! in the same message as BEGIN.
 //!
-//! Invariants this module carries (see `shared/design.md`):
+//! Invariants this module carries (`docs/invariants.md`):
 //! 1. a tenant transaction's search_path is the tenant schema alone: if the
 //!    schema vanished, queries fail instead of falling through to `public`;
 //! 2. no tenant state outlives the transaction: `SET LOCAL` ends with COMMIT

@@ -6,7 +6,7 @@
 //! a NOTIFY on [`REGISTRY_CHANNEL`], so every process that listens hears of
 //! it when it commits, the CLI's changes included. [`Tenancy`] is what a
 //! server holds: it makes the change, applies it to its own caches at once
-//! (design invariant 6) and runs the listener that applies other processes'
+//! (invariant 6, `docs/invariants.md`) and runs the listener that applies other processes'
 //! changes. The HTTP layer and the CLI stay thin on top of it.
 
 use std::sync::Arc;
