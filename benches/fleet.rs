@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{arg, bench_pool, cpu_ticks};
-use tenantry::db::PoolConfig;
 use tenantry::fleet::{self, MigrateOptions};
 use tenantry::provision::{self, NewOrg};
 use tenantry::template::Template;
@@ -202,15 +201,7 @@ async fn main() {
         .collect();
     setup.close().await;
 
-    let pool = tenantry::db::connect(
-        &url,
-        &PoolConfig {
-            max_connections: jobs as u32 + 1,
-            ..PoolConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let pool = common::fleet_pool(&url, jobs).await;
 
     let per_tenant_us = |earlier: &common::CpuSnapshot, later: &common::CpuSnapshot| {
         let (pg, me) = later.since(earlier);
@@ -263,17 +254,11 @@ async fn main() {
         .unwrap();
     }
 
-    let dir = tempfile::tempdir().unwrap();
-    for m in Template::embedded().migrations() {
-        std::fs::write(dir.path().join(format!("{m}.sql")), m.sql().unwrap()).unwrap();
-    }
-    std::fs::write(
-        dir.path().join("V2__priority.sql"),
+    let (_dir, v2) = common::template_with(&[(
+        "V2__priority.sql",
         "ALTER TABLE tests ADD COLUMN priority integer NOT NULL DEFAULT 0;\n\
          CREATE INDEX tests_priority_idx ON tests (priority);\n",
-    )
-    .unwrap();
-    let v2 = Template::from_dir(dir.path()).unwrap();
+    )]);
     let opts = MigrateOptions {
         jobs,
         ..MigrateOptions::default()

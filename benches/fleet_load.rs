@@ -200,11 +200,7 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    for m in Template::embedded().migrations() {
-        std::fs::write(dir.path().join(format!("{m}.sql")), m.sql().unwrap()).unwrap();
-    }
-    for (file, sql) in [
+    let (_dir, template) = common::template_with(&[
         (
             "V2__priority.sql",
             "ALTER TABLE tests ADD COLUMN priority integer NOT NULL DEFAULT 0;\n\
@@ -218,19 +214,8 @@ async fn main() {
             "V4__weight_index.sql",
             "-- tenantry:no-transaction\nCREATE INDEX CONCURRENTLY tests_weight_idx ON tests (weight);\n",
         ),
-    ] {
-        std::fs::write(dir.path().join(file), sql).unwrap();
-    }
-    let template = Template::from_dir(dir.path()).unwrap();
-    let migration_pool = tenantry::db::connect(
-        &url,
-        &PoolConfig {
-            max_connections: jobs as u32 + 1,
-            ..PoolConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    ]);
+    let migration_pool = common::fleet_pool(&url, jobs).await;
 
     let (base, _pools, stop_server) =
         common::start_server(&url, &PoolConfig::default(), ServerConfig::default()).await;

@@ -119,10 +119,8 @@ fn handles() -> &'static Handles {
     HANDLES.get_or_init(|| {
         handle();
         Handles {
-            resolve: ["hit", "miss", "negative_hit"]
-                .map(|r| metrics::counter!(RESOLVE, "result" => r)),
-            auth: ["hit", "miss", "negative_hit", "rejected"]
-                .map(|r| metrics::counter!(AUTH, "result" => r)),
+            resolve: RESOLVE_RESULTS.map(|r| metrics::counter!(RESOLVE, "result" => r)),
+            auth: AUTH_RESULTS.map(|r| metrics::counter!(AUTH, "result" => r)),
             tx: ["begun", "committed", "rolled_back"]
                 .map(|e| metrics::counter!(TENANT_TX, "event" => e)),
             acquire: metrics::histogram!(POOL_ACQUIRE),
@@ -130,25 +128,23 @@ fn handles() -> &'static Handles {
     })
 }
 
+const RESOLVE_RESULTS: [&str; 3] = ["hit", "miss", "negative_hit"];
+const AUTH_RESULTS: [&str; 4] = ["hit", "miss", "negative_hit", "rejected"];
+
+fn count(counters: &[Counter], results: &[&str], result: &str) {
+    if let Some(i) = results.iter().position(|r| *r == result) {
+        counters[i].increment(1);
+    }
+}
+
 /// A slug lookup: `hit`, `miss` or `negative_hit`.
 pub fn resolve(result: &'static str) {
-    let i = match result {
-        "hit" => 0,
-        "miss" => 1,
-        _ => 2,
-    };
-    handles().resolve[i].increment(1);
+    count(&handles().resolve, &RESOLVE_RESULTS, result);
 }
 
 /// A token lookup: `hit`, `miss`, `negative_hit` or `rejected`.
 pub fn auth(result: &'static str) {
-    let i = match result {
-        "hit" => 0,
-        "miss" => 1,
-        "negative_hit" => 2,
-        _ => 3,
-    };
-    handles().auth[i].increment(1);
+    count(&handles().auth, &AUTH_RESULTS, result);
 }
 
 pub fn observe_acquire(waited: Duration) {
@@ -159,26 +155,45 @@ fn tenant_tx(event: usize) {
     handles().tx[event].increment(1);
 }
 
-/// One answered request, by method, route template and status class.
-pub fn http_request(method: &str, route: &str, status: &'static str, seconds: f64) {
-    static ROUTES: OnceLock<RwLock<HashMap<String, (Counter, Histogram)>>> = OnceLock::new();
+/// A route template as a label: `/v1/orgs/:slug/tests` (braces inside
+/// label values trip up simple exposition parsers).
+fn route_label(template: &str) -> String {
+    template.replace('{', ":").replace('}', "")
+}
+
+/// One answered request, by method, route template (`None`: no route
+/// matched) and status class. The handles of each combination are made
+/// once; later requests cost a map lookup and two atomic updates.
+pub fn http_request(method: &str, template: Option<&str>, status: &'static str, seconds: f64) {
+    /// Per route template: the handles of each (method, status class) seen.
+    type Seen = Vec<(String, &'static str, Counter, Histogram)>;
+    static ROUTES: OnceLock<RwLock<HashMap<String, Seen>>> = OnceLock::new();
     let routes = ROUTES.get_or_init(Default::default);
-    let key = format!("{method} {route} {status}");
-    let known = routes.read().expect("route metrics").get(&key).cloned();
+    let template = template.unwrap_or("unmatched");
+    let find = |seen: &Seen| {
+        seen.iter()
+            .find(|(m, s, _, _)| m == method && *s == status)
+            .map(|(_, _, c, h)| (c.clone(), h.clone()))
+    };
+    let known = routes
+        .read()
+        .expect("route metrics")
+        .get(template)
+        .and_then(find);
     let (count, latency) = known.unwrap_or_else(|| {
         handle();
-        let (method, route) = (method.to_owned(), route.to_owned());
-        let made = (
-            metrics::counter!(HTTP_REQUESTS,
-                "method" => method.clone(), "route" => route.clone(), "status" => status),
-            metrics::histogram!(HTTP_DURATION, "method" => method, "route" => route),
-        );
-        routes
-            .write()
-            .expect("route metrics")
-            .entry(key)
-            .or_insert(made)
-            .clone()
+        let route = route_label(template);
+        let count = metrics::counter!(HTTP_REQUESTS,
+            "method" => method.to_owned(), "route" => route.clone(), "status" => status);
+        let latency =
+            metrics::histogram!(HTTP_DURATION, "method" => method.to_owned(), "route" => route);
+        let mut routes = routes.write().expect("route metrics");
+        let seen = routes.entry(template.to_owned()).or_default();
+        if let Some(made) = find(seen) {
+            return made;
+        }
+        seen.push((method.to_owned(), status, count.clone(), latency.clone()));
+        (count, latency)
     });
     count.increment(1);
     latency.record(seconds);

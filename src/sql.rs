@@ -12,11 +12,20 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Code,
-    Single { escapes: bool },
-    Ident,
-    Dollar { tag_start: usize, tag_end: usize },
+    /// A string (`'`, with backslash escapes for `E'..'`) or a quoted
+    /// identifier (`"`); the quote doubled stands for itself.
+    Quoted {
+        quote: u8,
+        escapes: bool,
+    },
+    Dollar {
+        tag_start: usize,
+        tag_end: usize,
+    },
     LineComment,
-    Block { depth: usize },
+    Block {
+        depth: usize,
+    },
 }
 
 fn ident_char(c: u8) -> bool {
@@ -41,9 +50,21 @@ fn code_spans(sql: &str) -> Vec<(usize, usize)> {
                         let escapes = i > 0
                             && (b[i - 1] == b'E' || b[i - 1] == b'e')
                             && (i < 2 || !ident_char(b[i - 2]));
-                        Some((State::Single { escapes }, 1))
+                        Some((
+                            State::Quoted {
+                                quote: b'\'',
+                                escapes,
+                            },
+                            1,
+                        ))
                     }
-                    b'"' => Some((State::Ident, 1)),
+                    b'"' => Some((
+                        State::Quoted {
+                            quote: b'"',
+                            escapes: false,
+                        },
+                        1,
+                    )),
                     b'-' if next == Some(b'-') => Some((State::LineComment, 2)),
                     b'/' if next == Some(b'*') => Some((State::Block { depth: 1 }, 2)),
                     b'$' if i == 0 || !ident_char(b[i - 1]) => {
@@ -78,24 +99,11 @@ fn code_spans(sql: &str) -> Vec<(usize, usize)> {
                     i += 1;
                 }
             }
-            State::Single { escapes } => {
+            State::Quoted { quote, escapes } => {
                 if escapes && b[i] == b'\\' {
                     i += 2;
-                } else if b[i] == b'\'' {
-                    if b.get(i + 1) == Some(&b'\'') {
-                        i += 2;
-                    } else {
-                        i += 1;
-                        state = State::Code;
-                        start = i;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            State::Ident => {
-                if b[i] == b'"' {
-                    if b.get(i + 1) == Some(&b'"') {
+                } else if b[i] == quote {
+                    if b.get(i + 1) == Some(&quote) {
                         i += 2;
                     } else {
                         i += 1;

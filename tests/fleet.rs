@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::TestDb;
-use tenantry::fleet::{self, Finding, MigrateOptions, QueryOutcome, TenantOutcome};
+use tenantry::fleet::{self, Finding, FleetReport, MigrateOptions, QueryOutcome, TenantOutcome};
 use tenantry::ident::Slug;
 use tenantry::provision::{self, NewOrg};
 use tenantry::template::Template;
@@ -224,25 +224,34 @@ async fn two_concurrent_runners_apply_each_migration_once() {
     let db = TestDb::new().await;
     let slugs = create_orgs(&db, "twin", 20).await;
     let (_dir, v2) = template_dir(&[("V2__priority.sql", V2_PRIORITY)]);
-    let three = opts(3);
-    let (a, b) = tokio::join!(
-        fleet::migrate(&db.pool, &v2, &three, |_| {}),
-        fleet::migrate(&db.pool, &v2, &three, |_| {})
-    );
-    let (a, b) = (a.unwrap(), b.unwrap());
+    let (a, b) = race_two_runners(&db, &v2).await;
     assert_eq!(a.failed + b.failed, 0, "{a:?} {b:?}");
     assert_eq!(a.migrated + b.migrated, 20, "{a:?} {b:?}");
     assert_eq!(a.migrated + a.skipped + a.up_to_date, 20);
     assert_eq!(b.migrated + b.skipped + b.up_to_date, 20);
-    for s in &slugs {
-        assert_eq!(
-            db.count(&format!(
+    assert_v2_recorded_once(&db, &slugs).await;
+}
+
+/// Two runners of `template` started at once, 3 jobs each.
+async fn race_two_runners(db: &TestDb, template: &Template) -> (FleetReport, FleetReport) {
+    let three = opts(3);
+    let (a, b) = tokio::join!(
+        fleet::migrate(&db.pool, template, &three, |_| {}),
+        fleet::migrate(&db.pool, template, &three, |_| {})
+    );
+    (a.unwrap(), b.unwrap())
+}
+
+/// Every tenant's history holds version 2 exactly once.
+async fn assert_v2_recorded_once(db: &TestDb, slugs: &[String]) {
+    for s in slugs {
+        let rows = db
+            .count(&format!(
                 "SELECT count(*) FROM {}.refinery_schema_history WHERE version = 2",
-                schema(&db, s).await
+                schema(db, s).await
             ))
-            .await,
-            1
-        );
+            .await;
+        assert_eq!(rows, 1, "{s}");
     }
 }
 
@@ -255,25 +264,13 @@ async fn two_concurrent_runners_build_a_concurrent_index_once() {
     let slugs = create_orgs(&db, "twincic", 12).await;
     let cic = "-- tenantry:no-transaction\nCREATE INDEX CONCURRENTLY tests_prompt_idx ON tests (prompt);\n";
     let (_dir, v2) = template_dir(&[("V2__prompt_index.sql", cic)]);
-    let three = opts(3);
-    let (a, b) = tokio::join!(
-        fleet::migrate(&db.pool, &v2, &three, |_| {}),
-        fleet::migrate(&db.pool, &v2, &three, |_| {})
-    );
-    let (a, b) = (a.unwrap(), b.unwrap());
+    let (a, b) = race_two_runners(&db, &v2).await;
     assert_eq!(a.failed + b.failed, 0, "{a:?} {b:?}");
     assert_eq!(a.migrated + b.migrated, 12, "{a:?} {b:?}");
     for s in &slugs {
         assert_eq!(version_of(&db, s).await, 2);
-        assert_eq!(
-            db.count(&format!(
-                "SELECT count(*) FROM {}.refinery_schema_history WHERE version = 2",
-                schema(&db, s).await
-            ))
-            .await,
-            1
-        );
     }
+    assert_v2_recorded_once(&db, &slugs).await;
 }
 
 #[tokio::test]

@@ -173,3 +173,32 @@ pub async fn start_server(
         stop,
     )
 }
+
+/// The built-in tenant template plus `extra` migration files (name, SQL),
+/// in a temporary directory that lives as long as the returned handle.
+pub fn template_with(extra: &[(&str, &str)]) -> (tempfile::TempDir, tenantry::template::Template) {
+    use tenantry::template::Template;
+    let dir = tempfile::tempdir().unwrap();
+    for m in Template::embedded().migrations() {
+        std::fs::write(dir.path().join(format!("{m}.sql")), m.sql().unwrap()).unwrap();
+    }
+    for (file, sql) in extra {
+        std::fs::write(dir.path().join(file), sql).unwrap();
+    }
+    let template = Template::from_dir(dir.path()).unwrap();
+    (dir, template)
+}
+
+/// A pool for a fleet run of `jobs` workers (and one connection more for
+/// the plan and the bookkeeping).
+pub async fn fleet_pool(url: &str, jobs: usize) -> PgPool {
+    tenantry::db::connect(
+        url,
+        &tenantry::db::PoolConfig {
+            max_connections: jobs as u32 + 1,
+            ..tenantry::db::PoolConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}

@@ -129,10 +129,10 @@ pub fn app(state: AppState) -> Router {
 async fn count_request(req: Request<axum::body::Body>, next: axum::middleware::Next) -> Response {
     let started = std::time::Instant::now();
     let method = req.method().clone();
-    let route = req
+    let template = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| route_label(p.as_str()));
+        .cloned();
     let response = next.run(req).await;
     let status = match response.status().as_u16() {
         100..=199 => "1xx",
@@ -143,17 +143,11 @@ async fn count_request(req: Request<axum::body::Body>, next: axum::middleware::N
     };
     crate::metrics::http_request(
         method.as_str(),
-        &route,
+        template.as_ref().map(|t| t.as_str()),
         status,
         started.elapsed().as_secs_f64(),
     );
     response
-}
-
-/// A route template as a label: `/v1/orgs/:slug/tests` (braces inside
-/// label values trip up simple exposition parsers).
-fn route_label(template: &str) -> String {
-    template.replace('{', ":").replace('}', "")
 }
 
 /// Prometheus metrics (text format); 404 here when they are served on a
