@@ -13,9 +13,9 @@
 //! `public`. This is the same for every connection and carries no tenant
 //! state.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -115,6 +115,37 @@ struct SubPool {
     pool: PgPool,
     /// Transactions holding or waiting for one of its connections.
     load: AtomicUsize,
+    /// Moving average of how long its transactions hold a connection,
+    /// microseconds: when it is above [`SPILL_AFTER`], waiting for this
+    /// sub-pool is pointless (e.g. a noisy tenant's slow requests hold it).
+    hold_us: AtomicU64,
+}
+
+impl SubPool {
+    fn new(pool: PgPool) -> Self {
+        SubPool {
+            pool,
+            load: AtomicUsize::new(0),
+            hold_us: AtomicU64::new(0),
+        }
+    }
+
+    fn holds_slowly(&self) -> bool {
+        self.hold_us.load(Ordering::Relaxed) > SPILL_AFTER.as_micros() as u64
+    }
+
+    /// Folds one hold into the average (weight 1/8; concurrent updates may
+    /// lose a sample, which an average can afford).
+    fn record_hold(&self, held: Duration) {
+        let sample = held.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.hold_us.load(Ordering::Relaxed);
+        let new = if sample >= old {
+            old + (sample - old) / 8
+        } else {
+            old - (old - sample) / 8
+        };
+        self.hold_us.store(new, Ordering::Relaxed);
+    }
 }
 
 /// Which sub-pool a tenant transaction runs on; releases its place when
@@ -122,6 +153,8 @@ struct SubPool {
 pub struct Placement {
     subs: Arc<[SubPool]>,
     index: usize,
+    /// When it got its connection (`None` while waiting).
+    held_since: Option<Instant>,
 }
 
 impl Placement {
@@ -134,9 +167,20 @@ impl Placement {
     }
 }
 
+impl Placement {
+    fn holding(mut self) -> Self {
+        self.held_since = Some(Instant::now());
+        self
+    }
+}
+
 impl Drop for Placement {
     fn drop(&mut self) {
-        self.subs[self.index].load.fetch_sub(1, Ordering::Relaxed);
+        let sub = &self.subs[self.index];
+        sub.load.fetch_sub(1, Ordering::Relaxed);
+        if let Some(since) = self.held_since {
+            sub.record_hold(since.elapsed());
+        }
     }
 }
 
@@ -153,10 +197,7 @@ impl TenantPool {
             .map(|i| {
                 // the remainder goes to the first sub-pools
                 let size = config.max_connections / k + u32::from(i < config.max_connections % k);
-                SubPool {
-                    pool: options(config, size.max(1)).connect_lazy_with(connect.clone()),
-                    load: AtomicUsize::new(0),
-                }
+                SubPool::new(options(config, size.max(1)).connect_lazy_with(connect.clone()))
             })
             .collect();
         Ok(TenantPool {
@@ -169,10 +210,7 @@ impl TenantPool {
     /// A tenant pool of one sub-pool over an existing pool (no affinity).
     pub fn single(pool: PgPool) -> Self {
         TenantPool {
-            subs: Arc::new([SubPool {
-                pool,
-                load: AtomicUsize::new(0),
-            }]),
+            subs: Arc::new([SubPool::new(pool)]),
             spill_margin: 0,
             statement_cache: PoolConfig::default().statement_cache,
         }
@@ -196,16 +234,18 @@ impl TenantPool {
         Placement {
             subs: self.subs.clone(),
             index,
+            held_since: None,
         }
     }
 
     /// A connection for a transaction of `tenant`, from its home sub-pool
     /// when home has one free or frees one soon; otherwise from whichever of
     /// home and the second choice frees one first. The second choice is
-    /// considered when home holds `spill_margin` more transactions than
-    /// connections (and the second choice fewer), or when a wait at home
-    /// lasts longer than [`SPILL_AFTER`] (home is stuck behind slow
-    /// transactions, e.g. waiting for a lock). Waiting is cancel-safe.
+    /// considered at once when home holds `spill_margin` more transactions
+    /// than connections (and the second choice fewer), or when home's
+    /// transactions have lately held their connections longer than
+    /// [`SPILL_AFTER`] (a noisy tenant's slow requests, lock waits); else
+    /// after waiting [`SPILL_AFTER`] at home. Waiting is cancel-safe.
     pub async fn acquire(
         &self,
         tenant: &Uuid,
@@ -213,24 +253,25 @@ impl TenantPool {
         let (home, alt) = self.candidates(tenant);
         let sub = |i: usize| &self.subs[i];
         if let Some(conn) = sub(home).pool.try_acquire() {
-            return Ok((conn, self.placement(home)));
+            return Ok((conn, self.placement(home).holding()));
         }
         let waiting = self.placement(home);
         if home == alt {
-            return Ok((sub(home).pool.acquire().await?, waiting));
+            return Ok((sub(home).pool.acquire().await?, waiting.holding()));
         }
         let load = |i: usize| sub(i).load.load(Ordering::Relaxed);
         let capacity = sub(home).pool.options().get_max_connections() as usize;
-        let congested = load(home) > capacity + self.spill_margin && load(alt) < load(home);
+        let congested = (load(home) > capacity + self.spill_margin && load(alt) < load(home))
+            || sub(home).holds_slowly();
         if !congested {
             if let Ok(conn) = tokio::time::timeout(SPILL_AFTER, sub(home).pool.acquire()).await {
-                return Ok((conn?, waiting));
+                return Ok((conn?, waiting.holding()));
             }
         }
         let also = self.placement(alt);
         tokio::select! {
-            conn = sub(home).pool.acquire() => Ok((conn?, waiting)),
-            conn = sub(alt).pool.acquire() => Ok((conn?, also)),
+            conn = sub(home).pool.acquire() => Ok((conn?, waiting.holding())),
+            conn = sub(alt).pool.acquire() => Ok((conn?, also.holding())),
         }
     }
 

@@ -40,6 +40,10 @@ pub enum Error {
     Shared(std::sync::Arc<Error>),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The tenant already has this many transactions in flight and no place
+    /// freed up within the queue time (see `fairness`).
+    #[error("this organization has {max_in_flight} requests in flight already; retry shortly")]
+    TenantBusy { max_in_flight: u32 },
 }
 
 /// Maps database constraint violations to domain errors, as in

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod db;
 pub mod embedded;
 pub mod error;
+pub mod fairness;
 pub mod fleet;
 pub mod ident;
 pub mod metrics;

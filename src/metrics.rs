@@ -33,6 +33,10 @@ pub const POOL_CONNECTIONS: &str = "tenantry_pool_connections";
 /// `event` (`begun`, `committed`, `rolled_back`): tenant transactions.
 pub const TENANT_TX: &str = "tenantry_tenant_transactions_total";
 
+/// `result` (`queued`, `rejected`): tenant transactions beyond their
+/// tenant's in-flight limit (see `fairness`).
+pub const TENANT_LIMIT: &str = "tenantry_tenant_limit_total";
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -111,6 +115,7 @@ struct Handles {
     resolve: [Counter; 3],
     auth: [Counter; 4],
     tx: [Counter; 3],
+    limit: [Counter; 2],
     acquire: Histogram,
 }
 
@@ -123,6 +128,7 @@ fn handles() -> &'static Handles {
             auth: AUTH_RESULTS.map(|r| metrics::counter!(AUTH, "result" => r)),
             tx: ["begun", "committed", "rolled_back"]
                 .map(|e| metrics::counter!(TENANT_TX, "event" => e)),
+            limit: LIMIT_RESULTS.map(|r| metrics::counter!(TENANT_LIMIT, "result" => r)),
             acquire: metrics::histogram!(POOL_ACQUIRE),
         }
     })
@@ -130,6 +136,7 @@ fn handles() -> &'static Handles {
 
 const RESOLVE_RESULTS: [&str; 3] = ["hit", "miss", "negative_hit"];
 const AUTH_RESULTS: [&str; 4] = ["hit", "miss", "negative_hit", "rejected"];
+const LIMIT_RESULTS: [&str; 2] = ["queued", "rejected"];
 
 fn count(counters: &[Counter], results: &[&str], result: &str) {
     if let Some(i) = results.iter().position(|r| *r == result) {
@@ -145,6 +152,11 @@ pub fn resolve(result: &'static str) {
 /// A token lookup: `hit`, `miss`, `negative_hit` or `rejected`.
 pub fn auth(result: &'static str) {
     count(&handles().auth, &AUTH_RESULTS, result);
+}
+
+/// A tenant transaction over its tenant's limit: `queued` or `rejected`.
+pub fn tenant_limit(result: &'static str) {
+    count(&handles().limit, &LIMIT_RESULTS, result);
 }
 
 pub fn observe_acquire(waited: Duration) {

@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::db::{Placement, TenantPool};
 use crate::error::Error;
+use crate::fairness::{FairnessConfig, TenantLimiter, TenantSlot};
 use crate::ident::{RoleName, SchemaName, Slug};
 use crate::registry::{self, OrgStatus};
 
@@ -86,6 +87,10 @@ pub struct RouterConfig {
     /// `lock_timeout` of tenant transactions: a request waiting this long
     /// for a lock fails (503 `tenant_busy`) instead of holding a connection.
     pub lock_timeout: Duration,
+    /// How many transactions one tenant may have in flight, and how long
+    /// the ones beyond wait (`None`: [`FairnessConfig::for_pool`] of the
+    /// tenant pool).
+    pub fairness: Option<FairnessConfig>,
     /// Run tenant transactions as the tenant's role (invariant 7). Only
     /// benchmarks turn it off, to measure what it costs.
     #[doc(hidden)]
@@ -101,6 +106,7 @@ impl Default for RouterConfig {
             statements: StatementMode::Auto,
             statement_timeout: Duration::from_secs(10),
             lock_timeout: Duration::from_secs(2),
+            fairness: None,
             set_role: true,
         }
     }
@@ -132,6 +138,7 @@ pub struct TenantRouter {
     statements: Arc<StatementRule>,
     /// `SET LOCAL` settings every tenant transaction starts with.
     settings: Arc<str>,
+    limiter: Arc<TenantLimiter>,
     set_role: bool,
 }
 
@@ -151,9 +158,13 @@ impl TenantRouter {
             config.statement_timeout.as_millis().max(1),
             config.lock_timeout.as_millis().max(1)
         );
+        let fairness = config
+            .fairness
+            .unwrap_or_else(|| FairnessConfig::for_pool(tenants.max_connections()));
         TenantRouter {
             control,
             tenants,
+            limiter: TenantLimiter::new(fairness),
             cache,
             statements: Arc::new(StatementRule {
                 mode: config.statements,
@@ -236,9 +247,22 @@ impl TenantRouter {
     /// new connection waits out a restarting server), so such faults never
     /// reach the caller while the server comes back within the acquire
     /// timeout.
+    ///
+    /// A tenant with its limit of transactions in flight (see `fairness`)
+    /// waits here, before taking a connection, and may be refused with
+    /// [`Error::TenantBusy`].
     pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
+        let slot = self.limiter.admit(&tenant.id).await?;
         let attempts = self.tenants.max_connections() as usize + 2;
-        crate::error::retry_dead_connections(attempts, || self.begin_once(tenant)).await
+        let mut tx =
+            crate::error::retry_dead_connections(attempts, || self.begin_once(tenant)).await?;
+        tx._slot = slot;
+        Ok(tx)
+    }
+
+    /// The per-tenant limit of transactions in flight.
+    pub fn fairness(&self) -> FairnessConfig {
+        self.limiter.config()
     }
 
     /// Runs the read-only work `f` in a transaction of `tenant` and commits.
@@ -283,6 +307,7 @@ impl TenantRouter {
         Ok(TenantTx {
             tx,
             _placement: placement,
+            _slot: None,
             tenant: tenant.clone(),
             statements: self.statement_mode(),
             rule: self.statements.clone(),
@@ -422,6 +447,8 @@ pub struct TenantTx {
     tx: Transaction<'static, Postgres>,
     // dropped after `tx`: the sub-pool counts the transaction until then
     _placement: Placement,
+    // then the tenant's place among its transactions in flight
+    _slot: Option<TenantSlot>,
     tenant: Arc<Tenant>,
     /// Decided when the transaction began (never `Auto`).
     statements: StatementMode,

@@ -369,7 +369,20 @@ async fn leak_test(sub_pools: u32) {
     let tenants_pool = tenantry::db::TenantPool::connect_lazy(&db.url, &config).unwrap();
     let pools: Vec<sqlx::PgPool> = tenants_pool.sub_pools().cloned().collect();
     assert_eq!(pools.len(), sub_pools as usize);
-    let router = TenantRouter::new(control, tenants_pool, &RouterConfig::default());
+    // a tenant's transactions queue behind its limit (and are cancelled
+    // there too), but long enough never to be refused
+    let fairness = tenantry::fairness::FairnessConfig {
+        max_in_flight: 2,
+        queue: Duration::from_secs(30),
+    };
+    let router = TenantRouter::new(
+        control,
+        tenants_pool,
+        &RouterConfig {
+            fairness: Some(fairness),
+            ..RouterConfig::default()
+        },
+    );
     let counters = Arc::new(Counters::default());
     let seed: u64 = std::env::var("LEAK_SEED")
         .ok()

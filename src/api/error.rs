@@ -144,6 +144,10 @@ impl From<Error> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "invalid_state", e.to_string())
             }
             Error::Database(db) => ApiError::from(db),
+            e @ Error::TenantBusy { .. } => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "tenant_busy", e.to_string())
+            },
             Error::Shared(shared) => match &*shared {
                 Error::Database(db) if crate::error::is_connection_error(db) => {
                     ApiError::unavailable("unavailable", "the database is unavailable, retry later")

@@ -108,6 +108,9 @@ impl Modify for StandardErrors {
                     ));
                     errors.push(("403", "not allowed for this token (`forbidden`), or the organization is suspended (`org_suspended`)"));
                 }
+                if path.starts_with("/v1/orgs/{slug}") {
+                    errors.push(("429", "the organization has its limit of requests in flight and none finished within the queue time (`tenant_busy`); see `Retry-After`"));
+                }
                 if path.contains("{slug}") {
                     errors.push(("404", "no such organization (also for an organization the token does not belong to)"));
                 }

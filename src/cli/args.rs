@@ -104,6 +104,15 @@ pub struct ServeArgs {
     /// longer for a lock gets 503 tenant_busy instead of holding a connection.
     #[arg(long, env = "TENANTRY_LOCK_TIMEOUT_MS", default_value_t = 2_000)]
     pub lock_timeout_ms: u64,
+    /// Transactions (requests) one org may have in flight at once; beyond
+    /// it, requests queue for --tenant-queue-ms and then get 429
+    /// tenant_busy. Default: a quarter of --pool-size (at least 2). 0: no
+    /// limit.
+    #[arg(long, env = "TENANTRY_TENANT_MAX_IN_FLIGHT")]
+    pub tenant_max_in_flight: Option<u32>,
+    /// Milliseconds a request over its org's limit waits for a place.
+    #[arg(long, env = "TENANTRY_TENANT_QUEUE_MS", default_value_t = crate::fairness::DEFAULT_QUEUE.as_millis() as u64)]
+    pub tenant_queue_ms: u64,
     /// Seconds a request may run before it gets 503 timeout.
     #[arg(long, env = "TENANTRY_REQUEST_TIMEOUT", default_value_t = 30)]
     pub request_timeout: u64,

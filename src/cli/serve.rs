@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::{Database, DbArgs, ServeArgs};
 use crate::auth::AuthConfig;
 use crate::db::PoolConfig;
+use crate::fairness::FairnessConfig;
 use crate::router::RouterConfig;
 use crate::server::{self, ServerConfig};
 
@@ -24,6 +25,12 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
             ttl: Duration::from_secs(args.cache_ttl),
             statement_timeout: Duration::from_millis(args.statement_timeout_ms.max(1)),
             lock_timeout: Duration::from_millis(args.lock_timeout_ms.max(1)),
+            fairness: Some(FairnessConfig {
+                max_in_flight: args
+                    .tenant_max_in_flight
+                    .unwrap_or(FairnessConfig::for_pool(args.pool_size).max_in_flight),
+                queue: Duration::from_millis(args.tenant_queue_ms),
+            }),
             ..RouterConfig::default()
         },
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
