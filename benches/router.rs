@@ -16,18 +16,17 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use common::{arg, bench_pool, cpu_ticks, ms, Stats};
+use common::{arg, bench_pool, cpu_ticks, load, ms, Stats, Target};
 use tenantry::api::error::ApiError;
 use tenantry::api::extract::{ApiPath, Auth};
 use tenantry::api::resources::TestCase;
 use tenantry::db::PoolConfig;
 use tenantry::ident::{SchemaName, Slug};
-use tenantry::provision::{self, NewOrg};
 use tenantry::server::{self, ServerConfig};
 use tenantry::template::Template;
 use uuid::Uuid;
@@ -75,53 +74,6 @@ async fn qualified_get(
         .ok_or_else(|| ApiError::not_found("no such test"))
 }
 
-struct Target {
-    path: String,
-    token: String,
-}
-
-async fn load(
-    client: &reqwest::Client,
-    base: &str,
-    targets: &Arc<Vec<Target>>,
-    concurrency: usize,
-    secs: f64,
-) -> (Stats, f64) {
-    let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let started = Instant::now();
-    let handles: Vec<_> = (0..concurrency)
-        .map(|w| {
-            let (client, base, targets) = (client.clone(), base.to_owned(), targets.clone());
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut i = w;
-                while Instant::now() < deadline {
-                    let t = &targets[i % targets.len()];
-                    i += concurrency + 1;
-                    let start = Instant::now();
-                    let res = client
-                        .get(format!("{base}{}", t.path))
-                        .bearer_auth(&t.token)
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(res.status(), 200);
-                    res.bytes().await.unwrap();
-                    lat.push(start.elapsed());
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for h in handles {
-        all.extend(h.await.unwrap());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let n = all.len() as f64;
-    (Stats::of(all), n / elapsed)
-}
-
 #[tokio::main]
 async fn main() {
     let tenants: usize = arg("--tenants", 100);
@@ -138,40 +90,19 @@ async fn main() {
     let mut qualified_targets = Vec::new();
     let mut slugs = Vec::new();
     for i in 0..tenants {
-        let slug = format!("bench-{i:04}");
-        let created = provision::create_org(
-            &setup_pool,
-            &template,
-            &NewOrg::parse(&slug, "Bench", None).unwrap(),
-        )
-        .await
-        .unwrap();
-        let (_, token) = provision::issue_org_token(
-            &setup_pool,
-            &Slug::parse(&slug).unwrap(),
-            "bench@bench.test",
-            None,
-            None,
-        )
-        .await
-        .unwrap();
-        let schema = created.organization.schema_name.to_string();
-        let id: Uuid = sqlx::query_scalar(&format!(
-            "INSERT INTO {schema}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
-             SELECT 'prompt ' || g, 'ok', (SELECT id FROM {schema}.behaviors LIMIT 1), (SELECT id FROM {schema}.statuses LIMIT 1), \
-                    '00000000-0000-0000-0000-000000000000', '00000000-0000-0000-0000-000000000000' \
-             FROM generate_series(1, 20) g RETURNING id"
-        ))
-        .fetch_all(&setup_pool)
-        .await
-        .unwrap()[7];
+        let common::BenchTenant {
+            slug,
+            schema,
+            token,
+            test_id: id,
+        } = common::bench_tenant(&setup_pool, &template, i).await;
         targets.push(Target {
             path: format!("/v1/orgs/{slug}/tests/{id}"),
-            token: token.token.clone(),
+            token: token.clone(),
         });
         qualified_targets.push(Target {
             path: format!("/qualified/{schema}/tests/{id}"),
-            token: token.token.clone(),
+            token: token.clone(),
         });
         slugs.push(Slug::parse(&slug).unwrap());
         if i == 0 {
@@ -442,6 +373,20 @@ async fn main() {
         mt.median.as_secs_f64() / f.median.as_secs_f64()
     );
     println!("library: resolve (cache hit) {resolve_ns:.0} ns/op over {n} calls");
+    // the per-tenant limit's bookkeeping on every begin, uncontended
+    let limiter =
+        tenantry::fairness::TenantLimiter::new(tenantry::fairness::FairnessConfig::for_pool(16));
+    let ids: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+    let started = Instant::now();
+    let rounds = 200_000;
+    for i in 0..rounds {
+        let slot = limiter.admit(&ids[i % ids.len()]).await.unwrap();
+        drop(slot);
+    }
+    println!(
+        "library: per-tenant limit admit+release {:.0} ns/op over {rounds} calls",
+        started.elapsed().as_nanos() as f64 / rounds as f64
+    );
     println!(
         "library: router.begin+commit median {:.1} us (p99 {:.1} us) vs pool.begin+commit median {:.1} us (p99 {:.1} us): {:.2}x",
         ms(rb.median) * 1000.0,

@@ -21,6 +21,7 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::db::ServingConn;
 use crate::error::Error;
 use crate::registry::{self, Principal};
 use crate::secret::{mac_matches, token_hash, SECRET_HEX, TOKEN_PREFIX};
@@ -33,6 +34,9 @@ pub struct AuthConfig {
     pub negative_ttl: Duration,
     /// `last_used_at` is written at most once per token per this interval.
     pub usage_interval: Duration,
+    /// How registry SQL reaches PostgreSQL (a server takes it from its
+    /// pools' configuration).
+    pub pooler: crate::db::Pooler,
 }
 
 impl Default for AuthConfig {
@@ -41,6 +45,7 @@ impl Default for AuthConfig {
             ttl: Duration::from_secs(10),
             negative_ttl: Duration::from_secs(60),
             usage_interval: Duration::from_secs(60),
+            pooler: crate::db::Pooler::None,
         }
     }
 }
@@ -93,6 +98,7 @@ struct Usage {
 #[derive(Clone)]
 pub struct Authenticator {
     pool: PgPool,
+    pooler: crate::db::Pooler,
     cache: Cache<[u8; 32], Entry>,
     gate: Arc<Gate>,
     usage: Arc<Mutex<Usage>>,
@@ -103,13 +109,18 @@ impl Authenticator {
     /// An authenticator over the registry reachable through `pool` (reads
     /// the token key and the pre-MAC token prefixes once).
     pub async fn load(pool: PgPool, config: &AuthConfig) -> Result<Self, Error> {
-        let key = registry::token_key(&mut *pool.acquire().await?).await?;
-        let legacy_prefixes = registry::legacy_token_prefixes(&pool)
+        let pooler = config.pooler;
+        let mut conn = ServingConn::open(&pool, pooler).await?;
+        let named = conn.named();
+        let key = registry::token_key_sent(conn.conn(), named).await?;
+        let legacy_prefixes = registry::legacy_token_prefixes(conn.conn(), named)
             .await?
             .into_iter()
             .collect();
+        conn.finish().await?;
         Ok(Authenticator {
             pool,
+            pooler,
             cache: Cache::builder()
                 .max_capacity(100_000)
                 .expire_after(EntryExpiry {
@@ -149,12 +160,12 @@ impl Authenticator {
             }
             None => {
                 counted("miss");
-                let pool = &self.pool;
+                let (pool, pooler) = (&self.pool, self.pooler);
                 let attempts = pool.options().get_max_connections() as usize + 2;
                 self.cache
                     .try_get_with(hash, async move {
                         crate::error::retry_dead_connections(attempts, || {
-                            registry::authenticate_hash(pool, &hash)
+                            lookup_token(pool, pooler, &hash)
                         })
                         .await
                     })
@@ -205,7 +216,10 @@ impl Authenticator {
             std::mem::take(&mut usage.pending)
         };
         if !pending.is_empty() {
-            registry::record_token_use(&self.pool, &pending).await?;
+            let mut conn = ServingConn::open(&self.pool, self.pooler).await?;
+            let named = conn.named();
+            registry::record_token_use(conn.conn(), &pending, named).await?;
+            conn.finish().await?;
         }
         Ok(pending.len())
     }
@@ -224,6 +238,18 @@ impl Authenticator {
             }
         })
     }
+}
+
+async fn lookup_token(
+    pool: &PgPool,
+    pooler: crate::db::Pooler,
+    hash: &[u8; 32],
+) -> Result<Option<Principal>, Error> {
+    let mut conn = ServingConn::open(pool, pooler).await?;
+    let named = conn.named();
+    let found = registry::authenticate_hash(conn.conn(), hash, named).await?;
+    conn.finish().await?;
+    Ok(found)
 }
 
 /// `tny_<8 hex>_<64 hex>`.

@@ -12,6 +12,12 @@
 //! unqualified name anywhere else fails loudly instead of resolving in
 //! `public`. This is the same for every connection and carries no tenant
 //! state.
+//!
+//! Behind a transaction-pooling PgBouncer ([`Pooler::Transaction`]) a
+//! session belongs to no one between transactions, so nothing is set per
+//! session (tenant transactions set everything with `SET LOCAL` in their
+//! BEGIN message), statements are unnamed, and registry SQL of the serving
+//! side runs inside explicit transactions ([`ServingConn`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,6 +27,66 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool, Postgres};
 use uuid::Uuid;
+
+/// What sits between tenantry and PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Pooler {
+    /// Nothing, or a session-pooling proxy: each connection is one session.
+    #[default]
+    None,
+    /// A transaction-pooling PgBouncer (1.18 and later): consecutive
+    /// transactions of one connection may run on different server
+    /// sessions. Named prepared statements and session settings break
+    /// there; unnamed statements work only inside a transaction (their
+    /// Parse and Execute are two round trips, which may otherwise land on
+    /// two sessions).
+    Transaction,
+}
+
+impl Pooler {
+    /// Whether statements may be prepared once per connection and kept.
+    pub fn named_statements(self) -> bool {
+        self == Pooler::None
+    }
+}
+
+/// A connection for registry SQL of the serving side (token lookups,
+/// resolving slugs, recording token use), opened the way the pooler needs:
+/// a plain pooled connection with named statements; or, behind a
+/// transaction pooler, an explicit transaction with unnamed statements.
+pub enum ServingConn {
+    Session(PoolConnection<Postgres>),
+    Transaction(sqlx::Transaction<'static, Postgres>),
+}
+
+impl ServingConn {
+    pub async fn open(pool: &PgPool, pooler: Pooler) -> Result<Self, sqlx::Error> {
+        Ok(match pooler {
+            Pooler::None => ServingConn::Session(pool.acquire().await?),
+            Pooler::Transaction => ServingConn::Transaction(pool.begin().await?),
+        })
+    }
+
+    pub fn conn(&mut self) -> &mut sqlx::PgConnection {
+        match self {
+            ServingConn::Session(c) => c,
+            ServingConn::Transaction(tx) => tx,
+        }
+    }
+
+    /// Whether statements on it may be named (`persistent`).
+    pub fn named(&self) -> bool {
+        matches!(self, ServingConn::Session(_))
+    }
+
+    /// Commits the transaction, if there is one.
+    pub async fn finish(self) -> Result<(), sqlx::Error> {
+        match self {
+            ServingConn::Session(_) => Ok(()),
+            ServingConn::Transaction(tx) => tx.commit().await,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -42,6 +108,7 @@ pub struct PoolConfig {
     pub acquire_timeout: Duration,
     /// Prepared statements kept per connection (see `router::StatementMode`).
     pub statement_cache: usize,
+    pub pooler: Pooler,
 }
 
 impl Default for PoolConfig {
@@ -54,6 +121,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(5 * 60),
             acquire_timeout: Duration::from_secs(10),
             statement_cache: 1024,
+            pooler: Pooler::None,
         }
     }
 }
@@ -70,6 +138,7 @@ pub const DEFAULT_SPILL_MARGIN: u32 = 8;
 pub const SPILL_AFTER: Duration = Duration::from_millis(10);
 
 fn options(config: &PoolConfig, max_connections: u32) -> PgPoolOptions {
+    let set_session = config.pooler == Pooler::None;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .max_lifetime(config.max_lifetime)
@@ -78,9 +147,13 @@ fn options(config: &PoolConfig, max_connections: u32) -> PgPoolOptions {
         // The ping costs a round trip per request; broken connections surface
         // as errors on use and are replaced, and lifetimes are bounded.
         .test_before_acquire(false)
-        .after_connect(|conn, _meta| {
+        .after_connect(move |conn, _meta| {
             Box::pin(async move {
-                conn.execute("SET search_path TO ''").await?;
+                // Behind a transaction pooler this would set another
+                // client's session, and not reliably ours.
+                if set_session {
+                    conn.execute("SET search_path TO ''").await?;
+                }
                 Ok(())
             })
         })
@@ -88,7 +161,12 @@ fn options(config: &PoolConfig, max_connections: u32) -> PgPoolOptions {
 
 fn connect_options(url: &str, config: &PoolConfig) -> Result<PgConnectOptions, sqlx::Error> {
     let options: PgConnectOptions = url.parse()?;
-    Ok(options.statement_cache_capacity(config.statement_cache))
+    let cache = if config.pooler.named_statements() {
+        config.statement_cache
+    } else {
+        0
+    };
+    Ok(options.statement_cache_capacity(cache))
 }
 
 /// Opens one pool of `config.max_connections` (registry, admin, CLI).
@@ -109,6 +187,7 @@ pub struct TenantPool {
     subs: Arc<[SubPool]>,
     spill_margin: usize,
     statement_cache: usize,
+    pooler: Pooler,
 }
 
 struct SubPool {
@@ -204,6 +283,7 @@ impl TenantPool {
             subs,
             spill_margin: config.spill_margin as usize,
             statement_cache: config.statement_cache,
+            pooler: config.pooler,
         })
     }
 
@@ -213,6 +293,7 @@ impl TenantPool {
             subs: Arc::new([SubPool::new(pool)]),
             spill_margin: 0,
             statement_cache: PoolConfig::default().statement_cache,
+            pooler: Pooler::None,
         }
     }
 
@@ -273,6 +354,10 @@ impl TenantPool {
             conn = sub(home).pool.acquire() => Ok((conn?, waiting.holding())),
             conn = sub(alt).pool.acquire() => Ok((conn?, also.holding())),
         }
+    }
+
+    pub fn pooler(&self) -> Pooler {
+        self.pooler
     }
 
     pub fn sub_pool_count(&self) -> usize {

@@ -4,7 +4,9 @@
 //!
 //! Families have no per-tenant label: with thousands of tenants that would
 //! make every scrape huge. Routes are labelled by their template
-//! (`/v1/orgs/:slug/tests/:id`), never by the concrete path.
+//! (`/v1/orgs/:slug/tests/:id`), never by the concrete path. The one
+//! exception is opt-in and bounded: [`TOP_TENANTS`], the N orgs with the
+//! most tenant transactions, chosen anew at each scrape.
 
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 use crate::tenancy::Tenancy;
 
@@ -37,6 +40,17 @@ pub const TENANT_TX: &str = "tenantry_tenant_transactions_total";
 /// tenant's in-flight limit (see `fairness`).
 pub const TENANT_LIMIT: &str = "tenantry_tenant_limit_total";
 
+/// `org`: tenant transactions since the server started, of the N orgs
+/// with the most (`--metrics-top-tenants N`; off by default). A gauge: orgs
+/// enter and leave the top N, and one that left disappears from the
+/// output.
+pub const TOP_TENANTS: &str = "tenantry_top_tenant_transactions";
+
+/// How long a gauge not set again stays in the output: pool gauges and the
+/// current top N are set at every scrape, so only orgs that left the top N
+/// go.
+const GAUGE_IDLE: Duration = Duration::from_secs(1);
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -48,6 +62,7 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
+            .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
             .expect("latency buckets are not empty");
         let recorder = builder.build_recorder();
@@ -80,6 +95,11 @@ pub fn render(tenancy: &Tenancy) -> String {
         metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "open").set(open);
         metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "idle").set(idle);
         metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "max").set(max);
+    }
+    if let Some(top) = router.top_tenants() {
+        for (slug, n) in top.top() {
+            metrics::gauge!(TOP_TENANTS, "org" => slug.to_string()).set(n as f64);
+        }
     }
     handle.render()
 }
@@ -234,5 +254,45 @@ impl Drop for TxOutcome {
         if !self.committed {
             tenant_tx(2);
         }
+    }
+}
+
+/// Tenant transactions per org, for the top-N metric: one entry per org
+/// that has had a transaction (so bounded by the registry), one short lock
+/// per transaction. Only made when the top N is asked for.
+pub struct TopTenants {
+    n: usize,
+    counts: std::sync::Mutex<HashMap<crate::ident::Slug, u64>>,
+}
+
+impl TopTenants {
+    /// Counting for a top `n`; `None` for 0 (off).
+    pub fn new(n: usize) -> Option<std::sync::Arc<Self>> {
+        (n > 0).then(|| {
+            std::sync::Arc::new(TopTenants {
+                n,
+                counts: Default::default(),
+            })
+        })
+    }
+
+    pub fn count(&self, slug: &crate::ident::Slug) {
+        let mut counts = self.counts.lock().expect("tenant counts");
+        match counts.get_mut(slug) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert(slug.clone(), 1);
+            }
+        }
+    }
+
+    /// The `n` orgs with the most transactions, most first (ties by slug).
+    pub fn top(&self) -> Vec<(crate::ident::Slug, u64)> {
+        let counts = self.counts.lock().expect("tenant counts");
+        let mut all: Vec<_> = counts.iter().map(|(s, n)| (s.clone(), *n)).collect();
+        drop(counts);
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(self.n);
+        all
     }
 }

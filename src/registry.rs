@@ -143,12 +143,23 @@ pub(crate) use org_columns;
 
 #[tracing::instrument(skip(conn))]
 pub async fn find_org(conn: &mut PgConnection, slug: &Slug) -> Result<Option<Organization>, Error> {
+    find_org_sent(conn, slug, true).await
+}
+
+/// [`find_org`] with a named (`persistent`) or unnamed statement (see
+/// `db::serving`).
+pub async fn find_org_sent(
+    conn: &mut PgConnection,
+    slug: &Slug,
+    persistent: bool,
+) -> Result<Option<Organization>, Error> {
     let row: Option<OrgRow> = sqlx::query_as(concat!(
         "SELECT ",
         org_columns!(),
         " FROM tenantry.organizations WHERE slug = $1"
     ))
     .bind(slug.as_str())
+    .persistent(persistent)
     .fetch_optional(conn)
     .await?;
     row.map(Organization::try_from).transpose()
@@ -289,8 +300,14 @@ macro_rules! token_columns {
 
 /// The installation's token MAC key (see `secret::NewToken`).
 pub async fn token_key(conn: &mut PgConnection) -> Result<Vec<u8>, Error> {
+    token_key_sent(conn, true).await
+}
+
+/// [`token_key`] with a named (`persistent`) or unnamed statement.
+pub async fn token_key_sent(conn: &mut PgConnection, persistent: bool) -> Result<Vec<u8>, Error> {
     Ok(
         sqlx::query_scalar("SELECT token_key FROM tenantry.settings")
+            .persistent(persistent)
             .fetch_one(conn)
             .await?,
     )
@@ -350,13 +367,17 @@ pub struct Principal {
 /// Looks a presented token up by its SHA-256 digest. Revoked and expired
 /// tokens, and tokens of users who no longer exist, are not found.
 pub async fn authenticate(pool: &PgPool, presented: &str) -> Result<Option<Principal>, Error> {
-    authenticate_hash(pool, &token_hash(presented)).await
+    authenticate_hash(&mut *pool.acquire().await?, &token_hash(presented), true).await
 }
 
 /// Looks a token up by digest: a read, one round trip. Its use is recorded
 /// separately and coalesced ([`record_token_use`]).
 #[tracing::instrument(skip_all)]
-pub async fn authenticate_hash(pool: &PgPool, hash: &[u8; 32]) -> Result<Option<Principal>, Error> {
+pub async fn authenticate_hash(
+    conn: &mut PgConnection,
+    hash: &[u8; 32],
+    persistent: bool,
+) -> Result<Option<Principal>, Error> {
     Ok(sqlx::query_as(
         "SELECT t.id AS token_id, u.id AS user_id, u.organization_id, u.is_superuser, t.expires_at \
          FROM tenantry.api_tokens t JOIN tenantry.users u ON u.id = t.user_id \
@@ -364,26 +385,36 @@ pub async fn authenticate_hash(pool: &PgPool, hash: &[u8; 32]) -> Result<Option<
            AND (t.expires_at IS NULL OR t.expires_at > now())",
     )
     .bind(&hash[..])
-    .fetch_optional(pool)
+    .persistent(persistent)
+    .fetch_optional(conn)
     .await?)
 }
 
 /// Sets `last_used_at` of these tokens to now, in one statement.
-pub async fn record_token_use(pool: &PgPool, token_ids: &[Uuid]) -> Result<(), Error> {
+pub async fn record_token_use(
+    conn: &mut PgConnection,
+    token_ids: &[Uuid],
+    persistent: bool,
+) -> Result<(), Error> {
     sqlx::query("UPDATE tenantry.api_tokens SET last_used_at = now() WHERE id = ANY($1)")
         .bind(token_ids)
-        .execute(pool)
+        .persistent(persistent)
+        .execute(conn)
         .await?;
     Ok(())
 }
 
 /// Display prefixes of the active tokens issued before format 2 (no MAC):
 /// the only made-up-looking tokens worth a database lookup.
-pub async fn legacy_token_prefixes(pool: &PgPool) -> Result<Vec<String>, Error> {
+pub async fn legacy_token_prefixes(
+    conn: &mut PgConnection,
+    persistent: bool,
+) -> Result<Vec<String>, Error> {
     Ok(sqlx::query_scalar(
         "SELECT prefix FROM tenantry.api_tokens WHERE format = 1 AND revoked_at IS NULL",
     )
-    .fetch_all(pool)
+    .persistent(persistent)
+    .fetch_all(conn)
     .await?)
 }
 

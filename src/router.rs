@@ -91,6 +91,9 @@ pub struct RouterConfig {
     /// the ones beyond wait (`None`: [`FairnessConfig::for_pool`] of the
     /// tenant pool).
     pub fairness: Option<FairnessConfig>,
+    /// Count transactions per org for a `/metrics` family of the N busiest
+    /// (0: off, the default; see `metrics::TOP_TENANTS`).
+    pub top_tenants: usize,
     /// Run tenant transactions as the tenant's role (invariant 7). Only
     /// benchmarks turn it off, to measure what it costs.
     #[doc(hidden)]
@@ -107,6 +110,7 @@ impl Default for RouterConfig {
             statement_timeout: Duration::from_secs(10),
             lock_timeout: Duration::from_secs(2),
             fairness: None,
+            top_tenants: 0,
             set_role: true,
         }
     }
@@ -139,6 +143,7 @@ pub struct TenantRouter {
     /// `SET LOCAL` settings every tenant transaction starts with.
     settings: Arc<str>,
     limiter: Arc<TenantLimiter>,
+    top_tenants: Option<Arc<crate::metrics::TopTenants>>,
     set_role: bool,
 }
 
@@ -158,6 +163,7 @@ impl TenantRouter {
             config.statement_timeout.as_millis().max(1),
             config.lock_timeout.as_millis().max(1)
         );
+        let pooler = tenants.pooler();
         let fairness = config
             .fairness
             .unwrap_or_else(|| FairnessConfig::for_pool(tenants.max_connections()));
@@ -165,9 +171,15 @@ impl TenantRouter {
             control,
             tenants,
             limiter: TenantLimiter::new(fairness),
+            top_tenants: crate::metrics::TopTenants::new(config.top_tenants),
             cache,
             statements: Arc::new(StatementRule {
-                mode: config.statements,
+                // a transaction pooler has no named statements to offer
+                mode: if pooler.named_statements() {
+                    config.statements
+                } else {
+                    StatementMode::Unnamed
+                },
                 distinct: Default::default(),
             }),
             settings: settings.into(),
@@ -193,6 +205,7 @@ impl TenantRouter {
     /// costs no SQL; concurrent misses for one slug share one registry query.
     pub async fn resolve(&self, slug: &Slug) -> Result<Option<Arc<Tenant>>, Error> {
         let pool = &self.control;
+        let pooler = self.tenants.pooler();
         let attempts = pool.options().get_max_connections() as usize + 2;
         let loaded = std::sync::atomic::AtomicBool::new(false);
         let loaded_ref = &loaded;
@@ -201,7 +214,11 @@ impl TenantRouter {
             .try_get_with_by_ref(slug, async move {
                 loaded_ref.store(true, std::sync::atomic::Ordering::Relaxed);
                 let org = crate::error::retry_dead_connections(attempts, || async {
-                    registry::find_org(&mut *pool.acquire().await?, slug).await
+                    let mut conn = crate::db::ServingConn::open(pool, pooler).await?;
+                    let named = conn.named();
+                    let org = registry::find_org_sent(conn.conn(), slug, named).await?;
+                    conn.finish().await?;
+                    Ok::<_, Error>(org)
                 })
                 .await?;
                 Ok::<_, Error>(org.map(|o| {
@@ -252,12 +269,20 @@ impl TenantRouter {
     /// waits here, before taking a connection, and may be refused with
     /// [`Error::TenantBusy`].
     pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
+        if let Some(top) = &self.top_tenants {
+            top.count(&tenant.slug);
+        }
         let slot = self.limiter.admit(&tenant.id).await?;
         let attempts = self.tenants.max_connections() as usize + 2;
         let mut tx =
             crate::error::retry_dead_connections(attempts, || self.begin_once(tenant)).await?;
         tx._slot = slot;
         Ok(tx)
+    }
+
+    /// Transactions per org, when the top-N metric is on.
+    pub fn top_tenants(&self) -> Option<&crate::metrics::TopTenants> {
+        self.top_tenants.as_deref()
     }
 
     /// The per-tenant limit of transactions in flight.

@@ -36,6 +36,10 @@ pub struct ServerConfig {
     /// Serve `GET /metrics` on this address instead of the API's listener
     /// (e.g. one that only the monitoring network reaches).
     pub metrics_bind: Option<std::net::SocketAddr>,
+    /// A direct connection to PostgreSQL for LISTEN, which needs a session
+    /// of its own: behind a transaction pooler, without it, other
+    /// processes' changes arrive only through the cache TTLs.
+    pub listen_url: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +51,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             metrics_bind: None,
+            listen_url: None,
         }
     }
 }
@@ -100,8 +105,12 @@ impl Pools {
 pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Error> {
     // the recorder first, so that everything from here on is counted
     crate::metrics::handle();
+    let auth_config = AuthConfig {
+        pooler: pools.tenants.pooler(),
+        ..config.auth.clone()
+    };
     let router = TenantRouter::new(pools.control.clone(), pools.tenants, &config.router);
-    let auth = Authenticator::load(pools.control, &config.auth).await?;
+    let auth = Authenticator::load(pools.control, &auth_config).await?;
     Ok(AppState {
         tenancy: Tenancy::new(pools.admin, router, auth, Arc::new(Template::embedded())),
         request_timeout: config.request_timeout,
@@ -206,9 +215,14 @@ pub async fn serve(
         None => None,
     };
     let tenancy = &state.tenancy;
-    let listener_task = config
-        .listen_for_changes
-        .then(|| tenancy.spawn_listener(tenancy.router().control_pool().clone()));
+    let listener_task = match listen_pool(&state, config) {
+        Ok(Some(pool)) => Some(tenancy.spawn_listener(pool)),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for registry changes: --listen-url is not a valid database URL");
+            None
+        }
+    };
     let usage_task = tenancy.auth().spawn_usage_writer();
     let upkeep_task = crate::metrics::spawn_upkeep();
     let auth = tenancy.auth().clone();
@@ -248,6 +262,32 @@ pub async fn serve(
         tracing::warn!(error = %e, "could not record token use");
     }
     result
+}
+
+/// Where the server LISTENs for other processes' registry changes: its
+/// control pool; behind a transaction pooler, a direct connection to
+/// PostgreSQL (`listen_url`) or nowhere, with a warning.
+fn listen_pool(state: &AppState, config: &ServerConfig) -> Result<Option<PgPool>, sqlx::Error> {
+    if !config.listen_for_changes {
+        return Ok(None);
+    }
+    let router = state.tenancy.router();
+    if let Some(url) = &config.listen_url {
+        let direct = PoolConfig {
+            max_connections: 1,
+            ..PoolConfig::default()
+        };
+        return Ok(Some(crate::db::connect_lazy(url, &direct)?));
+    }
+    if router.tenant_pool().pooler().named_statements() {
+        return Ok(Some(router.control_pool().clone()));
+    }
+    tracing::warn!(
+        "behind a transaction pooler LISTEN needs a direct connection: without --listen-url, \
+         other processes' changes (suspended orgs, revoked tokens) reach this one only \
+         after the cache TTLs (--cache-ttl, --auth-ttl)"
+    );
+    Ok(None)
 }
 
 /// Resolves on SIGINT or SIGTERM.

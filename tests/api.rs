@@ -25,6 +25,67 @@ fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
     );
 }
 
+/// Serving connections take the path this run configures. Direct: each
+/// is a session of its own, with the empty session search_path. Through
+/// PgBouncer (transaction pooling): concurrent requests of many orgs share
+/// fewer server sessions than tenantry has client connections.
+#[tokio::test]
+async fn serving_connections_take_the_configured_path() {
+    let app = spawn_app().await;
+    let mut tokens = vec![];
+    for i in 0..8 {
+        let slug = format!("path-{i}");
+        tokens.push((slug.clone(), app.org_with_token(&slug).await));
+    }
+    let mut requests = vec![];
+    for round in 0..6 {
+        for (slug, token) in &tokens {
+            let (app_url, http, token) = (
+                app.url(&format!("/v1/orgs/{slug}/tests?limit={}", 1 + round)),
+                app.http.clone(),
+                token.clone(),
+            );
+            requests.push(tokio::spawn(async move {
+                let res = http.get(app_url).bearer_auth(token).send().await.unwrap();
+                res.status().as_u16()
+            }));
+        }
+    }
+    for r in requests {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    let tenant_connections = app.state.tenancy.router().tenant_pool().size() as usize;
+    if common::pooler_run() {
+        let (clients, servers) = common::bouncer().sessions(&app.db.name).await;
+        println!(
+            "tenantry: {tenant_connections} tenant connections; pgbouncer: {clients} clients, {servers} servers"
+        );
+        assert!(
+            clients > common::pgbouncer::POOL_SIZE as usize,
+            "{clients} clients"
+        );
+        assert!(
+            (1..=common::pgbouncer::POOL_SIZE as usize).contains(&servers),
+            "{servers} server sessions"
+        );
+    } else {
+        assert!(tenant_connections > 1);
+        let mut conn = app
+            .state
+            .tenancy
+            .router()
+            .control_pool()
+            .acquire()
+            .await
+            .unwrap();
+        let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(path, "\"\"");
+    }
+}
+
 #[tokio::test]
 async fn health_and_readiness() {
     let app = spawn_app().await;
@@ -1370,4 +1431,80 @@ async fn metrics_are_prometheus_text_and_move_with_traffic() {
         }
     }
     assert!(text.contains("tenantry_http_requests_total"), "{text}");
+}
+
+/// The per-org label is opt-in and bounded: with a top 2, the two orgs
+/// with the most transactions appear with their counts, a third does not.
+#[tokio::test]
+async fn the_top_tenants_family_names_only_the_busiest_orgs() {
+    let app = common::spawn_app_with(tenantry::server::ServerConfig {
+        router: tenantry::router::RouterConfig {
+            top_tenants: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    for (slug, requests) in [("top-first", 5), ("top-second", 3), ("top-third", 1)] {
+        let token = app.org_with_token(slug).await;
+        for _ in 0..requests {
+            let (status, _) = app
+                .call(GET, &format!("/v1/orgs/{slug}/tests"), &token, None)
+                .await;
+            assert_eq!(status, 200);
+        }
+    }
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let mut top: Vec<(String, f64)> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "tenantry_top_tenant_transactions")
+        .filter_map(|s| {
+            let org = s.labels.get("org")?;
+            let prometheus_parse::Value::Gauge(v) = s.value else {
+                return None;
+            };
+            org.starts_with("top-").then(|| (org.to_owned(), v))
+        })
+        .collect();
+    top.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        top,
+        [
+            ("top-first".to_owned(), 5.0),
+            ("top-second".to_owned(), 3.0)
+        ],
+        "{text}"
+    );
+}
+
+/// `--pooler transaction` without an app URL would send admin work
+/// (named statements, session advisory locks) through the pooler: refused
+/// with a clear message before anything starts, as are out-of-range limits.
+#[tokio::test]
+async fn serve_refuses_pooler_and_limit_settings_it_cannot_honour() {
+    let db = common::TestDb::empty().await;
+    let (ok, _, err) = db.cli(&["serve", "--pooler", "transaction", "--bind", "127.0.0.1:0"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--pooler transaction needs --app-database-url"),
+        "{err}"
+    );
+    let (ok, _, err) = db.cli(&["serve", "--pooler", "session"]);
+    assert!(!ok);
+    assert!(err.contains("possible values: none, transaction"), "{err}");
+    let (ok, _, err) = db.cli(&["serve", "--metrics-top-tenants", "5000"]);
+    assert!(!ok);
+    assert!(err.contains("--metrics-top-tenants"), "{err}");
+    // nothing was created
+    assert!(!db.schema_exists("tenantry").await);
 }

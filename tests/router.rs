@@ -189,19 +189,25 @@ struct Counters {
 async fn checked_read(tx: &mut TenantTx, c: &Counters) {
     let me = tx.tenant().slug.to_string();
     let schema = tx.tenant().schema.to_string();
-    let (path, schemas): (String, Vec<String>) =
-        sqlx::query_as("SELECT current_setting('search_path'), current_schemas(false)::text[]")
-            .fetch_one(tx.conn())
+    // through the statement rule, so that this also runs behind PgBouncer
+    let (path, schemas): (String, Vec<String>) = tx
+        .query_as("SELECT current_setting('search_path'), current_schemas(false)::text[]")
+        .fetch_one()
+        .await
+        .unwrap();
+    let column = |rows: Vec<(String,)>| rows.into_iter().map(|(v,)| v).collect::<Vec<_>>();
+    let prompts = column(
+        tx.query_as("SELECT prompt FROM tests")
+            .fetch_all()
             .await
-            .unwrap();
-    let prompts: Vec<String> = sqlx::query_scalar("SELECT prompt FROM tests")
-        .fetch_all(tx.conn())
-        .await
-        .unwrap();
-    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM statuses")
-        .fetch_all(tx.conn())
-        .await
-        .unwrap();
+            .unwrap(),
+    );
+    let names = column(
+        tx.query_as("SELECT name FROM statuses")
+            .fetch_all()
+            .await
+            .unwrap(),
+    );
     let mut leaks = u64::from(path != schema || schemas != [schema.clone()]);
     leaks += prompts.iter().filter(|p| **p != me).count() as u64;
     // committed statuses are named "<slug>:<n>"; the three defaults stay
@@ -244,17 +250,14 @@ async fn chaos_step(
             let name = format!("{slug}:{n}");
             let outcome = tokio::time::timeout(budget, async {
                 let mut tx = router.begin(&tenant).await.unwrap();
-                sqlx::query("SELECT pg_sleep(0.0005)")
-                    .execute(tx.conn())
-                    .await
-                    .unwrap();
+                tx.query("SELECT pg_sleep(0.0005)").execute().await.unwrap();
                 if write {
-                    sqlx::query(
+                    tx.query(
                         "INSERT INTO statuses (name, created_by, updated_by) VALUES ($1, $2, $2)",
                     )
                     .bind(&name)
                     .bind(Uuid::nil())
-                    .execute(tx.conn())
+                    .execute()
                     .await
                     .unwrap();
                 }
@@ -268,7 +271,7 @@ async fn chaos_step(
         // a failing query, then the transaction is dropped
         3 => {
             let mut tx = router.begin(&tenant).await.unwrap();
-            let err = sqlx::query("SELECT 1/0").execute(tx.conn()).await;
+            let err = tx.query("SELECT 1/0").execute().await;
             assert!(err.is_err());
             c.failed_queries.fetch_add(1, Ordering::Relaxed);
             drop(tx);
@@ -276,10 +279,10 @@ async fn chaos_step(
         // writes rolled back explicitly
         4 => {
             let mut tx = router.begin(&tenant).await.unwrap();
-            sqlx::query("INSERT INTO statuses (name, created_by, updated_by) VALUES ($1, $2, $2)")
+            tx.query("INSERT INTO statuses (name, created_by, updated_by) VALUES ($1, $2, $2)")
                 .bind(format!("{slug}:rolled-back-{n}"))
                 .bind(Uuid::nil())
-                .execute(tx.conn())
+                .execute()
                 .await
                 .unwrap();
             tx.rollback().await.unwrap();
@@ -288,13 +291,14 @@ async fn chaos_step(
         // committed writes tagged with the tenant's own slug
         _ => {
             let mut tx = router.begin(&tenant).await.unwrap();
-            let (status, behavior): (Uuid, Uuid) = sqlx::query_as(
-                "SELECT (SELECT id FROM statuses LIMIT 1), (SELECT id FROM behaviors LIMIT 1)",
-            )
-            .fetch_one(tx.conn())
-            .await
-            .unwrap();
-            sqlx::query(
+            let (status, behavior): (Uuid, Uuid) = tx
+                .query_as(
+                    "SELECT (SELECT id FROM statuses LIMIT 1), (SELECT id FROM behaviors LIMIT 1)",
+                )
+                .fetch_one()
+                .await
+                .unwrap();
+            tx.query(
                 "INSERT INTO tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
                  VALUES ($1, '', $2, $3, $4, $4)",
             )
@@ -302,7 +306,7 @@ async fn chaos_step(
             .bind(behavior)
             .bind(status)
             .bind(Uuid::nil())
-            .execute(tx.conn())
+            .execute()
             .await
             .unwrap();
             tx.commit().await.unwrap();
@@ -310,20 +314,27 @@ async fn chaos_step(
         }
     }
     // Outside any tenant transaction a pooled connection carries no tenant
-    // state: empty search_path, and no transaction left open.
+    // state: the session's search_path (empty, or the server's default
+    // behind PgBouncer, where tenantry sets nothing per session), and no
+    // transaction left open. The simple protocol: no statement to prepare.
     if rng.below(4) == 0 {
         let pool = &pools[rng.below(pools.len() as u64) as usize];
         let mut conn = pool.acquire().await.unwrap();
-        let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
-            .fetch_one(&mut *conn)
+        let row = sqlx::Executor::fetch_one(&mut *conn, "SELECT current_setting('search_path')")
             .await
             .unwrap();
+        let path: String = sqlx::Row::get(&row, 0);
+        let session_path = if common::pooler_run() {
+            "\"$user\", public"
+        } else {
+            "\"\""
+        };
         // SAVEPOINT fails outside a transaction block (25P01), so success
         // means the connection was handed out inside a leftover transaction.
         let in_tx = sqlx::Executor::execute(&mut *conn, "SAVEPOINT leak_probe")
             .await
             .is_ok();
-        if path != "\"\"" || in_tx {
+        if path != session_path || in_tx {
             eprintln!("LEAK on pooled connection: search_path={path} in_transaction={in_tx}");
             c.leaks.fetch_add(1, Ordering::Relaxed);
             conn.close_on_drop();
@@ -360,13 +371,15 @@ async fn leak_test(sub_pools: u32) {
         .unwrap();
         slugs.push(slug(&s));
     }
+    let (url, pooler) = common::serving(&db.url);
     let config = PoolConfig {
         max_connections: 4,
         sub_pools,
+        pooler,
         ..PoolConfig::default()
     };
-    let control = tenantry::db::connect(&db.url, &config).await.unwrap();
-    let tenants_pool = tenantry::db::TenantPool::connect_lazy(&db.url, &config).unwrap();
+    let control = tenantry::db::connect(&url, &config).await.unwrap();
+    let tenants_pool = tenantry::db::TenantPool::connect_lazy(&url, &config).unwrap();
     let pools: Vec<sqlx::PgPool> = tenants_pool.sub_pools().cloned().collect();
     assert_eq!(pools.len(), sub_pools as usize);
     // a tenant's transactions queue behind its limit (and are cancelled

@@ -202,3 +202,103 @@ pub async fn fleet_pool(url: &str, jobs: usize) -> PgPool {
     .await
     .unwrap()
 }
+
+/// A request of an HTTP load: path and bearer token.
+pub struct Target {
+    pub path: String,
+    pub token: String,
+}
+
+/// `concurrency` keep-alive clients sending GETs over `targets` for
+/// `secs`; every answer must be 200. Returns latency stats and req/s.
+pub async fn load(
+    client: &reqwest::Client,
+    base: &str,
+    targets: &std::sync::Arc<Vec<Target>>,
+    concurrency: usize,
+    secs: f64,
+) -> (Stats, f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let started = std::time::Instant::now();
+    let handles: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (client, base, targets) = (client.clone(), base.to_owned(), targets.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = w;
+                while std::time::Instant::now() < deadline {
+                    let t = &targets[i % targets.len()];
+                    i += concurrency + 1;
+                    let start = std::time::Instant::now();
+                    let res = client
+                        .get(format!("{base}{}", t.path))
+                        .bearer_auth(&t.token)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(res.status(), 200);
+                    res.bytes().await.unwrap();
+                    lat.push(start.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = all.len() as f64;
+    (Stats::of(all), n / elapsed)
+}
+
+/// A tenant of an HTTP benchmark: org `bench-<i>` with a token and 20
+/// tests, `test_id` the 8th.
+pub struct BenchTenant {
+    pub slug: String,
+    pub schema: String,
+    pub token: String,
+    pub test_id: uuid::Uuid,
+}
+
+pub async fn bench_tenant(
+    pool: &PgPool,
+    template: &tenantry::template::Template,
+    i: usize,
+) -> BenchTenant {
+    use tenantry::provision::{self, NewOrg};
+    let slug = format!("bench-{i:04}");
+    let created = provision::create_org(
+        pool,
+        template,
+        &NewOrg::parse(&slug, "Bench", None).unwrap(),
+    )
+    .await
+    .unwrap();
+    let (_, token) = provision::issue_org_token(
+        pool,
+        &tenantry::ident::Slug::parse(&slug).unwrap(),
+        "bench@bench.test",
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    let schema = created.organization.schema_name.to_string();
+    let test_id: uuid::Uuid = sqlx::query_scalar(&format!(
+        "INSERT INTO {schema}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+         SELECT 'prompt ' || g, 'ok', (SELECT id FROM {schema}.behaviors LIMIT 1), (SELECT id FROM {schema}.statuses LIMIT 1), \
+                '00000000-0000-0000-0000-000000000000', '00000000-0000-0000-0000-000000000000' \
+         FROM generate_series(1, 20) g RETURNING id"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()[7];
+    BenchTenant {
+        slug,
+        schema,
+        token: token.token,
+        test_id,
+    }
+}

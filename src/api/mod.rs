@@ -184,7 +184,8 @@ async fn healthz() -> Json<serde_json::Value> {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "ready"), (status = 503, body = error::ErrorBody)))]
 async fn readyz(State(app): State<AppState>) -> Response {
-    match sqlx::query("SELECT 1")
+    // the simple protocol: no prepared statement, whatever the pooler
+    match sqlx::raw_sql("SELECT 1")
         .execute(app.tenancy.router().control_pool())
         .await
     {

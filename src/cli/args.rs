@@ -119,6 +119,21 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "TENANTRY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// What sits between tenantry and PostgreSQL on the app URL: `none`
+    /// (or a session pooler) or `transaction` (a transaction-pooling
+    /// PgBouncer: unnamed statements, no session settings).
+    #[arg(long, env = "TENANTRY_POOLER", value_enum, default_value_t = crate::db::Pooler::None)]
+    pub pooler: crate::db::Pooler,
+    /// A direct PostgreSQL URL (same role as the app URL) for LISTEN, which
+    /// a transaction pooler cannot carry. Without it, behind one, other
+    /// processes' changes arrive through the cache TTLs only.
+    #[arg(long, env = "TENANTRY_LISTEN_URL", hide_env_values = true)]
+    pub listen_url: Option<String>,
+    /// Label the N orgs with the most transactions in /metrics
+    /// (tenantry_top_tenant_transactions{org}); 0: no per-org label.
+    #[arg(long, env = "TENANTRY_METRICS_TOP_TENANTS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=1000))]
+    pub metrics_top_tenants: u16,
     /// Serve GET /metrics on this address (e.g. 127.0.0.1:9100) instead of
     /// the API's listener.
     #[arg(long, env = "TENANTRY_METRICS_BIND")]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{Database, DbArgs, ServeArgs};
 use crate::auth::AuthConfig;
-use crate::db::PoolConfig;
+use crate::db::{PoolConfig, Pooler};
 use crate::fairness::FairnessConfig;
 use crate::router::RouterConfig;
 use crate::server::{self, ServerConfig};
@@ -17,9 +17,22 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
         spill_margin: args.spill_margin,
         max_lifetime: Duration::from_secs(args.conn_max_lifetime),
         statement_cache: args.statement_cache,
+        pooler: args.pooler,
         ..PoolConfig::default()
     };
-    let db = Database::connect(db_args, &server::small_pool_config(&pool_config)).await?;
+    if args.pooler == Pooler::Transaction && args.app_database_url.is_none() {
+        anyhow::bail!(
+            "--pooler transaction needs --app-database-url (TENANTRY_APP_DATABASE_URL) pointing at \
+             the pooler; DATABASE_URL is for admin work (migrations, provisioning) and must reach \
+             PostgreSQL directly"
+        );
+    }
+    // admin work always talks to PostgreSQL directly
+    let admin_config = PoolConfig {
+        pooler: Pooler::None,
+        ..server::small_pool_config(&pool_config)
+    };
+    let db = Database::connect(db_args, &admin_config).await?;
     let config = ServerConfig {
         router: RouterConfig {
             ttl: Duration::from_secs(args.cache_ttl),
@@ -31,11 +44,13 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
                     .unwrap_or(FairnessConfig::for_pool(args.pool_size).max_in_flight),
                 queue: Duration::from_millis(args.tenant_queue_ms),
             }),
+            top_tenants: args.metrics_top_tenants.into(),
             ..RouterConfig::default()
         },
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         metrics_bind: args.metrics_bind,
+        listen_url: args.listen_url.clone(),
         auth: AuthConfig {
             ttl: Duration::from_secs(args.auth_ttl),
             ..AuthConfig::default()

@@ -3,7 +3,14 @@
 //! binaries (fsync off), shared by the tests of this binary and removed by a
 //! watchdog once the binary exits. Each test gets its own fresh database, so
 //! tests run in parallel without seeing each other.
+//!
+//! With `TENANTRY_TEST_POOLER=pgbouncer`, servers' serving connections go
+//! through a real PgBouncer in transaction pooling mode (`--pooler
+//! transaction`), LISTEN through a direct connection; admin work stays
+//! direct, as the README tells operators.
 #![allow(dead_code)]
+
+pub mod pgbouncer;
 
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -32,6 +39,31 @@ fn server() -> &'static str {
             .expect("watchdog for the test cluster");
         pg.url("postgres")
     })
+}
+
+/// Whether this run goes through PgBouncer (`TENANTRY_TEST_POOLER`).
+pub fn pooler_run() -> bool {
+    match std::env::var("TENANTRY_TEST_POOLER").as_deref() {
+        Err(_) | Ok("") | Ok("none") => false,
+        Ok("pgbouncer") => true,
+        Ok(other) => panic!("TENANTRY_TEST_POOLER={other:?}: expected pgbouncer or none"),
+    }
+}
+
+/// The PgBouncer of a pooler run.
+pub fn bouncer() -> &'static pgbouncer::PgBouncer {
+    static BOUNCER: OnceLock<pgbouncer::PgBouncer> = OnceLock::new();
+    BOUNCER.get_or_init(|| pgbouncer::PgBouncer::start(server(), pgbouncer::POOL_SIZE))
+}
+
+/// The URL and pooler serving connections to `url`'s database use in
+/// this run: `url` itself, or the same through PgBouncer.
+pub fn serving(url: &str) -> (String, tenantry::db::Pooler) {
+    if pooler_run() {
+        (bouncer().url_for(url), tenantry::db::Pooler::Transaction)
+    } else {
+        (url.to_owned(), tenantry::db::Pooler::None)
+    }
 }
 
 /// `url` with its database name replaced by `database`.
@@ -215,13 +247,25 @@ async fn spawn_app_with_pools(
     pool: sqlx::PgPool,
     serving_url: &str,
     pool_config: &tenantry::db::PoolConfig,
-    config: tenantry::server::ServerConfig,
+    mut config: tenantry::server::ServerConfig,
 ) -> TestApp {
     let (_, token) =
         tenantry::provision::issue_superuser_token(&pool, "root@tenantry.test", None, None)
             .await
             .expect("superuser");
-    let pools = tenantry::server::Pools::connect_lazy(pool, serving_url, pool_config)
+    let (serving_url, pooler) = {
+        let direct = serving_url;
+        let (url, pooler) = serving(direct);
+        if pooler != tenantry::db::Pooler::None {
+            config.listen_url.get_or_insert_with(|| direct.to_owned());
+        }
+        (url, pooler)
+    };
+    let pool_config = &tenantry::db::PoolConfig {
+        pooler,
+        ..pool_config.clone()
+    };
+    let pools = tenantry::server::Pools::connect_lazy(pool, &serving_url, pool_config)
         .expect("server pools");
     let state = tenantry::server::state(pools, &config)
         .await
