@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli;
 pub mod db;
 pub mod embedded;
+pub mod engine;
 pub mod error;
 pub mod fairness;
 pub mod fleet;

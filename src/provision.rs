@@ -5,6 +5,7 @@
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::engine::Engine;
 use crate::error::sqlstate;
 use crate::error::{Error, ResultExt};
 use crate::ident::{SchemaName, Slug};
@@ -142,9 +143,10 @@ pub async fn create_org_with_hook(
     // A leftover schema of the same name (e.g. from a crash outside our
     // transaction) is reported, never adopted: CREATE SCHEMA without IF NOT
     // EXISTS fails with duplicate_schema.
-    let role = crate::roles::create_tenant_role(&mut tx, &organization.id).await?;
+    let engine = Engine::detect(&mut tx).await?;
+    let role = crate::roles::create_tenant_role(&mut tx, &organization.id, engine).await?;
     let applied = template
-        .apply_to_new_schema(&mut tx, &schema, &role, false)
+        .apply_to_new_schema(&mut tx, &schema, &role, engine)
         .await
         .map_err(|e| match e {
             TemplateError::Database(db) if sqlstate(&db).as_deref() == Some(DUPLICATE_SCHEMA) => {

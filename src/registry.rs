@@ -7,6 +7,7 @@ use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::engine::Engine;
 use crate::error::Error;
 use crate::ident::{SchemaName, Slug};
 use crate::secret::{token_hash, NewToken};
@@ -34,6 +35,15 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<String>, Error> {
         .bind(REGISTRY_MIGRATION_LOCK)
         .execute(&mut *tx)
         .await?;
+    // On a Citus coordinator the registry stays local to it, whatever the
+    // server's default for new schemas (see `engine`).
+    if Engine::detect(&mut tx).await?.is_citus() {
+        simple_query(
+            &mut tx,
+            "SET LOCAL citus.enable_schema_based_sharding = off",
+        )
+        .await?;
+    }
     simple_query(&mut tx, "CREATE SCHEMA IF NOT EXISTS tenantry").await?;
     let applied = template
         .apply_to_registry(&mut tx)

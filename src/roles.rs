@@ -1,7 +1,8 @@
 //! PostgreSQL roles, so that PostgreSQL itself enforces the separation of
 //! tenants (invariant 7, `docs/invariants.md`).
 //!
-//! - Every org has a `NOLOGIN` role, named like its schema after the org's
+//! - Every org has a `NOLOGIN` role (on Citus a `LOGIN` role without a
+//!   password: see `engine`), named like its schema after the org's
 //!   id, that owns its schema and everything in it and is granted nothing
 //!   else. A tenant transaction runs as that role (`SET LOCAL ROLE` in its
 //!   BEGIN message), so SQL that names the registry, `public` or another
@@ -53,15 +54,23 @@ fn quoted_list(roles: &[RoleName]) -> String {
 }
 
 /// Creates the role of org `org_id` inside the caller's transaction and
-/// grants it to the serving roles. A role of that name already existing is
-/// reported, never adopted.
+/// grants it to the serving roles: `NOLOGIN`, or on Citus `LOGIN` without a
+/// password. A role of that name already existing is reported, never
+/// adopted.
 pub(crate) async fn create_tenant_role(
     conn: &mut PgConnection,
     org_id: &Uuid,
+    engine: crate::engine::Engine,
 ) -> Result<RoleName, Error> {
     let role = RoleName::for_org(org_id);
     let grantees = grantees(conn).await?;
-    let mut sql = format!("CREATE ROLE {} NOLOGIN NOINHERIT", role.quoted());
+    // Citus connects to the worker as the current role (see `engine`).
+    let login = if engine.is_citus() {
+        "LOGIN"
+    } else {
+        "NOLOGIN"
+    };
+    let mut sql = format!("CREATE ROLE {} {login} NOINHERIT", role.quoted());
     if !grantees.is_empty() {
         sql.push_str(&format!(
             "; GRANT {} TO {}",
@@ -100,7 +109,21 @@ pub(crate) async fn drop_tenant_role(conn: &mut PgConnection, org_id: &Uuid) -> 
 /// object in it.
 async fn adopt_schema(pool: &PgPool, org_id: &Uuid, schema: &SchemaName) -> Result<(), Error> {
     let mut tx = pool.begin().await?;
-    let role = create_tenant_role(&mut tx, org_id).await?;
+    let engine = crate::engine::Engine::detect(&mut tx).await?;
+    let role = create_tenant_role(&mut tx, org_id, engine).await?;
+    hand_over_schema(&mut tx, schema, &role, engine.one_statement_per_message()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Makes `role` the owner of `schema` and of every object in it, inside the
+/// caller's transaction (one statement per message when asked, for Citus).
+pub(crate) async fn hand_over_schema(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    role: &RoleName,
+    one_statement_per_message: bool,
+) -> Result<(), Error> {
     // Only objects of the schema, named from the catalog and quoted.
     let objects: Vec<(String, String)> = sqlx::query_as(
         "SELECT CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' WHEN c.relkind IN ('v') THEN 'VIEW' \
@@ -118,7 +141,7 @@ async fn adopt_schema(pool: &PgPool, org_id: &Uuid, schema: &SchemaName) -> Resu
            AND t.typelem = 0 AND NOT EXISTS (SELECT 1 FROM pg_type a WHERE a.typarray = t.oid)",
     )
     .bind(schema.as_str())
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
     let mut sql = format!(
         "ALTER SCHEMA {} OWNER TO {}",
@@ -138,8 +161,7 @@ async fn adopt_schema(pool: &PgPool, org_id: &Uuid, schema: &SchemaName) -> Resu
             role.quoted()
         ));
     }
-    simple_query(&mut tx, &sql).await?;
-    tx.commit().await?;
+    crate::template::send_statements(conn, &sql, one_statement_per_message).await?;
     Ok(())
 }
 

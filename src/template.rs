@@ -18,6 +18,7 @@ use sqlx::PgConnection;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::engine::Engine;
 use crate::ident::{RoleName, SchemaName};
 
 /// refinery's default history table name, created in the target schema.
@@ -66,11 +67,17 @@ impl AsyncTransaction for MigrationConn<'_> {
         &'a mut self,
         queries: T,
     ) -> impl Future<Output = Result<usize, Self::Error>> + Send + 'a {
-        // One simple-query message for the whole batch: a migration and its
-        // history row cost one round trip. "\n;\n" ends any trailing line
-        // comment before the separator.
-        let sql = queries.collect::<Vec<_>>().join("\n;\n");
-        async move { Ok(simple_query(self.conn, &sql).await? as usize) }
+        // One statement per message, on every engine: Citus refuses several
+        // DDL statements in one message on a distributed schema, and one
+        // code path is tested on both.
+        let batch: Vec<&str> = queries.collect();
+        async move {
+            let mut affected = 0;
+            for query in batch {
+                affected += send_statements(self.conn, query, true).await?;
+            }
+            Ok(affected as usize)
+        }
     }
 }
 
@@ -99,6 +106,25 @@ pub(crate) fn simple_query<'a>(conn: &'a mut PgConnection, sql: &'a str) -> Send
     // A plain &str has no bind arguments, so sqlx sends it with the simple
     // query protocol, which accepts several statements.
     Box::pin(async move { Ok(sqlx::Executor::execute(conn, sql).await?.rows_affected()) })
+}
+
+/// Sends SQL text: in one message, or one statement per message (for Citus,
+/// see `engine`). Returns the rows affected.
+pub(crate) fn send_statements<'a>(
+    conn: &'a mut PgConnection,
+    sql: &'a str,
+    one_per_message: bool,
+) -> SendFuture<'a, u64> {
+    Box::pin(async move {
+        if !one_per_message {
+            return simple_query(conn, sql).await;
+        }
+        let mut affected = 0;
+        for statement in crate::sql::statements(sql) {
+            affected += simple_query(&mut *conn, statement).await?;
+        }
+        Ok(affected)
+    })
 }
 
 /// Runs SQL text (one or several statements, no bind parameters) in one
@@ -337,49 +363,47 @@ impl Template {
     }
 
     /// Creates `schema`, owned by `owner`, and applies the whole template to
-    /// it as `owner`, with refinery's history rows: in one round trip, or one
-    /// statement per message where the server needs that (Citus). A schema
-    /// that exists already fails with SQLSTATE 42P06 (as
-    /// `TemplateError::Database`). The transaction goes on as `owner`.
+    /// it with refinery's history rows. A schema that exists already fails
+    /// with SQLSTATE 42P06 (as `TemplateError::Database`).
+    ///
+    /// On plain PostgreSQL everything runs as `owner`, in one round trip,
+    /// and the transaction goes on as `owner`. On Citus the schema is
+    /// created as a distributed schema, one statement per message, as the
+    /// admin role (a connection of `owner` to the worker could not see the
+    /// new schema), then handed to `owner`; the transaction goes on as the
+    /// admin (see `engine`).
     pub async fn apply_to_new_schema(
         &self,
         conn: &mut PgConnection,
         schema: &SchemaName,
         owner: &RoleName,
-        one_statement_per_message: bool,
+        engine: Engine,
     ) -> Result<Applied, TemplateError> {
         // The schema belongs to the tenant's role, and so does everything
-        // the template creates: it runs as that role. The history is written
-        // as refinery writes it, so refinery reads it back unchanged.
-        let mut statements = vec![
-            format!(
-                "CREATE SCHEMA {q} AUTHORIZATION {r}",
-                q = schema.quoted(),
-                r = owner.quoted()
-            ),
-            format!("SET LOCAL ROLE {}", owner.quoted()),
-            format!("SET LOCAL search_path TO {}", schema.quoted()),
-            <MigrationConn as AsyncMigrate>::assert_migrations_table_query(HISTORY_TABLE),
-        ];
+        // the template creates. The history is written as refinery writes
+        // it, so refinery reads it back unchanged.
+        let citus = engine.is_citus();
+        let mut statements = vec![];
+        if citus {
+            statements.push("SET LOCAL citus.enable_schema_based_sharding = on".to_owned());
+        }
+        statements.push(format!(
+            "CREATE SCHEMA {q} AUTHORIZATION {r}",
+            q = schema.quoted(),
+            r = owner.quoted()
+        ));
+        if !citus {
+            statements.push(format!("SET LOCAL ROLE {}", owner.quoted()));
+        }
+        statements.push(format!("SET LOCAL search_path TO {}", schema.quoted()));
+        statements
+            .push(<MigrationConn as AsyncMigrate>::assert_migrations_table_query(HISTORY_TABLE));
         for m in &self.migrations {
             statements.push(self.transactional_sql(m));
             statements.push(history_insert(m));
         }
-        let result = if one_statement_per_message {
-            let mut r = Ok(0);
-            'all: for block in &statements {
-                for statement in crate::sql::statements(block) {
-                    r = simple_query(conn, statement).await;
-                    if r.is_err() {
-                        break 'all;
-                    }
-                }
-            }
-            r
-        } else {
-            // "\n;\n" ends a trailing line comment before the separator.
-            simple_query(conn, &statements.join("\n;\n")).await
-        };
+        // "\n;\n" ends a trailing line comment before the separator.
+        let result = send_statements(conn, &statements.join("\n;\n"), citus).await;
         result.map_err(|e| match crate::error::sqlstate(&e).as_deref() {
             // the schema exists: the caller reports it
             Some("42P06") => TemplateError::Database(e),
@@ -390,6 +414,16 @@ impl Template {
                 diverged: false,
             },
         })?;
+        if citus {
+            crate::roles::hand_over_schema(conn, schema, owner, true)
+                .await
+                .map_err(|e| TemplateError::Migration {
+                    schema: schema.to_string(),
+                    migration: None,
+                    message: e.to_string(),
+                    diverged: false,
+                })?;
+        }
         Ok(Applied {
             migrations: self.migrations.iter().map(ToString::to_string).collect(),
             versions: self.migrations.iter().map(|m| m.version()).collect(),

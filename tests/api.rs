@@ -31,7 +31,18 @@ fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
 /// fewer server sessions than tenantry has client connections.
 #[tokio::test]
 async fn serving_connections_take_the_configured_path() {
-    let app = spawn_app().await;
+    // six requests of each org at once: no per-org limit in the way
+    let app = common::spawn_app_with(tenantry::server::ServerConfig {
+        router: tenantry::router::RouterConfig {
+            fairness: Some(tenantry::fairness::FairnessConfig {
+                max_in_flight: 0,
+                queue: Duration::ZERO,
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
     let mut tokens = vec![];
     for i in 0..8 {
         let slug = format!("path-{i}");

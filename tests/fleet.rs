@@ -31,20 +31,7 @@ fn template_dir(later: &[(&str, &str)]) -> (tempfile::TempDir, Template) {
 }
 
 async fn create_orgs(db: &TestDb, prefix: &str, n: usize) -> Vec<String> {
-    let template = Template::embedded();
-    let mut slugs = vec![];
-    for i in 0..n {
-        let slug = format!("{prefix}-{i:02}");
-        provision::create_org(
-            &db.pool,
-            &template,
-            &NewOrg::parse(&slug, "Fleet", None).unwrap(),
-        )
-        .await
-        .unwrap();
-        slugs.push(slug);
-    }
-    slugs
+    db.create_orgs(prefix, n).await
 }
 
 /// The schema the registry records for `slug` (schemas are named after

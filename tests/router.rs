@@ -571,20 +571,11 @@ async fn affine_router(
 }
 
 async fn create(db: &TestDb, prefix: &str, n: usize) -> Vec<Slug> {
-    let template = Template::embedded();
-    let mut slugs = vec![];
-    for i in 0..n {
-        let s = format!("{prefix}-{i:02}");
-        provision::create_org(
-            &db.pool,
-            &template,
-            &NewOrg::parse(&s, "Affine", None).unwrap(),
-        )
+    db.create_orgs(prefix, n)
         .await
-        .unwrap();
-        slugs.push(slug(&s));
-    }
-    slugs
+        .iter()
+        .map(|s| slug(s))
+        .collect()
 }
 
 async fn backend_pid(router: &TenantRouter, s: &Slug) -> i32 {

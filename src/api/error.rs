@@ -165,12 +165,43 @@ impl From<Error> for ApiError {
     }
 }
 
+/// The violated constraint's name: PostgreSQL's field, or (for errors a
+/// Citus worker raised, relayed without that field) the name quoted after
+/// `constraint` in the message.
+fn constraint_of(db: &dyn sqlx::error::DatabaseError) -> &str {
+    if let Some(name) = db.constraint() {
+        return name;
+    }
+    db.message()
+        .rsplit_once("constraint \"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map_or("", |(name, _)| name)
+}
+
+/// A constraint's name as the template declares it: Citus reports the
+/// shard's copy, with `_<shard id>` appended (`tests_status_id_fkey_102008`).
+fn logical_constraint(name: &str) -> &str {
+    match name.rsplit_once('_') {
+        Some((base, shard))
+            if !shard.is_empty()
+                && shard.bytes().all(|b| b.is_ascii_digit())
+                && (base.ends_with("_fkey")
+                    || base.ends_with("_key")
+                    || base.ends_with("_pkey")
+                    || base.ends_with("_check")) =>
+        {
+            base
+        }
+        _ => name,
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     /// Maps constraint violations caused by client data to 4xx; anything
     /// else is internal.
     fn from(e: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &e {
-            let constraint = db.constraint().unwrap_or_default().to_owned();
+            let constraint = logical_constraint(constraint_of(db.as_ref())).to_owned();
             match sqlstate(&e).as_deref() {
                 Some("23505") => {
                     return ApiError::conflict(format!(
@@ -237,5 +268,29 @@ impl From<sqlx::Error> for ApiError {
         }
         tracing::error!(error = %crate::error::chain(&e), "database error");
         ApiError::internal()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::logical_constraint;
+
+    #[test]
+    fn shard_suffixes_of_citus_are_dropped_from_constraint_names() {
+        assert_eq!(
+            logical_constraint("tests_status_id_fkey_102008"),
+            "tests_status_id_fkey"
+        );
+        assert_eq!(
+            logical_constraint("statuses_name_key_102010"),
+            "statuses_name_key"
+        );
+        assert_eq!(
+            logical_constraint("tests_status_id_fkey"),
+            "tests_status_id_fkey"
+        );
+        // a name that merely ends in digits is left alone
+        assert_eq!(logical_constraint("limit_2"), "limit_2");
+        assert_eq!(logical_constraint(""), "");
     }
 }

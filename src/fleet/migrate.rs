@@ -41,10 +41,13 @@ use sqlx::{PgConnection, PgPool, Postgres, Row};
 use uuid::Uuid;
 
 use super::{for_each_bounded, FleetRow, FleetTenant};
+use crate::engine::Engine;
 use crate::error::{sqlstate, Error};
 use crate::ident::{quote_ident, RoleName};
 use crate::registry::OrgStatus;
-use crate::template::{history_insert, simple_query, simple_rows, Template, HISTORY_TABLE};
+use crate::template::{
+    history_insert, send_statements, simple_query, simple_rows, Template, HISTORY_TABLE,
+};
 
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
@@ -128,6 +131,8 @@ pub struct Plan {
     pub target: i32,
     pub behind: Vec<FleetTenant>,
     pub up_to_date: usize,
+    /// What the database runs on (DDL is sent differently on Citus).
+    pub engine: Engine,
 }
 
 /// Reads the plan: tenants (active or suspended) whose `template_version` is
@@ -192,10 +197,12 @@ pub async fn plan(
         .into_iter()
         .map(|(r, _)| FleetTenant::try_from(r))
         .collect::<Result<Vec<_>, _>>()?;
+    let engine = Engine::detect(&mut *pool.acquire().await?).await?;
     Ok(Plan {
         target,
         behind,
         up_to_date,
+        engine,
     })
 }
 
@@ -245,6 +252,7 @@ pub async fn migrate_planned(
     mut progress: impl FnMut(&TenantOutcome),
 ) -> Result<FleetReport, Error> {
     let target = plan.target;
+    let engine = plan.engine;
     let mut report = FleetReport {
         target,
         up_to_date: plan.up_to_date,
@@ -272,7 +280,8 @@ pub async fn migrate_planned(
                 let (pool, template) = (pool2.clone(), template2.clone());
                 async move {
                     let outcome =
-                        migrate_tenant(&pool, &template, &tenant, target, lock_timeout).await;
+                        migrate_tenant(&pool, &template, &tenant, target, lock_timeout, engine)
+                            .await;
                     (tenant, outcome)
                 }
             },
@@ -366,6 +375,7 @@ async fn migrate_tenant(
     t: &FleetTenant,
     target: i32,
     lock_timeout: Duration,
+    engine: Engine,
 ) -> TenantOutcome {
     let started = Instant::now();
     let slug = t.slug.to_string();
@@ -389,7 +399,7 @@ async fn migrate_tenant(
     let mut registry_at = t.template_version;
     let mut applied = vec![];
     loop {
-        match migrate_step(pool, template, t, target, lock_timeout).await {
+        match migrate_step(pool, template, t, target, lock_timeout, engine).await {
             Ok(step) => {
                 applied.extend(step.applied);
                 registry_at = step.now_at;
@@ -574,6 +584,7 @@ async fn migrate_step(
     t: &FleetTenant,
     target: i32,
     lock_timeout: Duration,
+    engine: Engine,
 ) -> Result<Step, Stop> {
     let failed = |migration: Option<&Migration>| {
         let migration = migration.map(ToString::to_string);
@@ -657,20 +668,43 @@ async fn migrate_step(
         .collect();
     let now_at = run.last().map_or(locked.registry_at, |m| m.version());
     let role = RoleName::for_org(&t.id);
+    // On Citus the DDL runs as the admin, one statement per message, and
+    // what it made is handed to the tenant's role before the commit (see
+    // `engine`).
+    let citus = engine.is_citus();
     for (i, m) in run.iter().enumerate() {
         let mut message = String::new();
-        if i == 0 {
+        if i == 0 && !citus {
             message.push_str(&format!("SET LOCAL ROLE {};\n", role.quoted()));
         }
         message.push_str(&template.transactional_sql(m));
         // "\n;\n" ends a trailing line comment of the migration
         message.push_str("\n;\n");
         message.push_str(&history_insert(m));
-        if i + 1 == run.len() {
+        let last = i + 1 == run.len();
+        if last && citus {
+            let handed = send_statements(&mut g.conn, &message, true).await;
+            let handed = match handed {
+                Ok(_) => crate::roles::hand_over_schema(&mut g.conn, &t.schema, &role, true)
+                    .await
+                    .map_err(|e| match e {
+                        Error::Database(db) => db,
+                        other => sqlx::Error::Protocol(other.to_string()),
+                    }),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = handed {
+                g.rollback().await;
+                return Err(failed(Some(m))(e));
+            }
+            message = String::new();
+        } else if last {
             message.push_str(";\n");
+        }
+        if last {
             message.push_str(&finish(now_at));
         }
-        if let Err(e) = simple_query(&mut g.conn, &message).await {
+        if let Err(e) = send_statements(&mut g.conn, &message, citus).await {
             g.rollback().await;
             return Err(failed(Some(m))(e));
         }

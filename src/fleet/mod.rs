@@ -291,7 +291,17 @@ pub struct OrgStats {
 /// through the catalog's index. No tenant table is opened, so this stays
 /// fast at any tenant count and loads no tenant's catalog entries into the
 /// backend.
+///
+/// On Citus the tables live on the workers: their statistics are read there,
+/// one query per worker (`run_command_on_workers`), and matched to the orgs
+/// by schema and table name.
 pub async fn stats(pool: &PgPool) -> Result<Vec<OrgStats>, Error> {
+    if crate::engine::Engine::detect(&mut *pool.acquire().await?)
+        .await?
+        .is_citus()
+    {
+        return stats_on_workers(pool).await;
+    }
     Ok(sqlx::query_as(
         "SELECT o.slug, \
            max(pg_stat_get_live_tuples(c.oid)) FILTER (WHERE c.relname = 'tests') AS tests, \
@@ -307,6 +317,63 @@ pub async fn stats(pool: &PgPool) -> Result<Vec<OrgStats>, Error> {
     )
     .fetch_all(pool)
     .await?)
+}
+
+async fn stats_on_workers(pool: &PgPool) -> Result<Vec<OrgStats>, Error> {
+    let orgs: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT o.slug, o.schema_name, n.oid IS NOT NULL FROM tenantry.organizations o \
+         LEFT JOIN pg_namespace n ON n.nspname = o.schema_name \
+         WHERE o.status = 'active' ORDER BY o.slug",
+    )
+    .fetch_all(pool)
+    .await?;
+    // (schema, shard table, live tuples) of every tenant table on a worker
+    let per_worker: Vec<(bool, String)> = sqlx::query_as(
+        "SELECT success, result FROM run_command_on_workers($q$ \
+           SELECT coalesce(json_agg(json_build_array(schemaname, relname, n_live_tup)), '[]') \
+           FROM pg_stat_user_tables WHERE schemaname LIKE 't\\_%' $q$)",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut counts: std::collections::HashMap<(String, String), i64> = Default::default();
+    for (success, result) in per_worker {
+        if !success {
+            return Err(Error::Internal(format!(
+                "a worker did not answer: {result}"
+            )));
+        }
+        let rows: Vec<(String, String, i64)> = serde_json::from_str(&result)
+            .map_err(|e| Error::Internal(format!("worker statistics: {e}")))?;
+        for (schema, shard, live) in rows {
+            // a shard is named after its table plus `_<shard id>`
+            let table = shard
+                .rsplit_once('_')
+                .filter(|(_, id)| id.bytes().all(|b| b.is_ascii_digit()))
+                .map_or(shard.as_str(), |(table, _)| table)
+                .to_owned();
+            *counts.entry((schema, table)).or_default() += live;
+        }
+    }
+    Ok(orgs
+        .into_iter()
+        .map(|(slug, schema, exists)| {
+            let count = |table: &str| {
+                exists.then(|| {
+                    counts
+                        .get(&(schema.clone(), table.to_owned()))
+                        .copied()
+                        .unwrap_or(0)
+                })
+            };
+            OrgStats {
+                tests: count("tests"),
+                behaviors: count("behaviors"),
+                statuses: count("statuses"),
+                error: (!exists).then(|| format!("schema {schema} is missing")),
+                slug,
+            }
+        })
+        .collect())
 }
 
 // ---------------------------------------------------------------- doctor

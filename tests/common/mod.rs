@@ -8,8 +8,13 @@
 //! through a real PgBouncer in transaction pooling mode (`--pooler
 //! transaction`), LISTEN through a direct connection; admin work stays
 //! direct, as the README tells operators.
+//!
+//! With `TENANTRY_TEST_ENGINE=citus`, the server is the coordinator of a
+//! throwaway Citus cluster (a coordinator and two workers) and each test
+//! database is a Citus database with both workers added.
 #![allow(dead_code)]
 
+pub mod citus;
 pub mod pgbouncer;
 
 use std::str::FromStr;
@@ -21,9 +26,33 @@ use tenantry::embedded::{Durability, LocalPostgres};
 
 static SERVER: OnceLock<String> = OnceLock::new();
 
+/// Whether this run is on Citus (`TENANTRY_TEST_ENGINE`).
+pub fn citus_run() -> bool {
+    match std::env::var("TENANTRY_TEST_ENGINE").as_deref() {
+        Err(_) | Ok("") | Ok("postgres") => false,
+        Ok("citus") => true,
+        Ok(other) => panic!("TENANTRY_TEST_ENGINE={other:?}: expected citus or postgres"),
+    }
+}
+
+/// The Citus cluster of a Citus run.
+pub fn citus_cluster() -> &'static citus::CitusCluster {
+    static CLUSTER: OnceLock<citus::CitusCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        assert!(
+            citus::installed(),
+            "TENANTRY_TEST_ENGINE=citus, but the Citus extension is not installed"
+        );
+        citus::CitusCluster::start()
+    })
+}
+
 /// URL of the server's maintenance database.
 fn server() -> &'static str {
     SERVER.get_or_init(|| {
+        if citus_run() {
+            return citus_cluster().coordinator_url();
+        }
         if let Ok(url) = std::env::var("DATABASE_URL") {
             PgConnectOptions::from_str(&url).expect("DATABASE_URL must be a valid URL");
             return url;
@@ -97,17 +126,48 @@ impl TestDb {
         db
     }
 
+    /// A new database on the Citus cluster (whatever the run), registry
+    /// migrated; `None` (after saying so) when Citus is not installed and
+    /// `TENANTRY_REQUIRE_CITUS` is not set.
+    pub async fn on_citus() -> Option<TestDb> {
+        if !citus::installed() {
+            assert!(
+                std::env::var("TENANTRY_REQUIRE_CITUS").as_deref() != Ok("1"),
+                "TENANTRY_REQUIRE_CITUS=1 but the Citus extension is not installed"
+            );
+            eprintln!("skipped: the Citus extension is not installed");
+            return None;
+        }
+        let cluster = citus_cluster();
+        let name = format!("tenantry_test_{}", uuid::Uuid::new_v4().simple());
+        cluster.create_database(&name).await;
+        let url = cluster.url(cluster.coordinator, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .expect("connect to test database");
+        tenantry::registry::migrate(&pool)
+            .await
+            .expect("registry migrations");
+        Some(TestDb { pool, url, name })
+    }
+
     /// A new empty database, nothing applied.
     pub async fn empty() -> TestDb {
         let name = format!("tenantry_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(server())
-            .await
-            .expect("connect to test server");
-        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
-        admin.close().await.ok();
+        if citus_run() {
+            citus_cluster().create_database(&name).await;
+        } else {
+            let mut admin = PgConnection::connect(server())
+                .await
+                .expect("connect to test server");
+            sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
+            admin.close().await.ok();
+        }
         let url = with_database(server(), &name);
         let pool = PgPoolOptions::new()
             .max_connections(8)
@@ -159,6 +219,25 @@ impl TestDb {
             .fetch_one(&self.pool)
             .await
             .unwrap_or_else(|e| panic!("no org {slug}: {e}"))
+    }
+
+    /// Creates orgs `<prefix>-00`, `<prefix>-01`, ... with the built-in
+    /// template; returns their slugs.
+    pub async fn create_orgs(&self, prefix: &str, n: usize) -> Vec<String> {
+        let template = tenantry::template::Template::embedded();
+        let mut slugs = vec![];
+        for i in 0..n {
+            let slug = format!("{prefix}-{i:02}");
+            tenantry::provision::create_org(
+                &self.pool,
+                &template,
+                &tenantry::provision::NewOrg::parse(&slug, "Test", None).unwrap(),
+            )
+            .await
+            .unwrap();
+            slugs.push(slug);
+        }
+        slugs
     }
 
     pub async fn count(&self, sql: &str) -> i64 {

@@ -32,12 +32,30 @@ fn pgbouncer_binary() -> PathBuf {
     panic!("pgbouncer is not installed: run scripts/install-postgres (it installs it with apt-get)")
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
-fn free_port() -> u16 {
+/// Runs the shell `cleanup` once this (test or benchmark) process has
+/// exited, from a detached watchdog.
+pub fn when_this_process_exits(cleanup: &str) {
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.2; done; {cleanup}",
+        me = std::process::id(),
+    );
+    let status = Command::new("setsid")
+        .args(["-f", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("start a watchdog");
+    assert!(status.success(), "cannot start a watchdog");
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -126,20 +144,10 @@ impl PgBouncer {
             dir.display()
         );
         // stopped (and its directory removed) when this process exits
-        let script = format!(
-            "while kill -0 {me} 2>/dev/null; do sleep 0.2; done; \
-             kill $(cat '{dir}/pgbouncer.pid') 2>/dev/null; sleep 0.5; rm -rf '{dir}'",
-            me = std::process::id(),
+        when_this_process_exits(&format!(
+            "kill $(cat '{dir}/pgbouncer.pid') 2>/dev/null; sleep 0.5; rm -rf '{dir}'",
             dir = dir.display(),
-        );
-        let status = Command::new("setsid")
-            .args(["-f", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("watchdog for pgbouncer");
-        assert!(status.success(), "cannot start the pgbouncer watchdog");
+        ));
         // ready when it accepts connections
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
