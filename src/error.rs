@@ -44,6 +44,14 @@ pub enum Error {
     /// freed up within the queue time (see `fairness`).
     #[error("this organization has {max_in_flight} requests in flight already; retry shortly")]
     TenantBusy { max_in_flight: u32 },
+    /// A placement operation on plain PostgreSQL (e.g. "moves need a Citus
+    /// cluster").
+    #[error("{0} (this database runs plain PostgreSQL)")]
+    NotCitus(&'static str),
+    #[error("{node} is not a node of this Citus cluster (nodes: {})", known.join(", "))]
+    UnknownNode { node: String, known: Vec<String> },
+    #[error("a move of organization {0:?} is already running")]
+    MoveInProgress(String),
 }
 
 /// Maps database constraint violations to domain errors, as in

@@ -14,6 +14,7 @@ pub mod fairness;
 pub mod fleet;
 pub mod ident;
 pub mod metrics;
+pub mod placement;
 pub mod provision;
 pub mod registry;
 pub mod roles;

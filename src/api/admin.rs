@@ -16,6 +16,7 @@ use super::resources::{page, Page};
 use super::AppState;
 use crate::fleet::OrgStats;
 use crate::ident::Slug;
+use crate::placement::PlacedOrg;
 use crate::provision::{self, Created, NewOrg};
 use crate::registry::{self, IssuedToken, Organization, User};
 
@@ -26,9 +27,21 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/orgs/{slug}/suspend", post(suspend_org))
         .route("/v1/admin/orgs/{slug}/resume", post(resume_org))
         .route("/v1/admin/orgs/{slug}/rename", post(rename_org))
+        .route("/v1/admin/orgs/{slug}/move", post(move_org))
         .route("/v1/admin/orgs/{slug}/tokens", post(create_token))
         .route("/v1/admin/tokens/{id}", delete(revoke_token))
         .route("/v1/admin/stats", get(stats))
+}
+
+/// `orgs` with their nodes (see `placement::placed`).
+async fn with_nodes(app: &AppState, orgs: Vec<Organization>) -> Result<Vec<PlacedOrg>, ApiError> {
+    let mut conn = app
+        .tenancy
+        .admin_pool()
+        .acquire()
+        .await
+        .map_err(crate::Error::from)?;
+    Ok(crate::placement::placed(&mut conn, orgs).await?)
 }
 
 /// Slugs in admin paths: invalid ones are simply not found.
@@ -73,14 +86,14 @@ pub const MAX_ORG_PAGE: i64 = 1000;
 
 /// Organizations in slug order, a page at a time.
 #[utoipa::path(get, path = "/v1/admin/orgs", tag = "admin", params(OrgPageQuery),
-    responses((status = 200, body = Page<Organization>), (status = 400, body = ErrorBody),
+    responses((status = 200, body = Page<PlacedOrg>), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list_orgs(
     State(app): State<AppState>,
     _: Superuser,
     ApiQuery(q): ApiQuery<OrgPageQuery>,
-) -> Result<Json<Page<Organization>>, ApiError> {
+) -> Result<Json<Page<PlacedOrg>>, ApiError> {
     let limit = q.limit.unwrap_or(DEFAULT_ORG_PAGE);
     if !(1..=MAX_ORG_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -102,18 +115,19 @@ pub async fn list_orgs(
         limit + 1,
     )
     .await?;
-    Ok(Json(page(rows, limit, |o| o.slug.to_string())))
+    let rows = with_nodes(&app, rows).await?;
+    Ok(Json(page(rows, limit, |o| o.organization.slug.to_string())))
 }
 
 #[utoipa::path(get, path = "/v1/admin/orgs/{slug}", tag = "admin", params(("slug" = String, Path)),
-    responses((status = 200, body = Organization), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 200, body = PlacedOrg), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_org(
     State(app): State<AppState>,
     _: Superuser,
     ApiPath(slug): ApiPath<String>,
-) -> Result<Json<Organization>, ApiError> {
+) -> Result<Json<PlacedOrg>, ApiError> {
     let slug = path_slug(&slug)?;
     let mut conn = app
         .tenancy
@@ -121,7 +135,40 @@ pub async fn get_org(
         .acquire()
         .await
         .map_err(crate::Error::from)?;
-    Ok(Json(registry::get_org(&mut conn, &slug).await?))
+    let org = registry::get_org(&mut conn, &slug).await?;
+    let placed = crate::placement::placed(&mut conn, vec![org]).await?.pop();
+    Ok(Json(placed.expect("one org in, one out")))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveOrg {
+    /// The Citus worker to move the org's schema to, `host:port` as in
+    /// `tenantry nodes`.
+    pub to: String,
+}
+
+/// Moves an org's schema to another Citus worker (`citus_schema_move`,
+/// `block_writes`): reads go on meanwhile, writes wait for the copy (a
+/// write waiting longer than the lock timeout gets 503 `tenant_busy`).
+/// Answers when the move is done.
+#[utoipa::path(post, path = "/v1/admin/orgs/{slug}/move", tag = "admin", params(("slug" = String, Path)),
+    request_body = MoveOrg,
+    responses((status = 200, body = crate::placement::Moved), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "plain PostgreSQL (`citus_required`) or a move of this org is running (`move_in_progress`)", body = ErrorBody),
+        (status = 422, description = "`to` is not host:port or not a node of the cluster", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn move_org(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiPath(slug): ApiPath<String>,
+    ApiJson(body): ApiJson<MoveOrg>,
+) -> Result<Json<crate::placement::Moved>, ApiError> {
+    let slug = path_slug(&slug)?;
+    Ok(Json(
+        crate::placement::move_org(app.tenancy.admin_pool(), &slug, &body.to).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/admin/orgs/{slug}/suspend", tag = "admin", params(("slug" = String, Path)),

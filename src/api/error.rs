@@ -144,6 +144,13 @@ impl From<Error> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "invalid_state", e.to_string())
             }
             Error::Database(db) => ApiError::from(db),
+            e @ Error::NotCitus(_) => {
+                ApiError::new(StatusCode::CONFLICT, "citus_required", e.to_string())
+            }
+            e @ Error::UnknownNode { .. } => ApiError::invalid_field("to", e.to_string()),
+            e @ Error::MoveInProgress(_) => {
+                ApiError::new(StatusCode::CONFLICT, "move_in_progress", e.to_string())
+            }
             e @ Error::TenantBusy { .. } => ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "tenant_busy", e.to_string())

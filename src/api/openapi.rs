@@ -39,6 +39,7 @@ use super::{admin, resources};
         admin::suspend_org,
         admin::resume_org,
         admin::rename_org,
+        admin::move_org,
         admin::delete_org,
         admin::create_token,
         admin::revoke_token,

@@ -55,6 +55,19 @@ pub enum Command {
     /// Issue and revoke API tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Citus: the worker nodes, with their tenant count and total size.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Citus: run the rebalancer (citus_rebalance_start) and print the moves.
+    Rebalance {
+        /// Print the moves it would make; move nothing.
+        #[arg(long, visible_alias = "dry-run")]
+        plan: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -266,6 +279,16 @@ pub enum OrgsCommand {
         /// Confirms that the org's schema and data are to be dropped.
         #[arg(long)]
         yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Citus: move an organization's schema to another worker
+    /// (citus_schema_move); reads go on, writes wait for the copy.
+    Move {
+        slug: String,
+        /// The target worker, host:port as `tenantry nodes` shows it.
+        #[arg(long)]
+        to: String,
         #[arg(long)]
         json: bool,
     },

@@ -43,7 +43,11 @@ impl Action {
                 Action::Query(args)
             }
             Command::Doctor { repair, json } => Action::Doctor(repair, json),
-            Command::Serve(_) | Command::Orgs(_) | Command::Tokens(_) => {
+            Command::Serve(_)
+            | Command::Orgs(_)
+            | Command::Tokens(_)
+            | Command::Nodes { .. }
+            | Command::Rebalance { .. } => {
                 unreachable!("not a fleet command")
             }
         })

@@ -7,6 +7,7 @@
 mod args;
 mod fleet;
 mod orgs;
+mod placement;
 mod render;
 mod serve;
 
@@ -138,6 +139,7 @@ pub struct PartialFailure(pub String);
 enum Action {
     Fleet(fleet::Action),
     Orgs(orgs::Action),
+    Placement(placement::Action),
 }
 
 impl Action {
@@ -146,6 +148,10 @@ impl Action {
             Command::Serve(_) => unreachable!("serve is handled before"),
             Command::Orgs(cmd) => Action::Orgs(orgs::Action::parse_orgs(cmd)?),
             Command::Tokens(cmd) => Action::Orgs(orgs::Action::parse_tokens(cmd)?),
+            Command::Nodes { json } => Action::Placement(placement::Action::Nodes(json)),
+            Command::Rebalance { plan, json } => {
+                Action::Placement(placement::Action::Rebalance { plan, json })
+            }
             other => Action::Fleet(fleet::Action::parse(other)?),
         })
     }
@@ -154,6 +160,7 @@ impl Action {
         match self {
             Action::Fleet(a) => a.run(pool).await,
             Action::Orgs(a) => a.run(pool).await,
+            Action::Placement(a) => a.run(pool).await,
         }
     }
 }

@@ -23,6 +23,7 @@ pub(super) enum Action {
     Resume(Slug, bool),
     Rename(Slug, Slug, bool),
     Delete(Slug, bool),
+    Move(Slug, String, bool),
     CreateToken(Slug, String, Option<String>, Option<Duration>, bool),
     SuperuserToken(String, Option<String>, Option<Duration>, bool),
     ListTokens(Option<Slug>, bool),
@@ -60,6 +61,7 @@ impl Action {
                 }
                 Action::Delete(slug, json)
             }
+            OrgsCommand::Move { slug, to, json } => Action::Move(Slug::parse(&slug)?, to, json),
         })
     }
 
@@ -120,6 +122,7 @@ impl Action {
                 while left > 0 {
                     let orgs =
                         registry::list_orgs_page(pool, after.as_deref(), left.min(PAGE)).await?;
+                    let orgs = crate::placement::placed(&mut *pool.acquire().await?, orgs).await?;
                     if json {
                         array.items(&orgs)?;
                     } else {
@@ -128,7 +131,7 @@ impl Action {
                     left -= orgs.len() as i64;
                     match orgs.last() {
                         Some(last) if orgs.len() as i64 == PAGE => {
-                            after = Some(last.slug.to_string())
+                            after = Some(last.organization.slug.to_string())
                         }
                         _ => break,
                     }
@@ -152,6 +155,24 @@ impl Action {
                     print_json(&org)?;
                 } else {
                     println!("deleted {} (schema {} dropped)", org.slug, org.schema_name);
+                }
+            }
+            Action::Move(slug, to, json) => {
+                if !json {
+                    println!(
+                        "moving {slug} to {to}: reads go on, writes wait until Citus has copied its tables..."
+                    );
+                }
+                let moved = crate::placement::move_org(pool, &slug, &to).await?;
+                if json {
+                    print_json(&moved)?;
+                } else if moved.moved {
+                    println!(
+                        "moved {} from {} to {} in {:.1} s",
+                        moved.slug, moved.from, moved.to, moved.seconds
+                    );
+                } else {
+                    println!("{} is on {} already; nothing moved", moved.slug, moved.to);
                 }
             }
             Action::CreateToken(slug, email, name, expires_in, json) => {

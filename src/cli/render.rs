@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::placement::PlacedOrg;
 use crate::registry::{self, Organization};
 
 pub(super) fn cell_text(v: Option<&serde_json::Value>) -> String {
@@ -51,20 +52,36 @@ pub(super) fn print_org(org: &Organization, json: bool) -> anyhow::Result<()> {
 }
 
 pub(super) fn print_orgs(orgs: &[Organization]) {
-    OrgTable::default().rows(orgs);
+    let placed: Vec<PlacedOrg> = orgs
+        .iter()
+        .map(|o| PlacedOrg {
+            organization: o.clone(),
+            node: None,
+        })
+        .collect();
+    OrgTable::default().rows(&placed);
 }
 
 /// Prints organizations as a table, a batch at a time (widths are set by
-/// the first batch).
+/// the first batch); a NODE column when the first batch has nodes (Citus).
 #[derive(Default)]
-pub(super) struct OrgTable(Option<TableWriter>);
+pub(super) struct OrgTable(Option<(TableWriter, bool)>);
 
 impl OrgTable {
-    pub(super) fn rows(&mut self, orgs: &[Organization]) {
-        let rows: Vec<[String; 6]> = orgs
+    pub(super) fn rows(&mut self, orgs: &[PlacedOrg]) {
+        let (table, with_node) = self.0.get_or_insert_with(|| {
+            let with_node = orgs.iter().any(|o| o.node.is_some());
+            let mut header = vec!["SLUG", "NAME", "SCHEMA", "STATUS", "VERSION", "CREATED"];
+            if with_node {
+                header.push("NODE");
+            }
+            (TableWriter::new(&header), with_node)
+        });
+        let rows: Vec<Vec<String>> = orgs
             .iter()
-            .map(|o| {
-                [
+            .map(|p| {
+                let o = &p.organization;
+                let mut row = vec![
                     o.slug.to_string(),
                     o.name.clone(),
                     o.schema_name.to_string(),
@@ -73,14 +90,14 @@ impl OrgTable {
                     o.created_at
                         .format(&time::format_description::well_known::Rfc3339)
                         .unwrap_or_default(),
-                ]
+                ];
+                if *with_node {
+                    row.push(p.node.clone().unwrap_or_else(|| "-".into()));
+                }
+                row
             })
             .collect();
-        self.0
-            .get_or_insert_with(|| {
-                TableWriter::new(&["SLUG", "NAME", "SCHEMA", "STATUS", "VERSION", "CREATED"])
-            })
-            .rows(&rows);
+        table.rows(&rows);
     }
 }
 
