@@ -276,6 +276,13 @@ pub async fn bench_tenant(
     )
     .await
     .unwrap();
+    populate(pool, &slug, created.organization.schema_name.as_str()).await
+}
+
+/// A token and 20 tests for the existing org `slug`.
+pub async fn populate(pool: &PgPool, slug: &str, schema: &str) -> BenchTenant {
+    use tenantry::provision;
+    let slug = slug.to_owned();
     let (_, token) = provision::issue_org_token(
         pool,
         &tenantry::ident::Slug::parse(&slug).unwrap(),
@@ -285,7 +292,7 @@ pub async fn bench_tenant(
     )
     .await
     .unwrap();
-    let schema = created.organization.schema_name.to_string();
+    let schema = schema.to_owned();
     let test_id: uuid::Uuid = sqlx::query_scalar(&format!(
         "INSERT INTO {schema}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
          SELECT 'prompt ' || g, 'ok', (SELECT id FROM {schema}.behaviors LIMIT 1), (SELECT id FROM {schema}.statuses LIMIT 1), \
