@@ -461,3 +461,46 @@ async fn writer_progress(app: &common::TestApp, schema: &str) -> i64 {
     .await
     .unwrap()
 }
+
+/// `tenantry rebalance` spreads tenants piled on one worker over both,
+/// and prints the moves it made.
+#[tokio::test]
+async fn rebalance_spreads_tenants_piled_on_one_worker() {
+    let Some(db) = TestDb::on_citus().await else {
+        return;
+    };
+    let slugs = db.create_orgs("pile", 6).await;
+    let workers = common::citus_cluster().workers.clone();
+    let first = format!("127.0.0.1:{}", workers[0]);
+    for slug in &slugs {
+        let (ok, _, err) = db.cli(&["orgs", "move", slug, "--to", &first]);
+        assert!(ok, "{err}");
+    }
+    let tenants_on = |out: &str| -> Vec<i64> {
+        let nodes: serde_json::Value = serde_json::from_str(out).unwrap();
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["tenants"].as_i64().unwrap())
+            .collect()
+    };
+    let (ok, out, err) = db.cli(&["nodes", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(tenants_on(&out).iter().max(), Some(&6), "{out}");
+    let (ok, out, err) = db.cli(&["rebalance", "--plan", "--json"]);
+    assert!(ok, "{err}");
+    let planned: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!planned.as_array().unwrap().is_empty(), "{out}");
+    let (ok, out, err) = db.cli(&["rebalance"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("move(s) made"), "{out}");
+    let (ok, out, err) = db.cli(&["nodes", "--json"]);
+    assert!(ok, "{err}");
+    let after = tenants_on(&out);
+    assert!(after.iter().all(|n| *n >= 2), "still piled up: {out}");
+    // and now it is balanced
+    let (ok, out, err) = db.cli(&["rebalance", "--plan"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("balanced: nothing to move"), "{out}");
+}
