@@ -143,6 +143,25 @@ const MOVE_LOCK_CLASS: i32 = 0x6d6f7665; // "move"
 /// Citus then drops). A write that waits is better than one that is lost.
 #[tracing::instrument(skip(pool))]
 pub async fn move_org(pool: &PgPool, slug: &Slug, to: &str) -> Result<Moved, Error> {
+    move_org_reporting(pool, slug, to, |_| {}).await
+}
+
+/// How far a move has got: bytes of the org's tables on the target so far,
+/// of their size on the source (from `get_rebalance_progress()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoveProgress {
+    pub copied: i64,
+    pub total: i64,
+}
+
+/// [`move_org`], calling `progress` about once a second while Citus
+/// copies.
+pub async fn move_org_reporting(
+    pool: &PgPool,
+    slug: &Slug,
+    to: &str,
+    mut progress: impl FnMut(MoveProgress) + Send,
+) -> Result<Moved, Error> {
     let started = Instant::now();
     let (host, port) = parse_node(to)?;
     let mut conn = pool.acquire().await?;
@@ -180,9 +199,21 @@ pub async fn move_org(pool: &PgPool, slug: &Slug, to: &str) -> Result<Moved, Err
     let result = if from == target {
         Ok(false)
     } else {
-        move_schema(&mut conn, &schema, &host, port)
-            .await
-            .map(|_| true)
+        let moving = move_schema(&mut conn, &schema, &host, port);
+        tokio::pin!(moving);
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.tick().await;
+        loop {
+            tokio::select! {
+                done = &mut moving => break done.map(|_| true),
+                _ = every.tick() => {
+                    // best effort: a progress query that fails shows nothing
+                    if let Ok(p) = move_progress(pool, &schema).await {
+                        progress(p);
+                    }
+                }
+            }
+        }
     };
     // the lock goes with the session if the connection broke
     let _ = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
@@ -226,6 +257,18 @@ async fn move_schema(
         _ => Error::Database(e),
     })?;
     Ok(())
+}
+
+async fn move_progress(pool: &PgPool, schema: &SchemaName) -> Result<MoveProgress, sqlx::Error> {
+    let (copied, total): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(p.target_shard_size), 0)::bigint, coalesce(sum(p.source_shard_size), 0)::bigint \
+         FROM get_rebalance_progress() p JOIN pg_class c ON c.oid = p.table_name \
+         JOIN pg_namespace ns ON ns.oid = c.relnamespace WHERE ns.nspname = $1",
+    )
+    .bind(schema.as_str())
+    .fetch_one(pool)
+    .await?;
+    Ok(MoveProgress { copied, total })
 }
 
 /// A move the rebalancer plans.

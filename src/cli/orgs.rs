@@ -163,7 +163,16 @@ impl Action {
                         "moving {slug} to {to}: reads go on, writes wait until Citus has copied its tables..."
                     );
                 }
-                let moved = crate::placement::move_org(pool, &slug, &to).await?;
+                let moved = crate::placement::move_org_reporting(pool, &slug, &to, |p| {
+                    if !json && p.total > 0 {
+                        eprintln!(
+                            "  copied {:.1} of {:.1} MB",
+                            p.copied as f64 / 1e6,
+                            p.total as f64 / 1e6
+                        );
+                    }
+                })
+                .await?;
                 if json {
                     print_json(&moved)?;
                 } else if moved.moved {
