@@ -96,7 +96,7 @@ impl CitusCluster {
             );
             let opts = format!(
                 "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
-                 -c shared_preload_libraries=citus -c wal_level=logical -c max_connections=300 \
+                 -c shared_preload_libraries=citus -c wal_level=logical -c max_connections=1000 \
                  -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
                  -c max_worker_processes=32",
                 root.display()
@@ -151,6 +151,20 @@ impl CitusCluster {
         }
     }
 
+    /// The last lines of every node's log, for failures of the cluster.
+    fn log_tails(&self) -> String {
+        (0..3)
+            .map(|i| {
+                let log = self.root.join(format!("node{i}.log"));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                format!("--- {} ---\n{tail}", log.display())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn url(&self, port: u16, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{port}/{database}")
     }
@@ -190,7 +204,7 @@ impl CitusCluster {
                         .bind(i32::from(*worker))
                         .execute(&mut conn)
                         .await
-                        .expect("citus_add_node");
+                        .unwrap_or_else(|e| panic!("citus_add_node: {e}\n{}", self.log_tails()));
                 }
             }
             conn.close().await.ok();
