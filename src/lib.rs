@@ -4,6 +4,7 @@
 //! organization. See `README.md` for the manual and `docs/` for benchmarks.
 
 pub mod api;
+pub mod archive;
 pub mod auth;
 pub mod cli;
 pub mod db;

@@ -96,8 +96,26 @@ pub async fn create_org_with_hook(
     new: &NewOrg,
     hook: Option<FaultHook>,
 ) -> Result<Created, Error> {
-    let schema = SchemaName::for_org(&new.id);
     let mut tx = pool.begin().await?;
+    let created = create_org_in(&mut tx, template, new, hook, true).await?;
+    tx.commit().await?;
+    tracing::info!(slug = %created.organization.slug, schema = %created.organization.schema_name, "organization created");
+    Ok(created)
+}
+
+/// The work of [`create_org`] inside the caller's transaction, which the
+/// caller commits (or rolls back: then nothing is left). With `seed`
+/// false the org gets no initial statuses and behaviors (e.g. an import
+/// brings its own). The transaction's `search_path` is left at the new
+/// schema.
+pub(crate) async fn create_org_in(
+    tx: &mut PgConnection,
+    template: &Template,
+    new: &NewOrg,
+    hook: Option<FaultHook>,
+    seed: bool,
+) -> Result<Created, Error> {
+    let schema = SchemaName::for_org(&new.id);
     let conflict = || {
         Error::Conflict(format!(
             "organization {:?} already exists",
@@ -143,10 +161,10 @@ pub async fn create_org_with_hook(
     // A leftover schema of the same name (e.g. from a crash outside our
     // transaction) is reported, never adopted: CREATE SCHEMA without IF NOT
     // EXISTS fails with duplicate_schema.
-    let engine = Engine::detect(&mut tx).await?;
-    let role = crate::roles::create_tenant_role(&mut tx, &organization.id, engine).await?;
+    let engine = Engine::detect(&mut *tx).await?;
+    let role = crate::roles::create_tenant_role(&mut *tx, &organization.id, engine).await?;
     let applied = template
-        .apply_to_new_schema(&mut tx, &schema, &role, engine)
+        .apply_to_new_schema(&mut *tx, &schema, &role, engine)
         .await
         .map_err(|e| match e {
             TemplateError::Database(db) if sqlstate(&db).as_deref() == Some(DUPLICATE_SCHEMA) => {
@@ -159,11 +177,11 @@ pub async fn create_org_with_hook(
         hook()?;
     }
     let author = owner.as_ref().map(|u| u.id).unwrap_or(SYSTEM_USER_ID);
-    seed_initial_data(&mut tx, author).await?;
+    if seed {
+        seed_initial_data(&mut *tx, author).await?;
+    }
     // Routers elsewhere may remember this slug as unknown.
-    announce(&mut tx, &Change::Org(new.slug.clone())).await?;
-    tx.commit().await?;
-    tracing::info!(slug = %organization.slug, schema = %schema, "organization created");
+    announce(&mut *tx, &Change::Org(new.slug.clone())).await?;
     Ok(Created {
         organization,
         owner,

@@ -319,6 +319,18 @@ impl Template {
         Ok(pending)
     }
 
+    /// The template's migrations up to `version`: what a schema at that
+    /// version was built from. `None` when it has none of them.
+    pub fn up_to(&self, version: i32) -> Option<Template> {
+        let migrations: Vec<Migration> = self
+            .migrations
+            .iter()
+            .filter(|m| m.version() <= version)
+            .cloned()
+            .collect();
+        Template::from_migrations(migrations).ok()
+    }
+
     /// The highest version in the template: what a fully migrated schema's
     /// `template_version` is.
     pub fn latest_version(&self) -> i32 {

@@ -282,6 +282,27 @@ pub enum OrgsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write one organization's data as an archive (see the README's
+    /// "Export and import"): a consistent snapshot, streamed.
+    Export {
+        slug: String,
+        /// A file (written as FILE.partial, renamed when complete), or -
+        /// for standard output.
+        #[arg(long, default_value = "-")]
+        output: String,
+    },
+    /// Create a new organization from an archive, in one transaction.
+    Import {
+        new_slug: String,
+        /// A file, or - for standard input.
+        #[arg(long, default_value = "-")]
+        input: String,
+        /// The new org's name (default: the archived org's name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Citus: move an organization's schema to another worker
     /// (citus_schema_move); reads go on, writes wait for the copy.
     Move {

@@ -24,6 +24,8 @@ pub(super) enum Action {
     Rename(Slug, Slug, bool),
     Delete(Slug, bool),
     Move(Slug, String, bool),
+    Export(Slug, String),
+    Import(Slug, String, Option<String>, bool),
     CreateToken(Slug, String, Option<String>, Option<Duration>, bool),
     SuperuserToken(String, Option<String>, Option<Duration>, bool),
     ListTokens(Option<Slug>, bool),
@@ -62,6 +64,13 @@ impl Action {
                 Action::Delete(slug, json)
             }
             OrgsCommand::Move { slug, to, json } => Action::Move(Slug::parse(&slug)?, to, json),
+            OrgsCommand::Export { slug, output } => Action::Export(Slug::parse(&slug)?, output),
+            OrgsCommand::Import {
+                new_slug,
+                input,
+                name,
+                json,
+            } => Action::Import(Slug::parse(&new_slug)?, input, name, json),
         })
     }
 
@@ -182,6 +191,65 @@ impl Action {
                     );
                 } else {
                     println!("{} is on {} already; nothing moved", moved.slug, moved.to);
+                }
+            }
+            Action::Export(slug, output) => {
+                let exported = if output == "-" {
+                    crate::archive::export(pool, &slug, &mut tokio::io::stdout()).await?
+                } else {
+                    // complete or absent: never a half-written archive
+                    let partial = format!("{output}.partial");
+                    let mut file = tokio::fs::File::create(&partial)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("cannot create {partial}: {e}"))?;
+                    match crate::archive::export(pool, &slug, &mut file).await {
+                        Ok(exported) => {
+                            file.sync_all().await?;
+                            tokio::fs::rename(&partial, &output).await?;
+                            exported
+                        }
+                        Err(e) => {
+                            let _ = tokio::fs::remove_file(&partial).await;
+                            return Err(e.into());
+                        }
+                    }
+                };
+                let rows: u64 = exported.header.tables.iter().map(|t| t.rows).sum();
+                eprintln!(
+                    "exported {slug}: {rows} rows in {} tables, {} bytes (template version {})",
+                    exported.header.tables.len(),
+                    exported.bytes,
+                    exported.header.template_version
+                );
+            }
+            Action::Import(new_slug, input, name, json) => {
+                let template = Template::embedded();
+                let imported = if input == "-" {
+                    crate::archive::import(
+                        pool,
+                        &template,
+                        &new_slug,
+                        name.as_deref(),
+                        tokio::io::stdin(),
+                    )
+                    .await?
+                } else {
+                    let file = tokio::fs::File::open(&input)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("cannot open {input}: {e}"))?;
+                    crate::archive::import(pool, &template, &new_slug, name.as_deref(), file)
+                        .await?
+                };
+                if json {
+                    print_json(&imported)?;
+                } else {
+                    print_orgs(std::slice::from_ref(&imported.created.organization));
+                    println!(
+                        "imported {} rows (archive at template version {}, now {})",
+                        imported.rows,
+                        imported.from_template_version,
+                        imported.created.organization.template_version
+                    );
                 }
             }
             Action::CreateToken(slug, email, name, expires_in, json) => {
