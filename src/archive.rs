@@ -161,12 +161,7 @@ pub async fn export(
     slug: &Slug,
     out: &mut (impl AsyncWrite + Unpin),
 ) -> Result<Exported, Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::Executor::execute(
-        &mut *tx,
-        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-    )
-    .await?;
+    let mut tx = OwnTx::begin(pool, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
     let org = crate::registry::get_org(&mut tx, slug).await?;
     let schema = org.schema_name.clone();
     let tables = tables(&mut tx, &schema).await?;
@@ -240,6 +235,52 @@ pub async fn export(
         header,
         bytes: written + 4,
     })
+}
+
+/// A transaction on a connection of its own that is closed, not given
+/// back to the pool, unless the transaction commits: an export or import
+/// abandoned in the middle of a COPY (the client went away, a bad archive)
+/// leaves its connection mid-protocol.
+struct OwnTx(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
+
+impl OwnTx {
+    async fn begin(pool: &PgPool, begin: &str) -> Result<Self, Error> {
+        let mut conn = pool.acquire().await?;
+        sqlx::Executor::execute(&mut *conn, begin).await?;
+        Ok(OwnTx(Some(conn)))
+    }
+
+    async fn commit(mut self) -> Result<(), Error> {
+        let mut conn = self.0.take().expect("committed once");
+        match sqlx::Executor::execute(&mut *conn, "COMMIT").await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                conn.close_on_drop();
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for OwnTx {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.0.as_ref().expect("open")
+    }
+}
+
+impl std::ops::DerefMut for OwnTx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.0.as_mut().expect("open")
+    }
+}
+
+impl Drop for OwnTx {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.0.take() {
+            conn.close_on_drop();
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -321,7 +362,7 @@ pub async fn import(
                 header.template_version
             ))
         })?;
-    let mut tx = pool.begin().await?;
+    let mut tx = OwnTx::begin(pool, "BEGIN").await?;
     let engine = Engine::detect(&mut tx).await?;
     let created = crate::provision::create_org_in(&mut tx, &at_version, new, None, false).await?;
     let schema = created.organization.schema_name.clone();
@@ -435,4 +476,41 @@ pub async fn import(
         from_template_version: header.template_version,
         rows,
     })
+}
+
+/// Copies org `source` into a new org `slug` (named `name`, or as the
+/// source): the export streamed straight into the import, in this
+/// process, no file in between. The source keeps serving; the copy is one
+/// snapshot of it.
+#[tracing::instrument(skip(pool, template))]
+pub async fn clone_org(
+    pool: &PgPool,
+    template: &Template,
+    source: &Slug,
+    slug: &Slug,
+    name: Option<&str>,
+) -> Result<Imported, Error> {
+    let (mut writer, reader) = tokio::io::duplex(256 * 1024);
+    let exporting = async move {
+        let exported = export(pool, source, &mut writer).await;
+        // the import sees the end of the stream either way
+        drop(writer);
+        exported
+    };
+    let (exported, imported) = tokio::join!(exporting, import(pool, template, slug, name, reader));
+    match (exported, imported) {
+        (Ok(_), imported) => imported,
+        // the export failed first (e.g. no such org): the import only saw
+        // the stream end early
+        (
+            Err(e),
+            Err(Error::Validation {
+                field: "archive", ..
+            }),
+        ) => Err(e),
+        // the import failed first (e.g. the slug is taken), which broke
+        // the export's stream
+        (Err(_), Err(e)) => Err(e),
+        (Err(e), Ok(_)) => Err(e),
+    }
 }

@@ -148,6 +148,20 @@ impl Tenancy {
         Ok(created)
     }
 
+    /// Copies org `source` into a new org `slug` (see `archive::clone_org`).
+    pub async fn clone_org(
+        &self,
+        source: &Slug,
+        slug: &Slug,
+        name: Option<&str>,
+    ) -> Result<crate::archive::Imported, Error> {
+        let cloned =
+            crate::archive::clone_org(&self.admin, &self.template, source, slug, name).await?;
+        // The slug may be cached as unknown.
+        self.apply(&Change::Org(slug.clone())).await;
+        Ok(cloned)
+    }
+
     pub async fn suspend_org(&self, slug: &Slug) -> Result<Organization, Error> {
         let org = provision::suspend_org(&self.admin, slug).await?;
         self.apply(&Change::Org(slug.clone())).await;

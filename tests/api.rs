@@ -1519,3 +1519,94 @@ async fn serve_refuses_pooler_and_limit_settings_it_cannot_honour() {
     // nothing was created
     assert!(!db.schema_exists("tenantry").await);
 }
+
+/// Cloning an org copies its data into a new, separate org; a taken slug,
+/// an unknown source and a bad slug are the caller's errors.
+#[tokio::test]
+async fn cloning_an_org_copies_its_data_into_a_separate_org() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("orig").await;
+    let (_, statuses) = app.call(GET, "/v1/orgs/orig/statuses", &token, None).await;
+    let (_, behaviors) = app.call(GET, "/v1/orgs/orig/behaviors", &token, None).await;
+    let (s, test) = app
+        .call(
+            POST,
+            "/v1/orgs/orig/tests",
+            &token,
+            Some(json!({"prompt": "tab\there\nand a line", "expected_outcome": "ok",
+                "behavior_id": behaviors["items"][0]["id"], "status_id": statuses["items"][0]["id"]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{test}");
+    let (s, body) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/orig/clone",
+            &app.superuser,
+            Some(json!({"new_slug": "twin", "name": "Twin"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(body["organization"]["slug"], "twin");
+    assert_eq!(body["organization"]["name"], "Twin");
+    let (s, issued) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/twin/tokens",
+            &app.superuser,
+            Some(json!({"email": "member@twin.test"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let twin_token = issued["token"]["token"].as_str().unwrap().to_owned();
+    let id = test["id"].as_str().unwrap();
+    let (s, copied) = app
+        .call(GET, &format!("/v1/orgs/twin/tests/{id}"), &twin_token, None)
+        .await;
+    assert_eq!(s, 200, "{copied}");
+    assert_eq!(copied, test);
+    // separate: a change to the copy stays in the copy
+    let (s, _) = app
+        .call(
+            DELETE,
+            &format!("/v1/orgs/twin/tests/{id}"),
+            &twin_token,
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = app
+        .call(GET, &format!("/v1/orgs/orig/tests/{id}"), &token, None)
+        .await;
+    assert_eq!(s, 200);
+    // and the twin's token cannot see the original
+    let (s, _) = app
+        .call(GET, "/v1/orgs/orig/tests", &twin_token, None)
+        .await;
+    assert_eq!(s, 404);
+    for (source, body, status, code) in [
+        ("orig", json!({"new_slug": "twin"}), 409, "conflict"),
+        ("nobody", json!({"new_slug": "other"}), 404, "not_found"),
+        (
+            "orig",
+            json!({"new_slug": "Bad Slug"}),
+            422,
+            "validation_failed",
+        ),
+    ] {
+        let (s, b) = app
+            .call(
+                POST,
+                &format!("/v1/admin/orgs/{source}/clone"),
+                &app.superuser,
+                Some(body),
+            )
+            .await;
+        assert_error(s, &b, status, code);
+    }
+    let (ok, out, err) = app.db.cli(&["orgs", "clone", "orig", "triplet", "--json"]);
+    assert!(ok, "{err}");
+    let out: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["organization"]["slug"], "triplet");
+    assert!(out["rows"].as_u64().unwrap() >= 7);
+}

@@ -846,3 +846,79 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
     .await
     .unwrap();
 }
+
+/// A writer that takes `left` bytes, then fails (a client gone away).
+struct GoneAway {
+    left: usize,
+}
+
+impl tokio::io::AsyncWrite for GoneAway {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        std::task::Poll::Ready(Ok(n))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// An export abandoned in the middle of its rows fails cleanly and does
+/// not hand a connection stuck in the middle of a COPY back to the pool.
+#[tokio::test]
+async fn an_abandoned_export_leaves_the_pool_usable() {
+    let db = TestDb::new().await;
+    db.create_orgs("gone", 1).await;
+    let schema = db.schema_of("gone-00").await;
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {schema}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+         SELECT repeat('p', 500), 'ok', (SELECT id FROM {schema}.behaviors LIMIT 1), \
+                (SELECT id FROM {schema}.statuses LIMIT 1), gen_random_uuid(), gen_random_uuid() \
+         FROM generate_series(1, 2000) g"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // one connection: the next use gets the very connection the export had
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let err = tenantry::archive::export(
+        &pool,
+        &Slug::parse("gone-00").unwrap(),
+        &mut GoneAway { left: 5000 },
+    )
+    .await
+    .expect_err("the writer went away");
+    assert!(
+        err.to_string().contains("cannot write the archive"),
+        "{err}"
+    );
+    for _ in 0..3 {
+        let mut tx = pool.begin().await.expect("a clean connection");
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {schema}.tests"))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 2000);
+        tx.commit().await.unwrap();
+    }
+}

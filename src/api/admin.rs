@@ -28,6 +28,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/orgs/{slug}/resume", post(resume_org))
         .route("/v1/admin/orgs/{slug}/rename", post(rename_org))
         .route("/v1/admin/orgs/{slug}/move", post(move_org))
+        .route("/v1/admin/orgs/{slug}/clone", post(clone_org))
         .route("/v1/admin/orgs/{slug}/tokens", post(create_token))
         .route("/v1/admin/tokens/{id}", delete(revoke_token))
         .route("/v1/admin/stats", get(stats))
@@ -138,6 +139,41 @@ pub async fn get_org(
     let org = registry::get_org(&mut conn, &slug).await?;
     let placed = crate::placement::placed(&mut conn, vec![org]).await?.pop();
     Ok(Json(placed.expect("one org in, one out")))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneOrg {
+    /// The new org's slug.
+    pub new_slug: String,
+    /// The new org's name (default: the source's).
+    pub name: Option<String>,
+}
+
+/// Copies an org's data into a new org (a consistent snapshot of the
+/// source, which keeps serving; streamed inside the server). The copy's
+/// users and tokens are its own: none are copied.
+#[utoipa::path(post, path = "/v1/admin/orgs/{slug}/clone", tag = "admin", params(("slug" = String, Path)),
+    request_body = CloneOrg,
+    responses((status = 201, body = Created), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "the new slug is taken", body = ErrorBody),
+        (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn clone_org(
+    State(app): State<AppState>,
+    _: Superuser,
+    ApiPath(slug): ApiPath<String>,
+    ApiJson(body): ApiJson<CloneOrg>,
+) -> Result<impl IntoResponse, ApiError> {
+    let slug = path_slug(&slug)?;
+    let new_slug = Slug::parse(&body.new_slug)
+        .map_err(|e| ApiError::invalid_field("new_slug", e.to_string()))?;
+    let cloned = app
+        .tenancy
+        .clone_org(&slug, &new_slug, body.name.as_deref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(cloned.created)))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

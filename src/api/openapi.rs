@@ -40,6 +40,7 @@ use super::{admin, resources};
         admin::resume_org,
         admin::rename_org,
         admin::move_org,
+        admin::clone_org,
         admin::delete_org,
         admin::create_token,
         admin::revoke_token,

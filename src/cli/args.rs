@@ -303,6 +303,17 @@ pub enum OrgsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Copy an organization's data into a new organization (export
+    /// streamed into import, no file in between).
+    Clone {
+        source: String,
+        new_slug: String,
+        /// The new org's name (default: the source's).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Citus: move an organization's schema to another worker
     /// (citus_schema_move); reads go on, writes wait for the copy.
     Move {

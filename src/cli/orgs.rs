@@ -26,6 +26,7 @@ pub(super) enum Action {
     Move(Slug, String, bool),
     Export(Slug, String),
     Import(Slug, String, Option<String>, bool),
+    Clone(Slug, Slug, Option<String>, bool),
     CreateToken(Slug, String, Option<String>, Option<Duration>, bool),
     SuperuserToken(String, Option<String>, Option<Duration>, bool),
     ListTokens(Option<Slug>, bool),
@@ -71,6 +72,12 @@ impl Action {
                 name,
                 json,
             } => Action::Import(Slug::parse(&new_slug)?, input, name, json),
+            OrgsCommand::Clone {
+                source,
+                new_slug,
+                name,
+                json,
+            } => Action::Clone(Slug::parse(&source)?, Slug::parse(&new_slug)?, name, json),
         })
     }
 
@@ -249,6 +256,27 @@ impl Action {
                         imported.rows,
                         imported.from_template_version,
                         imported.created.organization.template_version
+                    );
+                }
+            }
+            Action::Clone(source, new_slug, name, json) => {
+                let started = std::time::Instant::now();
+                let cloned = crate::archive::clone_org(
+                    pool,
+                    &Template::embedded(),
+                    &source,
+                    &new_slug,
+                    name.as_deref(),
+                )
+                .await?;
+                if json {
+                    print_json(&cloned)?;
+                } else {
+                    print_orgs(std::slice::from_ref(&cloned.created.organization));
+                    println!(
+                        "cloned {source} into {new_slug}: {} rows in {:.2} s",
+                        cloned.rows,
+                        started.elapsed().as_secs_f64()
                     );
                 }
             }
