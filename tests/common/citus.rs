@@ -175,8 +175,13 @@ impl CitusCluster {
     }
 
     /// Creates `name` on every node, with the Citus extension, and adds the
-    /// workers to the coordinator's metadata of it.
+    /// workers to the coordinator's metadata of it. One database at a time:
+    /// `CREATE EXTENSION citus` and `citus_add_node` update objects shared
+    /// by all databases of a node (its configuration, the roles), and two
+    /// at once fail with "tuple concurrently updated".
     pub async fn create_database(&self, name: &str) {
+        static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _serial = ONE_AT_A_TIME.lock().await;
         for port in self.workers.iter().chain([&self.coordinator]) {
             let mut conn = PgConnection::connect(&self.url(*port, "postgres"))
                 .await
