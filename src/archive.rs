@@ -206,6 +206,9 @@ pub async fn export(
         serde_json::to_string(&header).map_err(|e| Error::Internal(e.to_string()))?
     );
     let io = |e: std::io::Error| Error::Internal(format!("cannot write the archive: {e}"));
+    // COPY yields a message per row: batch them into large writes (a
+    // tokio file or stdout costs a thread hop per write)
+    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, out);
     out.write_all(head.as_bytes()).await.map_err(io)?;
     let mut written = head.len() as u64;
     // pass 2: the rows, the same bytes in the same snapshot
