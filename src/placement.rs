@@ -61,6 +61,14 @@ pub async fn nodes_of(
     if schemas.is_empty() || !Engine::detect(conn).await?.is_citus() {
         return Ok(HashMap::new());
     }
+    placements(conn, schemas).await
+}
+
+/// [`nodes_of`] on a database known to be a Citus coordinator.
+async fn placements(
+    conn: &mut PgConnection,
+    schemas: &[&str],
+) -> Result<HashMap<String, String>, Error> {
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT DISTINCT ON (ns.nspname) ns.nspname::text, s.nodename || ':' || s.nodeport \
          FROM citus_shards s JOIN pg_class c ON c.oid = s.table_name \
@@ -181,7 +189,7 @@ pub async fn move_org_reporting(
         });
     }
     let schema = org.schema_name.clone();
-    let from = nodes_of(&mut conn, &[schema.as_str()])
+    let from = placements(&mut conn, &[schema.as_str()])
         .await?
         .remove(schema.as_str())
         .ok_or_else(|| {

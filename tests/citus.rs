@@ -103,27 +103,14 @@ async fn nodes_placement_and_moves_through_the_api_and_cli() {
 
     let app = common::spawn_app_on(db, tenantry::server::ServerConfig::default()).await;
     let slug = &slugs[0];
-    let node_of = |app: &common::TestApp| {
-        let (http, url, token) = (
-            app.http.clone(),
-            app.url(&format!("/v1/admin/orgs/{slug}")),
-            app.superuser.clone(),
-        );
-        async move {
-            let res = http.get(url).bearer_auth(token).send().await.unwrap();
-            assert_eq!(res.status(), 200);
-            let body: serde_json::Value = res.json().await.unwrap();
-            body["node"].as_str().unwrap().to_owned()
-        }
-    };
-    let from = node_of(&app).await;
+    let from = node_of(&app, slug).await;
     let to = names.iter().find(|n| **n != from).unwrap().clone();
     let (s, body) = move_org(&app, slug, &to).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["moved"], true);
     assert_eq!(body["from"], from.as_str());
     assert_eq!(body["to"], to.as_str());
-    assert_eq!(node_of(&app).await, to);
+    assert_eq!(node_of(&app, slug).await, to);
     // the list shows it too, from Citus' metadata
     let (s, page) = app
         .call(reqwest::Method::GET, "/v1/admin/orgs", &app.superuser, None)
@@ -179,6 +166,20 @@ async fn nodes_placement_and_moves_through_the_api_and_cli() {
     );
     let (ok, _, err) = app.db.cli(&["rebalance", "--plan"]);
     assert!(ok, "{err}");
+}
+
+/// The node of org `slug`, as the admin API shows it.
+async fn node_of(app: &common::TestApp, slug: &str) -> String {
+    let (s, body) = app
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/admin/orgs/{slug}"),
+            &app.superuser,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    body["node"].as_str().unwrap().to_owned()
 }
 
 async fn move_org(app: &common::TestApp, slug: &str, to: &str) -> (u16, serde_json::Value) {
@@ -293,15 +294,7 @@ async fn a_move_under_load_keeps_reads_and_every_acknowledged_write() {
     };
     let (behavior, status) = (first("behaviors").await, first("statuses").await);
     let (from, to) = {
-        let (_, body) = app
-            .call(
-                reqwest::Method::GET,
-                "/v1/admin/orgs/busy",
-                &app.superuser,
-                None,
-            )
-            .await;
-        let from = body["node"].as_str().unwrap().to_owned();
+        let from = node_of(&app, "busy").await;
         let workers = &common::citus_cluster().workers;
         let to = workers
             .iter()
@@ -441,15 +434,7 @@ async fn a_move_under_load_keeps_reads_and_every_acknowledged_write() {
     }
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert!(twice.is_empty(), "writes stored twice: {twice:?}");
-    let (_, body) = app
-        .call(
-            reqwest::Method::GET,
-            "/v1/admin/orgs/busy",
-            &app.superuser,
-            None,
-        )
-        .await;
-    assert_eq!(body["node"], to.as_str());
+    assert_eq!(node_of(&app, "busy").await, to);
 }
 
 /// Rows the writer has stored so far.
