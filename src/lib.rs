@@ -25,6 +25,7 @@ pub mod server;
 pub mod sql;
 pub mod template;
 pub mod tenancy;
+pub mod warm;
 
 pub use error::Error;
 

@@ -40,6 +40,10 @@ pub const TENANT_TX: &str = "tenantry_tenant_transactions_total";
 /// tenant's in-flight limit (see `fairness`).
 pub const TENANT_LIMIT: &str = "tenantry_tenant_limit_total";
 
+/// `schema` (`warm`, `cold`): organizations created, from a warm schema
+/// (see `warm`) or by building one.
+pub const ORG_CREATES: &str = "tenantry_org_creates_total";
+
 /// `org`: tenant transactions since the server started, of the N orgs
 /// with the most (`--metrics-top-tenants N`; off by default). A gauge: orgs
 /// enter and leave the top N, and one that left disappears from the

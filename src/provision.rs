@@ -23,7 +23,9 @@ pub const SYSTEM_USER_ID: Uuid = Uuid::nil();
 
 #[derive(Debug, Clone)]
 pub struct NewOrg {
-    /// Chosen before provisioning: the schema (and role) names derive from it.
+    /// Chosen before provisioning: the schema (and role) names derive from
+    /// it. An org created from a warm schema gets that schema's id instead
+    /// (see `warm`); [`Created`] has the id it got.
     pub id: Uuid,
     pub slug: Slug,
     pub name: String,
@@ -97,17 +99,142 @@ pub async fn create_org_with_hook(
     hook: Option<FaultHook>,
 ) -> Result<Created, Error> {
     let mut tx = pool.begin().await?;
-    let created = create_org_in(&mut tx, template, new, hook, true).await?;
+    let (created, source) = match create_from_warm_in(&mut tx, template, new, hook).await? {
+        Some(created) => (created, "warm"),
+        None => (
+            create_org_in(&mut tx, template, new, hook, true).await?,
+            "cold",
+        ),
+    };
     tx.commit().await?;
-    tracing::info!(slug = %created.organization.slug, schema = %created.organization.schema_name, "organization created");
+    metrics::counter!(crate::metrics::ORG_CREATES, "schema" => source).increment(1);
+    tracing::info!(slug = %created.organization.slug, schema = %created.organization.schema_name, source, "organization created");
     Ok(created)
 }
 
+/// The statement that claims the slug: inserts the registry row (id and
+/// schema from the CTE `src`) and the owner user. A duplicate slug fails
+/// here, before any DDL.
+macro_rules! claim_org_sql {
+    ($src:expr) => {
+        concat!(
+            "WITH src AS (",
+            $src,
+            "), org AS (\
+               INSERT INTO tenantry.organizations (id, slug, name, schema_name, status, template_version) \
+               SELECT src.org_id, $2, $3, src.schema_name, 'active', $5 FROM src RETURNING ",
+            org_columns!(),
+            "), owner AS (\
+               INSERT INTO tenantry.users (id, organization_id, email, display_name) \
+               SELECT $6, org.id, $7, $8 FROM org WHERE $6::uuid IS NOT NULL RETURNING id) \
+             SELECT org.* FROM org LEFT JOIN owner ON true"
+        )
+    };
+}
+
+/// A new org's id and schema: the ones chosen for it ($1, $4).
+const FRESH_SCHEMA: &str = claim_org_sql!("SELECT $1::uuid AS org_id, $4::text AS schema_name");
+
+/// A new org's id and schema: a warm one's at the template's version ($5),
+/// whose schema exists, taken for good (see `warm`). None left: no row.
+const WARM_SCHEMA: &str = claim_org_sql!(
+    "DELETE FROM tenantry.warm_schemas WHERE org_id = \
+       (SELECT w.org_id FROM tenantry.warm_schemas w \
+        WHERE w.template_version = $5 \
+          AND EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = w.schema_name) \
+        ORDER BY w.created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
+     RETURNING org_id, schema_name"
+);
+
+/// Inserts the registry row and the owner user of `new`, with the id and
+/// schema `sql` chooses; `None` when it chose none (no warm schema).
+async fn claim_org(
+    tx: &mut PgConnection,
+    template: &Template,
+    new: &NewOrg,
+    sql: &'static str,
+) -> Result<Option<Created>, Error> {
+    let conflict = || {
+        Error::Conflict(format!(
+            "organization {:?} already exists",
+            new.slug.as_str()
+        ))
+    };
+    let owner = new.owner_email.as_ref().map(|email| User {
+        id: Uuid::new_v4(),
+        organization_id: None,
+        email: email.clone(),
+        display_name: registry::default_display_name(email),
+        is_superuser: false,
+    });
+    let row: Option<OrgRow> = sqlx::query_as(sql)
+        .bind(new.id)
+        .bind(new.slug.as_str())
+        .bind(&new.name)
+        .bind(SchemaName::for_org(&new.id).as_str())
+        .bind(template.latest_version())
+        .bind(owner.as_ref().map(|u| u.id))
+        .bind(owner.as_ref().map(|u| u.email.as_str()))
+        .bind(owner.as_ref().map(|u| u.display_name.as_str()))
+        .fetch_optional(&mut *tx)
+        .await
+        .on_unique_violation(conflict)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let organization = Organization::try_from(row)?;
+    let owner = owner.map(|u| User {
+        organization_id: Some(organization.id),
+        ..u
+    });
+    Ok(Some(Created {
+        organization,
+        owner,
+    }))
+}
+
+/// [`create_org_in`] from a warm schema: claims one with the registry row
+/// in one statement, then adds the initial data. `None` (and nothing done)
+/// when no warm schema is ready at the template's version.
+async fn create_from_warm_in(
+    tx: &mut PgConnection,
+    template: &Template,
+    new: &NewOrg,
+    hook: Option<FaultHook>,
+) -> Result<Option<Created>, Error> {
+    let Some(created) = claim_org(tx, template, new, WARM_SCHEMA).await? else {
+        return Ok(None);
+    };
+    let org = &created.organization;
+    let engine = Engine::detect(&mut *tx).await?;
+    // As in a cold create: the initial data is written as the tenant role
+    // (on Citus, as the admin: see `engine`).
+    let mut setup = format!("SET LOCAL search_path TO {}", org.schema_name.quoted());
+    if !engine.is_citus() {
+        setup.push_str(&format!(
+            "; SET LOCAL ROLE {}",
+            crate::ident::RoleName::for_org(&org.id).quoted()
+        ));
+    }
+    simple_query(&mut *tx, &setup).await?;
+    if let Some(hook) = hook {
+        hook()?;
+    }
+    let author = created
+        .owner
+        .as_ref()
+        .map(|u| u.id)
+        .unwrap_or(SYSTEM_USER_ID);
+    seed_initial_data(&mut *tx, author).await?;
+    announce(&mut *tx, &Change::Org(new.slug.clone())).await?;
+    Ok(Some(created))
+}
+
 /// The work of [`create_org`] inside the caller's transaction, which the
-/// caller commits (or rolls back: then nothing is left). With `seed`
-/// false the org gets no initial statuses and behaviors (e.g. an import
-/// brings its own). The transaction's `search_path` is left at the new
-/// schema.
+/// caller commits (or rolls back: then nothing is left), building the
+/// schema (no warm one). With `seed` false the org gets no initial
+/// statuses and behaviors (e.g. an import brings its own). The
+/// transaction's `search_path` is left at the new schema.
 pub(crate) async fn create_org_in(
     tx: &mut PgConnection,
     template: &Template,
@@ -116,47 +243,12 @@ pub(crate) async fn create_org_in(
     seed: bool,
 ) -> Result<Created, Error> {
     let schema = SchemaName::for_org(&new.id);
-    let conflict = || {
-        Error::Conflict(format!(
-            "organization {:?} already exists",
-            new.slug.as_str()
-        ))
-    };
-    // Claim the slug first, in the same statement as the owner user: a
-    // duplicate fails here, before any DDL.
-    let owner = new.owner_email.as_ref().map(|email| User {
-        id: Uuid::new_v4(),
-        organization_id: None,
-        email: email.clone(),
-        display_name: registry::default_display_name(email),
-        is_superuser: false,
-    });
-    let row: OrgRow = sqlx::query_as(concat!(
-        "WITH org AS (\
-           INSERT INTO tenantry.organizations (id, slug, name, schema_name, status, template_version) \
-           VALUES ($1, $2, $3, $4, 'active', $5) RETURNING ",
-        org_columns!(),
-        "), owner AS (\
-           INSERT INTO tenantry.users (id, organization_id, email, display_name) \
-           SELECT $6, org.id, $7, $8 FROM org WHERE $6::uuid IS NOT NULL RETURNING id) \
-         SELECT org.* FROM org LEFT JOIN owner ON true"
-    ))
-    .bind(new.id)
-    .bind(new.slug.as_str())
-    .bind(&new.name)
-    .bind(schema.as_str())
-    .bind(template.latest_version())
-    .bind(owner.as_ref().map(|u| u.id))
-    .bind(owner.as_ref().map(|u| u.email.as_str()))
-    .bind(owner.as_ref().map(|u| u.display_name.as_str()))
-    .fetch_one(&mut *tx)
-    .await
-    .on_unique_violation(conflict)?;
-    let organization = Organization::try_from(row)?;
-    let owner = owner.map(|u| User {
-        organization_id: Some(organization.id),
-        ..u
-    });
+    let Created {
+        organization,
+        owner,
+    } = claim_org(tx, template, new, FRESH_SCHEMA)
+        .await?
+        .ok_or_else(|| Error::Internal("the registry row was not inserted".into()))?;
 
     // A leftover schema of the same name (e.g. from a crash outside our
     // transaction) is reported, never adopted: CREATE SCHEMA without IF NOT

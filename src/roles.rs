@@ -195,7 +195,8 @@ pub async fn ensure_tenant_roles(pool: &PgPool) -> Result<Vec<String>, Error> {
 /// Makes `role` a serving role: creates it (`LOGIN NOINHERIT`, with
 /// `password`) if missing and a password is given, refuses a superuser,
 /// makes it `NOINHERIT`, records it, lets it read what authentication and
-/// routing need, and grants it every tenant role it is not yet a member of.
+/// routing need, and grants it every tenant role (warm schemas' included) it
+/// is not yet a member of.
 pub async fn ensure_serving_role(
     admin: &PgPool,
     role: &RoleName,
@@ -260,7 +261,8 @@ pub async fn ensure_serving_role(
     )
     .await?;
     let missing: Vec<String> = sqlx::query_scalar(
-        "SELECT r.rolname::text FROM tenantry.organizations o \
+        "SELECT r.rolname::text \
+         FROM (SELECT id FROM tenantry.organizations UNION ALL SELECT org_id FROM tenantry.warm_schemas) o \
          JOIN pg_roles r ON r.rolname = 't_' || replace(o.id::text, '-', '') \
          WHERE NOT pg_has_role($1, r.oid, 'MEMBER')",
     )

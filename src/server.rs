@@ -40,6 +40,8 @@ pub struct ServerConfig {
     /// of its own: behind a transaction pooler, without it, other
     /// processes' changes arrive only through the cache TTLs.
     pub listen_url: Option<String>,
+    /// Tenant schemas kept pre-built for signups (see `warm`); 0: none.
+    pub warm_schemas: usize,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(30),
             metrics_bind: None,
             listen_url: None,
+            warm_schemas: 0,
         }
     }
 }
@@ -224,6 +227,8 @@ pub async fn serve(
         }
     };
     let usage_task = tenancy.auth().spawn_usage_writer();
+    let warm_task =
+        (config.warm_schemas > 0).then(|| tenancy.spawn_warm_refill(config.warm_schemas));
     let upkeep_task = crate::metrics::spawn_upkeep();
     let auth = tenancy.auth().clone();
     // In-flight requests get `shutdown_timeout` to finish after the signal.
@@ -258,6 +263,10 @@ pub async fn serve(
     }
     usage_task.abort();
     upkeep_task.abort();
+    if let Some(task) = warm_task {
+        // a build cut off here rolls back: nothing half-built is left
+        task.abort();
+    }
     if let Err(e) = auth.flush_usage().await {
         tracing::warn!(error = %e, "could not record token use");
     }

@@ -93,6 +93,8 @@ pub struct Tenancy {
     auth: Authenticator,
     template: Arc<Template>,
     listening: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Told of every org created here, for the warm pool's refill task.
+    created: Arc<tokio::sync::Notify>,
 }
 
 impl Tenancy {
@@ -108,6 +110,7 @@ impl Tenancy {
             auth,
             template,
             listening: Arc::new(tokio::sync::watch::channel(false).0),
+            created: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -145,7 +148,19 @@ impl Tenancy {
         let created = provision::create_org(&self.admin, &self.template, new).await?;
         // The slug may be cached as unknown.
         self.apply(&Change::Org(new.slug.clone())).await;
+        self.created.notify_one();
         Ok(created)
+    }
+
+    /// Keeps `target` warm schemas ready (see `warm`), refilling after each
+    /// org created here.
+    pub fn spawn_warm_refill(&self, target: usize) -> tokio::task::JoinHandle<()> {
+        crate::warm::spawn_refill(
+            self.admin.clone(),
+            self.template.clone(),
+            target,
+            self.created.clone(),
+        )
     }
 
     /// Copies org `source` into a new org `slug` (see `archive::clone_org`).

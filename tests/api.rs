@@ -1610,3 +1610,55 @@ async fn cloning_an_org_copies_its_data_into_a_separate_org() {
     assert_eq!(out["organization"]["slug"], "triplet");
     assert!(out["rows"].as_u64().unwrap() >= 7);
 }
+
+/// `serve --warm-schemas 2`: the server fills the pool, a signup through
+/// the API takes a warm schema (and is served at once), and the server
+/// refills the pool after it.
+#[tokio::test]
+async fn a_server_keeps_its_warm_pool_full_and_signups_take_from_it() {
+    let app = common::spawn_app_with(tenantry::server::ServerConfig {
+        warm_schemas: 2,
+        ..Default::default()
+    })
+    .await;
+    let template = tenantry::template::Template::embedded();
+    let ready = || async {
+        tenantry::warm::status(&app.db.pool, &template)
+            .await
+            .unwrap()
+            .ready
+    };
+    let filled = tokio::time::timeout(Duration::from_secs(60), async {
+        while ready().await < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(filled.is_ok(), "the server did not fill its warm pool");
+    let warm: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT org_id FROM tenantry.warm_schemas")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+
+    let token = app.org_with_token("from-the-pool").await;
+    let (s, org) = app
+        .call(GET, "/v1/admin/orgs/from-the-pool", &app.superuser, None)
+        .await;
+    assert_eq!(s, 200, "{org}");
+    let id: uuid::Uuid = org["id"].as_str().unwrap().parse().unwrap();
+    assert!(warm.contains(&id), "{org}");
+    let (s, statuses) = app
+        .call(GET, "/v1/orgs/from-the-pool/statuses", &token, None)
+        .await;
+    assert_eq!(s, 200, "{statuses}");
+    assert_eq!(statuses["items"].as_array().unwrap().len(), 3);
+
+    // refilled after the signup, without waiting for the periodic check
+    let refilled = tokio::time::timeout(tenantry::warm::REFILL_INTERVAL, async {
+        while ready().await < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(refilled.is_ok(), "the pool was not refilled after a signup");
+}

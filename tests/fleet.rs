@@ -868,3 +868,117 @@ async fn a_concurrent_index_build_survives_being_killed() {
 async fn super_schema(db: &TestDb, slug: &str) -> String {
     schema(db, slug).await
 }
+
+/// Warm schemas built before a template upgrade: signups of the new
+/// version never take them, and `migrate` replaces them by schemas at the
+/// new version.
+#[tokio::test]
+async fn migrate_rebuilds_outdated_warm_schemas() {
+    let db = TestDb::new().await;
+    create_orgs(&db, "old", 2).await;
+    let v1 = Template::embedded();
+    tenantry::warm::fill(&db.pool, &v1, 2).await.unwrap();
+    let old_warm: Vec<String> = sqlx::query_scalar("SELECT schema_name FROM tenantry.warm_schemas")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let (_dir, v2) = template_dir(&[("V2__priority.sql", V2_PRIORITY)]);
+    let status = tenantry::warm::status(&db.pool, &v2).await.unwrap();
+    assert_eq!((status.ready, status.outdated), (0, 2));
+    // a signup at v2 builds its own schema rather than take a v1 one
+    let created = provision::create_org(
+        &db.pool,
+        &v2,
+        &NewOrg::parse("new-00", "New", None).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(!old_warm.contains(&created.organization.schema_name.to_string()));
+    assert!(has_priority(&db, "new-00").await);
+
+    let report = fleet::migrate(&db.pool, &v2, &opts(2), |_| {})
+        .await
+        .unwrap();
+    assert_eq!((report.migrated, report.warm_rebuilt), (2, 2), "{report:?}");
+    let status = tenantry::warm::status(&db.pool, &v2).await.unwrap();
+    assert_eq!((status.ready, status.outdated), (2, 0));
+    for schema in &old_warm {
+        assert!(!db.schema_exists(schema).await, "{schema} left behind");
+    }
+    // what the next signup gets is at v2
+    let created = provision::create_org(
+        &db.pool,
+        &v2,
+        &NewOrg::parse("new-01", "New", None).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(has_priority(&db, "new-01").await);
+    assert_eq!(created.organization.template_version, 2);
+    assert!(fleet::doctor(&db.pool, false)
+        .await
+        .unwrap()
+        .findings
+        .is_empty());
+    let (ok, out, err) = db.cli(&["warm", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("OUTDATED"), "{out}");
+}
+
+/// A warm schema dropped by hand: signups skip it, the doctor names it
+/// (not as an orphan) and `--repair` removes it from the pool.
+#[tokio::test]
+async fn doctor_finds_a_lost_warm_schema_and_signups_skip_it() {
+    let db = TestDb::new().await;
+    let template = Template::embedded();
+    tenantry::warm::fill(&db.pool, &template, 2).await.unwrap();
+    let (lost_id, lost): (uuid::Uuid, String) = sqlx::query_as(
+        "SELECT org_id, schema_name FROM tenantry.warm_schemas ORDER BY created_at LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(&format!("DROP SCHEMA {lost} CASCADE"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let found = fleet::doctor(&db.pool, false).await.unwrap();
+    assert_eq!(
+        found.findings,
+        [Finding::MissingWarmSchema {
+            schema: lost.clone()
+        }]
+    );
+    let created = provision::create_org(
+        &db.pool,
+        &template,
+        &NewOrg::parse("skip", "Skip", None).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_ne!(created.organization.id, lost_id);
+    assert!(
+        db.schema_exists(created.organization.schema_name.as_str())
+            .await
+    );
+
+    let repaired = fleet::doctor(&db.pool, true).await.unwrap();
+    assert_eq!(repaired.repaired.len(), 1, "{repaired:?}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM tenantry.warm_schemas").await,
+        0
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = 't_{}'",
+            lost_id.simple()
+        ))
+        .await,
+        0
+    );
+    assert!(fleet::doctor(&db.pool, false)
+        .await
+        .unwrap()
+        .findings
+        .is_empty());
+}

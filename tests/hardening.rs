@@ -289,6 +289,36 @@ async fn token_use_is_recorded_once_per_interval() {
     );
 }
 
+/// Warm schemas built before a serving role was registered: the role gets
+/// their tenant roles too, so an org created from one is served (its
+/// requests `SET ROLE` to the warm schema's role).
+#[tokio::test]
+async fn a_serving_role_registered_later_may_serve_orgs_from_warm_schemas() {
+    let db = TestDb::new().await;
+    let template = tenantry::template::Template::embedded();
+    tenantry::warm::fill(&db.pool, &template, 1).await.unwrap();
+    let role = format!("app_{}", &db.name["tenantry_test_".len()..]);
+    let app = common::spawn_app_serving_as(db, &role, "warm-secret").await;
+    let token = app.org_with_token("was-warm").await;
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) FROM tenantry.warm_schemas")
+            .await,
+        0,
+        "the signup did not take the warm schema"
+    );
+    let (s, body) = app
+        .call(
+            reqwest::Method::GET,
+            "/v1/orgs/was-warm/statuses",
+            &token,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["items"].as_array().unwrap().len(), 3);
+}
+
 /// Invariant 7, through the tenant handle itself: schema-qualified SQL that
 /// names another tenant, the registry or `public` fails with a permission
 /// error, while the tenant's own tables work. Run through a server whose

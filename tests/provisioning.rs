@@ -922,3 +922,261 @@ async fn an_abandoned_export_leaves_the_pool_usable() {
         tx.commit().await.unwrap();
     }
 }
+
+// ---------------------------------------------------------------- warm pool
+
+/// The warm pool's org ids, oldest first.
+async fn warm_ids(db: &TestDb) -> Vec<uuid::Uuid> {
+    sqlx::query_scalar("SELECT org_id FROM tenantry.warm_schemas ORDER BY created_at, org_id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Rows of `statuses` in `schema`.
+async fn statuses_in(db: &TestDb, schema: &tenantry::ident::SchemaName) -> i64 {
+    db.count(&format!(
+        "SELECT count(*) FROM {}.statuses",
+        schema.quoted()
+    ))
+    .await
+}
+
+/// Every `t_*` schema in the database.
+async fn tenant_schemas(db: &TestDb) -> i64 {
+    db.count("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 't\\_%'")
+        .await
+}
+
+#[tokio::test]
+async fn a_signup_takes_a_warm_schema_and_builds_nothing() {
+    let db = TestDb::new().await;
+    let template = Template::embedded();
+    assert_eq!(
+        tenantry::warm::fill(&db.pool, &template, 2).await.unwrap(),
+        2
+    );
+    // filling again to the same size builds nothing
+    assert_eq!(
+        tenantry::warm::fill(&db.pool, &template, 2).await.unwrap(),
+        0
+    );
+    let warm = warm_ids(&db).await;
+    assert_eq!(warm.len(), 2);
+    assert_eq!(tenant_schemas(&db).await, 2);
+
+    let created = provision::create_org(&db.pool, &template, &new_org("warm-start"))
+        .await
+        .unwrap();
+    let org = &created.organization;
+    // the oldest warm schema, with its id: nothing was built or renamed
+    assert_eq!(org.id, warm[0]);
+    assert_eq!(org.schema_name.as_str(), format!("t_{}", warm[0].simple()));
+    assert_eq!(warm_ids(&db).await, [warm[1]]);
+    assert_eq!(tenant_schemas(&db).await, 2);
+    assert_eq!(org.template_version, template.latest_version());
+
+    let schema = org.schema_name.as_str();
+    assert_eq!(
+        db.tables(schema).await,
+        ["behaviors", HISTORY_TABLE, "statuses", "tests"]
+    );
+    let owner: String =
+        sqlx::query_scalar("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = $1")
+            .bind(schema)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(owner, format!("t_{}", org.id.simple()));
+    let author = created.owner.as_ref().unwrap().id;
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {schema}.statuses WHERE created_by = '{author}'"
+        ))
+        .await,
+        DEFAULT_STATUSES.len() as i64
+    );
+    // the initial data was written as the tenant's role, like a cold create
+    let table_owner: String = sqlx::query_scalar(&format!(
+        "SELECT tableowner::text FROM pg_tables WHERE schemaname = '{schema}' AND tablename = 'statuses'"
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(table_owner, owner);
+    // a warm schema is no orphan
+    let report = tenantry::fleet::doctor(&db.pool, false).await.unwrap();
+    assert!(report.findings.is_empty(), "{report:?}");
+
+    // with the pool empty, signups build their schema as before
+    provision::create_org(&db.pool, &template, &new_org("warm-two"))
+        .await
+        .unwrap();
+    let cold = provision::create_org(&db.pool, &template, &new_org("cold-one"))
+        .await
+        .unwrap();
+    assert!(!warm.contains(&cold.organization.id));
+    assert!(warm_ids(&db).await.is_empty());
+    assert_eq!(tenant_schemas(&db).await, 3);
+}
+
+/// Signups at once, more than the pool holds: each warm schema goes to
+/// exactly one org, the others build their own, and every org's initial
+/// data is there once (two orgs sharing a schema would show it twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_signups_never_share_a_warm_schema() {
+    let db = TestDb::new().await;
+    let template = std::sync::Arc::new(Template::embedded());
+    tenantry::warm::fill(&db.pool, &template, 4).await.unwrap();
+    let warm = warm_ids(&db).await;
+    let mut tasks = vec![];
+    for i in 0..10 {
+        let (pool, template) = (db.pool.clone(), template.clone());
+        tasks.push(tokio::spawn(async move {
+            provision::create_org(&pool, &template, &new_org(&format!("rush-{i}")))
+                .await
+                .unwrap()
+                .organization
+        }));
+    }
+    let mut orgs = vec![];
+    for t in tasks {
+        orgs.push(t.await.unwrap());
+    }
+    let ids: std::collections::HashSet<_> = orgs.iter().map(|o| o.id).collect();
+    let schemas: std::collections::HashSet<_> =
+        orgs.iter().map(|o| o.schema_name.clone()).collect();
+    assert_eq!((ids.len(), schemas.len()), (10, 10));
+    assert_eq!(ids.iter().filter(|id| warm.contains(id)).count(), 4);
+    assert!(warm_ids(&db).await.is_empty());
+    assert_eq!(tenant_schemas(&db).await, 10);
+    for org in &orgs {
+        assert_eq!(
+            statuses_in(&db, &org.schema_name).await,
+            DEFAULT_STATUSES.len() as i64,
+            "{}",
+            org.slug
+        );
+    }
+}
+
+/// A signup killed after it took a warm schema (its backend terminated
+/// while it waits on the slug's unique index) and one failing after the
+/// take: no org, no user, and the schema is back in the pool for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signup_cut_off_mid_take_leaves_no_half_org_and_keeps_the_schema() {
+    let db = TestDb::new().await;
+    let template = std::sync::Arc::new(Template::embedded());
+    tenantry::warm::fill(&db.pool, &template, 1).await.unwrap();
+    let warm = warm_ids(&db).await;
+
+    // another transaction holds the slug, uncommitted
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO tenantry.organizations (id, slug, name, schema_name, status, template_version) \
+         VALUES (gen_random_uuid(), 'victim', 'Holder', 't_holder', 'active', 1)",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let signup = {
+        let (pool, template) = (db.pool.clone(), template.clone());
+        tokio::spawn(
+            async move { provision::create_org(&pool, &template, &new_org("victim")).await },
+        )
+    };
+    // the signup's statement took the warm row and waits for the slug
+    let pid: i32 = loop {
+        let waiting: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE '%warm_schemas%' AND datname = current_database()",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some(pid) = waiting {
+            break pid;
+        }
+        tokio::task::yield_now().await;
+    };
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    assert!(signup.await.unwrap().is_err());
+    holder.rollback().await.unwrap();
+
+    assert_eq!(warm_ids(&db).await, warm);
+    assert_eq!(
+        db.count("SELECT count(*) FROM tenantry.organizations")
+            .await,
+        0
+    );
+    assert_eq!(db.count("SELECT count(*) FROM tenantry.users").await, 0);
+
+    // a failure after the take: rolled back the same way
+    fn fail() -> Result<(), Error> {
+        Err(Error::Conflict("injected failure".into()))
+    }
+    let err = provision::create_org_with_hook(&db.pool, &template, &new_org("victim"), Some(fail))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("injected"), "{err}");
+    assert_eq!(warm_ids(&db).await, warm);
+    assert_eq!(
+        db.count("SELECT count(*) FROM tenantry.organizations")
+            .await,
+        0
+    );
+
+    let created = provision::create_org(&db.pool, &template, &new_org("victim"))
+        .await
+        .unwrap();
+    assert_eq!(created.organization.id, warm[0]);
+    assert_eq!(
+        statuses_in(&db, &created.organization.schema_name).await,
+        DEFAULT_STATUSES.len() as i64
+    );
+}
+
+#[tokio::test]
+async fn drain_drops_warm_schemas_and_their_roles_and_the_cli_reports_the_pool() {
+    let db = TestDb::new().await;
+    let (ok, out, err) = db.cli(&["warm", "fill", "3"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("built 3 warm schema(s); 3 ready"), "{out}");
+    let (ok, out, _) = db.cli(&["warm", "status", "--json"]);
+    assert!(ok);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["ready"], 3);
+    assert_eq!(status["outdated"], 0);
+
+    let warm = warm_ids(&db).await;
+    let (ok, out, _) = db.cli(&["warm", "drain", "--keep", "1"]);
+    assert!(ok);
+    assert!(out.contains("dropped 2"), "{out}");
+    // the oldest go first; their schemas and roles with them
+    assert_eq!(warm_ids(&db).await, [warm[2]]);
+    assert_eq!(tenant_schemas(&db).await, 1);
+    // (roles are cluster-wide: count this pool's only)
+    for (id, left) in [(warm[0], 0), (warm[1], 0), (warm[2], 1)] {
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) FROM pg_roles WHERE rolname = 't_{}'",
+                id.simple()
+            ))
+            .await,
+            left
+        );
+    }
+
+    let (ok, _, err) = db.cli(&["warm", "fill", "20000"]);
+    assert!(!ok);
+    assert!(err.contains("20000"), "{err}");
+    let (ok, _, err) = db.cli(&["serve", "--warm-schemas=20000"]);
+    assert!(!ok);
+    assert!(err.contains("--warm-schemas"), "{err}");
+    assert_eq!(warm_ids(&db).await, [warm[2]]);
+}

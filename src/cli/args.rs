@@ -55,6 +55,10 @@ pub enum Command {
     /// Issue and revoke API tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// The warm pool: tenant schemas built ahead of signups (serve
+    /// --warm-schemas keeps it full).
+    #[command(subcommand)]
+    Warm(WarmCommand),
     /// Citus: the worker nodes, with their tenant count and total size.
     Nodes {
         #[arg(long)]
@@ -147,12 +151,39 @@ pub struct ServeArgs {
     #[arg(long, env = "TENANTRY_METRICS_TOP_TENANTS", default_value_t = 0,
           value_parser = clap::value_parser!(u16).range(0..=1000))]
     pub metrics_top_tenants: u16,
+    /// Keep this many tenant schemas pre-built at the current template
+    /// version, so that creating an org takes one instead of running DDL
+    /// (see `tenantry warm`). 0: off.
+    #[arg(long, env = "TENANTRY_WARM_SCHEMAS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=crate::warm::MAX_WARM_SCHEMAS as i64))]
+    pub warm_schemas: u32,
     /// Serve GET /metrics on this address (e.g. 127.0.0.1:9100) instead of
     /// the API's listener.
     #[arg(long, env = "TENANTRY_METRICS_BIND")]
     pub metrics_bind: Option<std::net::SocketAddr>,
     #[arg(long, env = "TENANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum WarmCommand {
+    /// How many warm schemas are ready at this binary's template version,
+    /// outdated (migrate rebuilds them) or built by a newer version.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build warm schemas until COUNT are ready at this binary's template
+    /// version.
+    Fill {
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=crate::warm::MAX_WARM_SCHEMAS as i64))]
+        count: u32,
+    },
+    /// Drop warm schemas, oldest first, until at most --keep are left.
+    Drain {
+        #[arg(long, default_value_t = 0)]
+        keep: u32,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

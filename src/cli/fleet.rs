@@ -46,6 +46,7 @@ impl Action {
             Command::Serve(_)
             | Command::Orgs(_)
             | Command::Tokens(_)
+            | Command::Warm(_)
             | Command::Nodes { .. }
             | Command::Rebalance { .. } => {
                 unreachable!("not a fleet command")
@@ -246,6 +247,12 @@ async fn migrate(
             println!(
                 "{} tenant(s) could not get their locks and were left at their version",
                 report.lock_timeouts
+            );
+        }
+        if report.warm_rebuilt > 0 {
+            println!(
+                "{} warm schema(s) rebuilt at version {}",
+                report.warm_rebuilt, report.target
             );
         }
         for f in &report.failures {

@@ -1,4 +1,5 @@
-//! Command line: `tenantry serve | migrate | query | doctor | orgs | tokens`.
+//! Command line: `tenantry serve | migrate | query | doctor | orgs | tokens |
+//! warm | nodes | rebalance`.
 //! Configuration comes from flags and the environment; without
 //! `DATABASE_URL` the commands use (and if needed start) the zero-config
 //! local cluster in `--data-dir`. Arguments are checked before any database
@@ -10,6 +11,7 @@ mod orgs;
 mod placement;
 mod render;
 mod serve;
+mod warm;
 
 use std::process::ExitCode;
 
@@ -140,6 +142,7 @@ enum Action {
     Fleet(fleet::Action),
     Orgs(orgs::Action),
     Placement(placement::Action),
+    Warm(WarmCommand),
 }
 
 impl Action {
@@ -148,6 +151,7 @@ impl Action {
             Command::Serve(_) => unreachable!("serve is handled before"),
             Command::Orgs(cmd) => Action::Orgs(orgs::Action::parse_orgs(cmd)?),
             Command::Tokens(cmd) => Action::Orgs(orgs::Action::parse_tokens(cmd)?),
+            Command::Warm(cmd) => Action::Warm(cmd),
             Command::Nodes { json } => Action::Placement(placement::Action::Nodes(json)),
             Command::Rebalance { plan, json } => {
                 Action::Placement(placement::Action::Rebalance { plan, json })
@@ -161,6 +165,7 @@ impl Action {
             Action::Fleet(a) => a.run(pool).await,
             Action::Orgs(a) => a.run(pool).await,
             Action::Placement(a) => a.run(pool).await,
+            Action::Warm(cmd) => warm::run(cmd, pool).await,
         }
     }
 }

@@ -51,6 +51,7 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         metrics_bind: args.metrics_bind,
         listen_url: args.listen_url.clone(),
+        warm_schemas: args.warm_schemas as usize,
         auth: AuthConfig {
             ttl: Duration::from_secs(args.auth_ttl),
             ..AuthConfig::default()

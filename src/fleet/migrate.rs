@@ -123,6 +123,9 @@ pub struct FleetReport {
     pub lock_timeouts: usize,
     /// The failed and lock-timed-out tenants.
     pub failures: Vec<TenantOutcome>,
+    /// Warm schemas rebuilt at the new version (see `warm`): only by a run
+    /// of every org to the template's latest version.
+    pub warm_rebuilt: usize,
     pub seconds: f64,
 }
 
@@ -261,6 +264,7 @@ pub async fn migrate_planned(
         failed: 0,
         lock_timeouts: 0,
         failures: vec![],
+        warm_rebuilt: 0,
         seconds: 0.0,
     };
     let template = Arc::new(template.clone());
@@ -322,6 +326,15 @@ pub async fn migrate_planned(
         let error = format!("lock_timeout: {error}");
         if let Err(e) = record_failure(pool, &t, target, None, &error, false).await {
             tracing::warn!(slug = %t.slug, error = %e, "could not record the failure");
+        }
+    }
+    // Signups must not take a schema older than the orgs they join.
+    if opts.only.is_empty() && target == template.latest_version() {
+        match crate::warm::rebuild_outdated(pool, &template).await {
+            Ok(n) => report.warm_rebuilt = n,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not rebuild outdated warm schemas; signups build their own meanwhile")
+            }
         }
     }
     report.seconds = started.elapsed().as_secs_f64();

@@ -381,7 +381,7 @@ async fn stats_on_workers(pool: &PgPool) -> Result<Vec<OrgStats>, Error> {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "problem", rename_all = "snake_case")]
 pub enum Finding {
-    /// A `t_*` schema no organization owns.
+    /// A `t_*` schema no organization owns and not in the warm pool.
     OrphanSchema { schema: String },
     /// An organization whose schema does not exist.
     MissingSchema { slug: String, schema: String },
@@ -393,6 +393,8 @@ pub enum Finding {
         registry: i32,
         history: Option<i32>,
     },
+    /// A warm-pool row whose schema does not exist (signups skip it).
+    MissingWarmSchema { schema: String },
     /// An organization without its PostgreSQL role (created by a version
     /// before tenant roles): its requests cannot be served.
     MissingRole { slug: String },
@@ -413,6 +415,7 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
         "SELECT n.nspname::text FROM pg_namespace n \
          WHERE left(n.nspname, length($1)) = $1 \
            AND NOT EXISTS (SELECT 1 FROM tenantry.organizations o WHERE o.schema_name = n.nspname) \
+           AND NOT EXISTS (SELECT 1 FROM tenantry.warm_schemas w WHERE w.schema_name = n.nspname) \
          ORDER BY 1",
     )
     .bind(TENANT_SCHEMA_PREFIX)
@@ -422,6 +425,18 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
         orphans
             .into_iter()
             .map(|schema| Finding::OrphanSchema { schema }),
+    );
+    let lost_warm: Vec<String> = sqlx::query_scalar(
+        "SELECT w.schema_name FROM tenantry.warm_schemas w \
+         WHERE NOT EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = w.schema_name) \
+         ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    findings.extend(
+        lost_warm
+            .into_iter()
+            .map(|schema| Finding::MissingWarmSchema { schema }),
     );
     // One catalog query for what the registry and the catalog say about
     // each org; the tenants' history tables are then read in batches.
@@ -496,6 +511,10 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
                     roles_repaired = true;
                 }
                 report.repaired.push(format!("{slug}: role created; it now owns the org's schema"));
+            }
+            (Finding::MissingWarmSchema { schema }, true) => {
+                crate::warm::forget_missing(pool, schema).await?;
+                report.repaired.push(format!("{schema}: removed from the warm pool (its schema was gone)"));
             }
             (Finding::OrphanSchema { schema }, _) => report.left.push(format!(
                 "{schema}: no organization owns it; inspect it, then DROP SCHEMA {} CASCADE or recreate its org",
