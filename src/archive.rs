@@ -24,7 +24,10 @@
 //! Import creates a new org from an archive in one transaction: registry
 //! row, role, schema and template at the archive's version, the rows
 //! through `COPY FROM STDIN` with their counts and checksums verified, then
-//! the template's later migrations. Any mismatch (truncated, corrupted,
+//! the template's later migrations. The rows go into bare tables: the
+//! keys, indexes and foreign keys are dropped first and built again after
+//! the load, each in one pass (as `pg_restore` does), so rows that break
+//! one still fail the import. Any mismatch (truncated, corrupted,
 //! tampered, unknown format or version) fails with a clear error and leaves
 //! nothing behind. `created_by`/`updated_by` ids are kept as they are (the
 //! users of the old org are not copied; the ids keep saying who wrote what).
@@ -384,6 +387,18 @@ pub async fn import(
             header.template_version
         )));
     }
+    // Rows load fastest into bare tables: keys, indexes and foreign keys
+    // come back after the load, each built or checked in one pass (as
+    // pg_restore does), in this transaction. On Citus they stay (each DDL
+    // there is a distributed operation).
+    let deferred = if engine.is_citus() {
+        Deferred::default()
+    } else {
+        Deferred::read(&mut tx, &schema).await?
+    };
+    if !deferred.drop.is_empty() {
+        crate::template::simple_query(&mut tx, &deferred.drop.join("; ")).await?;
+    }
     let mut rows = 0;
     let mut buf = vec![0u8; 64 * 1024];
     for table in &header.tables {
@@ -451,6 +466,16 @@ pub async fn import(
             "the archive does not end where its header says (truncated or with extra data)",
         ));
     }
+    if !deferred.create.is_empty() {
+        crate::template::simple_query(&mut tx, &deferred.create.join("; "))
+            .await
+            .map_err(|e| {
+                bad(format!(
+                    "the archive's rows break a key or foreign key of the template: {}",
+                    crate::error::chain(&e)
+                ))
+            })?;
+    }
     // then the template's later migrations, and the registry's version
     if header.template_version < latest {
         template
@@ -479,6 +504,65 @@ pub async fn import(
         from_template_version: header.template_version,
         rows,
     })
+}
+
+/// The keys, unique constraints, indexes and foreign keys of a schema's
+/// tables (the migration history aside), as the statements that drop them
+/// and those that build them again as they were.
+#[derive(Default)]
+struct Deferred {
+    drop: Vec<String>,
+    create: Vec<String>,
+}
+
+impl Deferred {
+    async fn read(conn: &mut PgConnection, schema: &SchemaName) -> Result<Self, Error> {
+        // (rank, kind, table, name, definition), in the order they can be
+        // dropped: foreign keys first, then the indexes and keys they need
+        let items: Vec<(i32, String, String, String, String)> = sqlx::query_as(
+            "SELECT CASE c.contype WHEN 'f' THEN 0 ELSE 2 END, 'constraint', t.relname::text, \
+                    c.conname::text, pg_get_constraintdef(c.oid) \
+             FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid \
+             JOIN pg_namespace n ON n.oid = t.relnamespace \
+             WHERE n.nspname = $1 AND t.relname <> $2 AND c.contype IN ('f', 'p', 'u') \
+             UNION ALL \
+             SELECT 1, 'index', t.relname::text, i.relname::text, pg_get_indexdef(i.oid) \
+             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
+             JOIN pg_class t ON t.oid = x.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
+             WHERE n.nspname = $1 AND t.relname <> $2 \
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid \
+                               AND c.conrelid = x.indrelid AND c.contype IN ('p', 'u', 'x')) \
+             ORDER BY 1, 3, 4",
+        )
+        .bind(schema.as_str())
+        .bind(HISTORY_TABLE)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut deferred = Deferred::default();
+        for (_, kind, table, name, definition) in items {
+            let (table, name) = (
+                format!("{}.{}", schema.quoted(), quote_ident(&table)),
+                quote_ident(&name),
+            );
+            if kind == "index" {
+                deferred
+                    .drop
+                    .push(format!("DROP INDEX {}.{name}", schema.quoted()));
+                deferred.create.push(definition);
+            } else {
+                deferred
+                    .drop
+                    .push(format!("ALTER TABLE {table} DROP CONSTRAINT {name}"));
+                deferred.create.push(format!(
+                    "ALTER TABLE {table} ADD CONSTRAINT {name} {definition}"
+                ));
+            }
+        }
+        // built again in the reverse order: keys and indexes, then the
+        // foreign keys that need them
+        deferred.create.reverse();
+        Ok(deferred)
+    }
 }
 
 /// Copies org `source` into a new org `slug` (named `name`, or as the

@@ -115,10 +115,18 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
     }
 }
 
+/// How long [`retry_dead_connections`] keeps trying once its quick
+/// attempts are spent: faults can come in a row (a sweep of killed
+/// backends, then a restart), each killing the connections the previous
+/// retries took.
+pub const DEAD_CONNECTION_RETRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Runs `f` again while it fails because the connection it drew was dead
 /// (a backend killed, the server restarted): such a connection is discarded
 /// on failure, so each retry draws another one, and a new connection waits
-/// out a restarting server. At most `attempts` runs; pool timeouts are not
+/// out a restarting server. `attempts` runs follow at once (one fault kills
+/// at most the pool's connections); further ones, 20 ms apart, until
+/// [`DEAD_CONNECTION_RETRY_BUDGET`] has passed. Pool timeouts are not
 /// retried (the pool already waited). Only for work that did nothing when
 /// it failed this way (a read, or a BEGIN).
 pub async fn retry_dead_connections<T, F, Fut>(attempts: usize, mut f: F) -> Result<T, Error>
@@ -126,15 +134,19 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Error>>,
 {
+    let started = std::time::Instant::now();
     let mut attempt = 1;
     loop {
         match f().await {
             Err(Error::Database(e))
-                if attempt < attempts
-                    && is_connection_error(&e)
-                    && !matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) =>
+                if is_connection_error(&e)
+                    && !matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+                    && (attempt < attempts || started.elapsed() < DEAD_CONNECTION_RETRY_BUDGET) =>
             {
                 tracing::debug!(error = %e, attempt, "the connection was dead; retrying");
+                if attempt >= attempts {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
                 attempt += 1;
             }
             other => return other,

@@ -63,6 +63,9 @@ impl NewOrg {
 pub struct Created {
     pub organization: Organization,
     pub owner: Option<User>,
+    /// Its schema came from the warm pool (see `warm`).
+    #[serde(skip)]
+    pub from_warm_pool: bool,
 }
 
 const DUPLICATE_SCHEMA: &str = "42P06";
@@ -190,6 +193,7 @@ async fn claim_org(
     Ok(Some(Created {
         organization,
         owner,
+        from_warm_pool: sql == WARM_SCHEMA,
     }))
 }
 
@@ -246,6 +250,7 @@ pub(crate) async fn create_org_in(
     let Created {
         organization,
         owner,
+        ..
     } = claim_org(tx, template, new, FRESH_SCHEMA)
         .await?
         .ok_or_else(|| Error::Internal("the registry row was not inserted".into()))?;
@@ -277,6 +282,7 @@ pub(crate) async fn create_org_in(
     Ok(Created {
         organization,
         owner,
+        from_warm_pool: false,
     })
 }
 

@@ -292,29 +292,24 @@ impl TenantRouter {
 
     /// Runs the read-only work `f` in a transaction of `tenant` and commits.
     /// If the connection dies under it (a backend killed, the server
-    /// restarting), the work runs again, once, on a fresh connection: reads
-    /// see no error. Only for work that writes nothing.
+    /// restarting), the work runs again on another connection: reads see no
+    /// error. One kill of every backend (a failover, an operator's
+    /// `pg_terminate_backend` sweep) can reach a pooled connection after the
+    /// retry took it, so, as for BEGIN, the work is tried up to once per
+    /// connection of the pool (plus two): by then it runs on a connection
+    /// opened after the faults. Only for work that writes nothing.
     pub async fn read<T, F>(&self, tenant: &Arc<Tenant>, f: F) -> Result<T, Error>
     where
         F: for<'t> Fn(&'t mut TenantTx) -> TenantFuture<'t, T>,
     {
-        let mut retried = false;
-        loop {
-            let result = async {
-                let mut tx = self.begin(tenant).await?;
-                let out = f(&mut tx).await?;
-                tx.commit().await?;
-                Ok(out)
-            }
-            .await;
-            match result {
-                Err(Error::Database(e)) if !retried && crate::error::is_connection_error(&e) => {
-                    tracing::debug!(error = %e, "read lost its connection; retrying once");
-                    retried = true;
-                }
-                other => return other,
-            }
-        }
+        let attempts = self.tenants.max_connections() as usize + 2;
+        crate::error::retry_dead_connections(attempts, || async {
+            let mut tx = self.begin(tenant).await?;
+            let out = f(&mut tx).await?;
+            tx.commit().await?;
+            Ok(out)
+        })
+        .await
     }
 
     async fn begin_once(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {

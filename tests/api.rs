@@ -1652,6 +1652,24 @@ async fn a_server_keeps_its_warm_pool_full_and_signups_take_from_it() {
         .await;
     assert_eq!(s, 200, "{statuses}");
     assert_eq!(statuses["items"].as_array().unwrap().len(), 3);
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "tenantry_org_creates_total"
+                && s.labels.get("schema") == Some("warm")),
+        "{text}"
+    );
 
     // refilled after the signup, without waiting for the periodic check
     let refilled = tokio::time::timeout(tenantry::warm::REFILL_INTERVAL, async {

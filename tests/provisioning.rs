@@ -593,6 +593,27 @@ async fn rows_of(
     all
 }
 
+/// The constraints and indexes of a schema's tables, by table and name,
+/// with their definitions (the schema's name left out).
+async fn structure_of(db: &TestDb, schema: &str) -> Vec<(String, String, String)> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT t.relname::text, c.conname::text, pg_get_constraintdef(c.oid) \
+         FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid \
+         WHERE t.relnamespace = $1::regnamespace \
+         UNION ALL \
+         SELECT t.relname::text, i.relname::text, pg_get_indexdef(i.oid) \
+         FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid \
+         WHERE t.relnamespace = $1::regnamespace ORDER BY 1, 2, 3",
+    )
+    .bind(schema)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(t, n, d)| (t, n, d.replace(schema, "<schema>")))
+        .collect()
+}
+
 /// Export and import under a new slug give back every row of every table
 /// (ids, timestamps, texts with tabs, newlines, backslashes, unicode),
 /// while a writer keeps writing to the source: the archive is one
@@ -706,6 +727,14 @@ async fn export_then_import_round_trips_every_row_while_the_source_keeps_writing
         .count(&format!("SELECT count(*) FROM {copy_schema}.tests"))
         .await;
     assert_eq!(tests_of_copy, 3000 + max);
+    // the keys, indexes and foreign keys the import set aside for the load
+    // are back, as the template made them
+    let source_schema = db.schema_of("src-00").await;
+    assert_eq!(
+        structure_of(&db, &copy_schema).await,
+        structure_of(&db, &source_schema).await
+    );
+    assert_eq!(structure_of(&db, &copy_schema).await.len(), 18);
 
     // the CLI: to a file and back, under another slug and name
     let dir = tempfile::tempdir().unwrap();
@@ -733,6 +762,15 @@ async fn export_then_import_round_trips_every_row_while_the_source_keeps_writing
 async fn bad_archives_are_refused_and_leave_nothing_behind() {
     let db = TestDb::new().await;
     db.create_orgs("good", 1).await;
+    let good = db.schema_of("good-00").await;
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {good}.tests (prompt, expected_outcome, behavior_id, status_id, created_by, updated_by) \
+         SELECT 'p' || g, 'ok', (SELECT id FROM {good}.behaviors LIMIT 1), (SELECT id FROM {good}.statuses LIMIT 1), \
+                gen_random_uuid(), gen_random_uuid() FROM generate_series(1, 3) g"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let mut archive = Vec::new();
     tenantry::archive::export(&db.pool, &Slug::parse("good-00").unwrap(), &mut archive)
         .await
@@ -794,6 +832,20 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
             "not a tenantry archive",
         ),
         ("empty", vec![], "not a tenantry archive"),
+        // forged with matching counts and checksums: the keys catch them
+        (
+            "forged: tests whose behaviors are gone",
+            forge(&archive, "behaviors", |_| String::new()),
+            "foreign key",
+        ),
+        (
+            "forged: a status twice",
+            forge(&archive, "statuses", |rows| {
+                let first = rows.lines().next().unwrap().to_owned();
+                format!("{rows}{first}\n")
+            }),
+            "key",
+        ),
     ];
     let schemas = db
         .count("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 't\\_%'")
@@ -845,6 +897,44 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
     )
     .await
     .unwrap();
+}
+
+/// `archive` with the rows of `table` replaced by `edit(rows)`, its row
+/// count, size and checksum made to match: a forgery only the database's
+/// keys can catch.
+fn forge(archive: &[u8], table: &str, edit: impl Fn(&str) -> String) -> Vec<u8> {
+    use sha2::Digest;
+    let text = std::str::from_utf8(archive).unwrap();
+    let mut lines = text.splitn(3, '\n');
+    let (magic, header, mut rest) = (
+        lines.next().unwrap(),
+        lines.next().unwrap(),
+        lines.next().unwrap(),
+    );
+    let mut header: tenantry::archive::Header = serde_json::from_str(header).unwrap();
+    let mut body = String::new();
+    for t in &mut header.tables {
+        let (rows, tail) = rest.split_at(t.bytes as usize);
+        rest = tail;
+        let rows = if t.name == table {
+            edit(rows)
+        } else {
+            rows.to_owned()
+        };
+        t.rows = rows.matches('\n').count() as u64;
+        t.bytes = rows.len() as u64;
+        t.sha256 = sha2::Sha256::digest(rows.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        body.push_str(&rows);
+    }
+    assert_eq!(rest, "end\n");
+    format!(
+        "{magic}\n{}\n{body}end\n",
+        serde_json::to_string(&header).unwrap()
+    )
+    .into_bytes()
 }
 
 /// A writer that takes `left` bytes, then fails (a client gone away).
@@ -968,6 +1058,7 @@ async fn a_signup_takes_a_warm_schema_and_builds_nothing() {
     let created = provision::create_org(&db.pool, &template, &new_org("warm-start"))
         .await
         .unwrap();
+    assert!(created.from_warm_pool);
     let org = &created.organization;
     // the oldest warm schema, with its id: nothing was built or renamed
     assert_eq!(org.id, warm[0]);
@@ -1016,6 +1107,7 @@ async fn a_signup_takes_a_warm_schema_and_builds_nothing() {
         .await
         .unwrap();
     assert!(!warm.contains(&cold.organization.id));
+    assert!(!cold.from_warm_pool);
     assert!(warm_ids(&db).await.is_empty());
     assert_eq!(tenant_schemas(&db).await, 3);
 }

@@ -89,8 +89,8 @@ impl OrgScope {
         Ok(self.router.begin(&self.tenant).await?)
     }
 
-    /// Runs read-only work in a transaction of this org, retried once on a
-    /// fresh connection if its connection dies (see [`TenantRouter::read`]).
+    /// Runs read-only work in a transaction of this org, retried on another
+    /// connection if its connection dies (see [`TenantRouter::read`]).
     pub async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         F: for<'t> Fn(&'t mut TenantTx) -> TenantFuture<'t, T>,
