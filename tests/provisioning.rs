@@ -3,6 +3,7 @@
 mod common;
 
 use common::TestDb;
+use tenantry::archive::RowFormat;
 use tenantry::error::Error;
 use tenantry::ident::Slug;
 use tenantry::provision::{self, NewOrg, DEFAULT_BEHAVIORS, DEFAULT_STATUSES};
@@ -669,6 +670,10 @@ async fn export_then_import_round_trips_every_row_while_the_source_keeps_writing
         tenantry::archive::export(&db.pool, &Slug::parse("src-00").unwrap(), &mut archive)
             .await
             .unwrap();
+    assert!(
+        archive.starts_with(b"tenantry-archive 2\n"),
+        "binary rows by default"
+    );
     let during = db
         .count(&format!(
             "SELECT count(*) FROM {schema}.tests WHERE prompt LIKE 'during export%'"
@@ -736,21 +741,34 @@ async fn export_then_import_round_trips_every_row_while_the_source_keeps_writing
     );
     assert_eq!(structure_of(&db, &copy_schema).await.len(), 18);
 
-    // the CLI: to a file and back, under another slug and name
+    // the CLI: to a file and back, under another slug and name, in the
+    // text format (archive format 1) this time; the writer has stopped, so
+    // the copy is the source as it is now
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("src.tenantry");
     let file = file.to_str().unwrap();
-    let (ok, _, err) = db.cli(&["orgs", "export", "src-00", "--output", file]);
+    let (ok, _, err) = db.cli(&[
+        "orgs", "export", "src-00", "--output", file, "--format", "text",
+    ]);
     assert!(ok, "{err}");
     assert!(err.contains("exported src-00"), "{err}");
     assert!(!std::path::Path::new(&format!("{file}.partial")).exists());
+    assert!(std::fs::read(file)
+        .unwrap()
+        .starts_with(b"tenantry-archive 1\n"));
     let (ok, out, err) = db.cli(&[
         "orgs", "import", "copy-two", "--input", file, "--name", "Copy Two", "--json",
     ]);
     assert!(ok, "{err}");
     let out: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(out["organization"]["name"], "Copy Two");
-    assert!(out["rows"].as_u64().unwrap() >= header_rows);
+    assert_eq!(
+        rows_of(&db, &db.schema_of("copy-two").await).await,
+        rows_of(&db, &schema).await
+    );
+    let (ok, _, err) = db.cli(&["orgs", "export", "src-00", "--format", "csv"]);
+    assert!(!ok);
+    assert!(err.contains("csv"), "{err}");
 }
 
 /// Truncated, corrupted, tampered, unknown-format and wrong-version
@@ -771,8 +789,13 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
     .execute(&db.pool)
     .await
     .unwrap();
+    let good_slug = Slug::parse("good-00").unwrap();
     let mut archive = Vec::new();
-    tenantry::archive::export(&db.pool, &Slug::parse("good-00").unwrap(), &mut archive)
+    tenantry::archive::export_as(&db.pool, &good_slug, RowFormat::Text, &mut archive)
+        .await
+        .unwrap();
+    let mut binary = Vec::new();
+    tenantry::archive::export_as(&db.pool, &good_slug, RowFormat::Binary, &mut binary)
         .await
         .unwrap();
     let text = String::from_utf8(archive.clone()).unwrap();
@@ -816,9 +839,9 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
         ("tampered", tampered, "checksum"),
         (
             "another format",
-            text.replacen("tenantry-archive 1", "tenantry-archive 2", 1)
+            text.replacen("tenantry-archive 1", "tenantry-archive 3", 1)
                 .into_bytes(),
-            "format \"2\" is not supported",
+            "format \"3\" is not supported",
         ),
         (
             "a later template",
@@ -832,6 +855,30 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
             "not a tenantry archive",
         ),
         ("empty", vec![], "not a tenantry archive"),
+        (
+            "binary, truncated in the rows",
+            binary[..binary.len() - 40].to_vec(),
+            "truncated",
+        ),
+        (
+            "binary, a byte changed",
+            {
+                let mut b = binary.clone();
+                let at = b.len() - 30;
+                b[at] ^= 0x01;
+                b
+            },
+            "checksum",
+        ),
+        (
+            "binary rows under a text header",
+            [
+                b"tenantry-archive 1\n".to_vec(),
+                binary[b"tenantry-archive 2\n".len()..].to_vec(),
+            ]
+            .concat(),
+            "says format 1",
+        ),
         // forged with matching counts and checksums: the keys catch them
         (
             "forged: tests whose behaviors are gone",
@@ -887,16 +934,22 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
             "{what}"
         );
     }
-    // and the good archive imports
-    tenantry::archive::import(
-        &db.pool,
-        &Template::embedded(),
-        &Slug::parse("restored").unwrap(),
-        None,
-        archive.as_slice(),
-    )
-    .await
-    .unwrap();
+    // and the good archives import, both formats
+    for (slug, bytes) in [("restored", &archive), ("restored-binary", &binary)] {
+        tenantry::archive::import(
+            &db.pool,
+            &Template::embedded(),
+            &Slug::parse(slug).unwrap(),
+            None,
+            bytes.as_slice(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            rows_of(&db, &db.schema_of(slug).await).await,
+            rows_of(&db, &good).await
+        );
+    }
 }
 
 /// `archive` with the rows of `table` replaced by `edit(rows)`, its row

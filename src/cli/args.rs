@@ -321,6 +321,11 @@ pub enum OrgsCommand {
         /// for standard output.
         #[arg(long, default_value = "-")]
         output: String,
+        /// How rows are written: `binary` (archive format 2: faster,
+        /// smaller) or `text` (format 1: readable, portable to any
+        /// PostgreSQL version). Import reads both.
+        #[arg(long, value_enum, default_value_t = crate::archive::RowFormat::Binary)]
+        format: crate::archive::RowFormat,
     },
     /// Create a new organization from an archive, in one transaction.
     Import {

@@ -24,7 +24,7 @@ pub(super) enum Action {
     Rename(Slug, Slug, bool),
     Delete(Slug, bool),
     Move(Slug, String, bool),
-    Export(Slug, String),
+    Export(Slug, String, crate::archive::RowFormat),
     Import(Slug, String, Option<String>, bool),
     Clone(Slug, Slug, Option<String>, bool),
     CreateToken(Slug, String, Option<String>, Option<Duration>, bool),
@@ -65,7 +65,11 @@ impl Action {
                 Action::Delete(slug, json)
             }
             OrgsCommand::Move { slug, to, json } => Action::Move(Slug::parse(&slug)?, to, json),
-            OrgsCommand::Export { slug, output } => Action::Export(Slug::parse(&slug)?, output),
+            OrgsCommand::Export {
+                slug,
+                output,
+                format,
+            } => Action::Export(Slug::parse(&slug)?, output, format),
             OrgsCommand::Import {
                 new_slug,
                 input,
@@ -200,16 +204,16 @@ impl Action {
                     println!("{} is on {} already; nothing moved", moved.slug, moved.to);
                 }
             }
-            Action::Export(slug, output) => {
+            Action::Export(slug, output, format) => {
                 let exported = if output == "-" {
-                    crate::archive::export(pool, &slug, &mut tokio::io::stdout()).await?
+                    crate::archive::export_as(pool, &slug, format, &mut tokio::io::stdout()).await?
                 } else {
                     // complete or absent: never a half-written archive
                     let partial = format!("{output}.partial");
                     let mut file = tokio::fs::File::create(&partial)
                         .await
                         .map_err(|e| anyhow::anyhow!("cannot create {partial}: {e}"))?;
-                    match crate::archive::export(pool, &slug, &mut file).await {
+                    match crate::archive::export_as(pool, &slug, format, &mut file).await {
                         Ok(exported) => {
                             file.sync_all().await?;
                             tokio::fs::rename(&partial, &output).await?;
