@@ -6,6 +6,9 @@ CREATE TABLE tenantry.warm_schemas (
     org_id           uuid PRIMARY KEY,
     schema_name      text NOT NULL UNIQUE,
     template_version integer NOT NULL,
+    -- the id the owner user of the org that takes it gets: the schema's
+    -- initial data is recorded as written by it
+    author_id        uuid NOT NULL,
     created_at       timestamptz NOT NULL DEFAULT now()
 );
 

@@ -102,12 +102,27 @@ pub async fn create_org_with_hook(
     hook: Option<FaultHook>,
 ) -> Result<Created, Error> {
     let mut tx = pool.begin().await?;
-    let (created, source) = match create_from_warm_in(&mut tx, template, new, hook).await? {
-        Some(created) => (created, "warm"),
-        None => (
-            create_org_in(&mut tx, template, new, hook, true).await?,
-            "cold",
-        ),
+    let made = async {
+        Ok::<_, Error>(
+            match create_from_warm_in(&mut tx, template, new, hook).await? {
+                Some(created) => (created, "warm"),
+                None => (
+                    create_org_in(&mut tx, template, new, hook, true).await?,
+                    "cold",
+                ),
+            },
+        )
+    }
+    .await;
+    let (created, source) = match made {
+        Ok(made) => made,
+        Err(e) => {
+            // at once, not when the connection is next used: a warm schema
+            // it took is locked until then, and the next signup would pass
+            // it by
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
     };
     tx.commit().await?;
     metrics::counter!(crate::metrics::ORG_CREATES, "schema" => source).increment(1);
@@ -116,8 +131,10 @@ pub async fn create_org_with_hook(
 }
 
 /// The statement that claims the slug: inserts the registry row (id and
-/// schema from the CTE `src`) and the owner user. A duplicate slug fails
-/// here, before any DDL.
+/// schema from the CTE `src`) and the owner user (id `src.author_id`),
+/// sets the transaction's `search_path` to the org's schema and announces
+/// the org (routers elsewhere may remember its slug as unknown; listeners
+/// hear of it at commit). A duplicate slug fails here, before any DDL.
 macro_rules! claim_org_sql {
     ($src:expr) => {
         concat!(
@@ -129,34 +146,40 @@ macro_rules! claim_org_sql {
             org_columns!(),
             "), owner AS (\
                INSERT INTO tenantry.users (id, organization_id, email, display_name) \
-               SELECT $6, org.id, $7, $8 FROM org WHERE $6::uuid IS NOT NULL RETURNING id) \
-             SELECT org.* FROM org LEFT JOIN owner ON true"
+               SELECT src.author_id, org.id, $7, $8 FROM org, src WHERE $7::text IS NOT NULL RETURNING id), \
+             path AS (SELECT set_config('search_path', quote_ident(src.schema_name), true) AS search_path FROM src) \
+             SELECT org.*, src.author_id, path.search_path, pg_notify($9, $10)::text AS announced \
+             FROM org LEFT JOIN owner ON true CROSS JOIN path CROSS JOIN src"
         )
     };
 }
 
-/// A new org's id and schema: the ones chosen for it ($1, $4).
-const FRESH_SCHEMA: &str = claim_org_sql!("SELECT $1::uuid AS org_id, $4::text AS schema_name");
+/// A new org's id and schema: the ones chosen for it ($1, $4); its owner
+/// gets id $6.
+const FRESH_SCHEMA: &str =
+    claim_org_sql!("SELECT $1::uuid AS org_id, $4::text AS schema_name, $6::uuid AS author_id");
 
 /// A new org's id and schema: a warm one's at the template's version ($5),
-/// whose schema exists, taken for good (see `warm`). None left: no row.
+/// whose schema exists, taken for good (see `warm`); its owner gets the id
+/// its initial data was recorded with. None left: no row.
 const WARM_SCHEMA: &str = claim_org_sql!(
     "DELETE FROM tenantry.warm_schemas WHERE org_id = \
        (SELECT w.org_id FROM tenantry.warm_schemas w \
         WHERE w.template_version = $5 \
-          AND EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = w.schema_name) \
+          AND to_regnamespace(quote_ident(w.schema_name)) IS NOT NULL \
         ORDER BY w.created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
-     RETURNING org_id, schema_name"
+     RETURNING org_id, schema_name, author_id"
 );
 
 /// Inserts the registry row and the owner user of `new`, with the id and
-/// schema `sql` chooses; `None` when it chose none (no warm schema).
+/// schema `sql` chooses, and announces it; `None` when it chose none (no
+/// warm schema). Also returns the author id `sql` chose.
 async fn claim_org(
     tx: &mut PgConnection,
     template: &Template,
     new: &NewOrg,
     sql: &'static str,
-) -> Result<Option<Created>, Error> {
+) -> Result<Option<(Created, Option<Uuid>)>, Error> {
     let conflict = || {
         Error::Conflict(format!(
             "organization {:?} already exists",
@@ -170,7 +193,7 @@ async fn claim_org(
         display_name: registry::default_display_name(email),
         is_superuser: false,
     });
-    let row: Option<OrgRow> = sqlx::query_as(sql)
+    let row: Option<sqlx::postgres::PgRow> = sqlx::query(sql)
         .bind(new.id)
         .bind(new.slug.as_str())
         .bind(&new.name)
@@ -179,26 +202,35 @@ async fn claim_org(
         .bind(owner.as_ref().map(|u| u.id))
         .bind(owner.as_ref().map(|u| u.email.as_str()))
         .bind(owner.as_ref().map(|u| u.display_name.as_str()))
+        .bind(crate::tenancy::REGISTRY_CHANNEL)
+        .bind(Change::Org(new.slug.clone()).payload())
         .fetch_optional(&mut *tx)
         .await
         .on_unique_violation(conflict)?;
     let Some(row) = row else {
         return Ok(None);
     };
-    let organization = Organization::try_from(row)?;
+    let author: Option<Uuid> = sqlx::Row::try_get(&row, "author_id")?;
+    let organization = Organization::try_from(<OrgRow as sqlx::FromRow<_>>::from_row(&row)?)?;
     let owner = owner.map(|u| User {
+        id: author.unwrap_or(u.id),
         organization_id: Some(organization.id),
         ..u
     });
-    Ok(Some(Created {
-        organization,
-        owner,
-        from_warm_pool: sql == WARM_SCHEMA,
-    }))
+    Ok(Some((
+        Created {
+            organization,
+            owner,
+            from_warm_pool: sql == WARM_SCHEMA,
+        },
+        author,
+    )))
 }
 
 /// [`create_org_in`] from a warm schema: claims one with the registry row
-/// in one statement, then adds the initial data. `None` (and nothing done)
+/// and the owner in one statement. The schema comes with its initial data,
+/// recorded as written by the owner the signup gets (see `warm`); without
+/// an owner it is handed to the nil system user. `None` (and nothing done)
 /// when no warm schema is ready at the template's version.
 async fn create_from_warm_in(
     tx: &mut PgConnection,
@@ -206,31 +238,23 @@ async fn create_from_warm_in(
     new: &NewOrg,
     hook: Option<FaultHook>,
 ) -> Result<Option<Created>, Error> {
-    let Some(created) = claim_org(tx, template, new, WARM_SCHEMA).await? else {
+    let Some((created, author)) = claim_org(tx, template, new, WARM_SCHEMA).await? else {
         return Ok(None);
     };
-    let org = &created.organization;
-    let engine = Engine::detect(&mut *tx).await?;
-    // As in a cold create: the initial data is written as the tenant role
-    // (on Citus, as the admin: see `engine`).
-    let mut setup = format!("SET LOCAL search_path TO {}", org.schema_name.quoted());
-    if !engine.is_citus() {
-        setup.push_str(&format!(
-            "; SET LOCAL ROLE {}",
-            crate::ident::RoleName::for_org(&org.id).quoted()
-        ));
-    }
-    simple_query(&mut *tx, &setup).await?;
     if let Some(hook) = hook {
         hook()?;
     }
-    let author = created
-        .owner
-        .as_ref()
-        .map(|u| u.id)
-        .unwrap_or(SYSTEM_USER_ID);
-    seed_initial_data(&mut *tx, author).await?;
-    announce(&mut *tx, &Change::Org(new.slug.clone())).await?;
+    if created.owner.is_none() {
+        // the claim set the search path
+        sqlx::query(
+            "WITH s AS (UPDATE statuses SET created_by = $2, updated_by = $2 WHERE created_by = $1) \
+             UPDATE behaviors SET created_by = $2, updated_by = $2 WHERE created_by = $1",
+        )
+        .bind(author)
+        .bind(SYSTEM_USER_ID)
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(Some(created))
 }
 
@@ -247,11 +271,14 @@ pub(crate) async fn create_org_in(
     seed: bool,
 ) -> Result<Created, Error> {
     let schema = SchemaName::for_org(&new.id);
-    let Created {
-        organization,
-        owner,
-        ..
-    } = claim_org(tx, template, new, FRESH_SCHEMA)
+    let (
+        Created {
+            organization,
+            owner,
+            ..
+        },
+        _,
+    ) = claim_org(tx, template, new, FRESH_SCHEMA)
         .await?
         .ok_or_else(|| Error::Internal("the registry row was not inserted".into()))?;
 
@@ -273,12 +300,10 @@ pub(crate) async fn create_org_in(
     if let Some(hook) = hook {
         hook()?;
     }
-    let author = owner.as_ref().map(|u| u.id).unwrap_or(SYSTEM_USER_ID);
     if seed {
+        let author = owner.as_ref().map(|u| u.id).unwrap_or(SYSTEM_USER_ID);
         seed_initial_data(&mut *tx, author).await?;
     }
-    // Routers elsewhere may remember this slug as unknown.
-    announce(&mut *tx, &Change::Org(new.slug.clone())).await?;
     Ok(Created {
         organization,
         owner,
@@ -286,9 +311,10 @@ pub(crate) async fn create_org_in(
     })
 }
 
-/// Loads the default statuses and behaviors in one round trip. Runs with
-/// search_path set to the new tenant's schema.
-async fn seed_initial_data(conn: &mut PgConnection, author: Uuid) -> Result<(), Error> {
+/// Loads the default statuses and behaviors, recorded as written by
+/// `author`, in one round trip. Runs with search_path set to the new
+/// tenant's schema.
+pub(crate) async fn seed_initial_data(conn: &mut PgConnection, author: Uuid) -> Result<(), Error> {
     sqlx::query(
         "WITH s AS (INSERT INTO statuses (name, created_by, updated_by) \
                     SELECT unnest($1::text[]), $3, $3) \

@@ -2,12 +2,15 @@
 //! an org costs a few row writes instead of DDL.
 //!
 //! A warm schema is a whole tenant (role, schema, tables, refinery history
-//! at the template version it was built with) for an org id that no
-//! organization has yet, recorded in `tenantry.warm_schemas`. Its names
-//! derive from that id like any org's, so taking one renames nothing: the
-//! signup's transaction deletes the row (`FOR UPDATE SKIP LOCKED`: two
-//! signups never take the same one) and inserts the organization with that
-//! id in the same statement (`provision::create_org`). Rolled back, or cut
+//! at the template version it was built with, initial data) for an org id
+//! that no organization has yet, recorded in `tenantry.warm_schemas`. Its
+//! names derive from that id like any org's, so taking one renames
+//! nothing: the signup's transaction deletes the row (`FOR UPDATE SKIP
+//! LOCKED`: two signups never take the same one) and inserts the
+//! organization with that id and its owner user in the same statement
+//! (`provision::create_org`). The initial data was recorded as written by
+//! the id that owner then gets (`author_id`), so a signup writes nothing in
+//! the tenant's schema; its rows carry the time the schema was built. Rolled back, or cut
 //! off by a crash, the transaction leaves the row and the schema in the
 //! pool, and no organization.
 //!
@@ -110,15 +113,20 @@ async fn build_in(conn: &mut PgConnection, template: &Template) -> Result<Uuid, 
     template
         .apply_to_new_schema(&mut *conn, &schema, &role, engine)
         .await?;
+    // the initial data too, as written by the owner the org will get
+    let author = Uuid::new_v4();
+    crate::provision::seed_initial_data(&mut *conn, author).await?;
     // apply_to_new_schema leaves the transaction as the tenant role on
     // plain PostgreSQL; the registry row is the admin's to write.
     simple_query(conn, "RESET ROLE").await?;
     sqlx::query(
-        "INSERT INTO tenantry.warm_schemas (org_id, schema_name, template_version) VALUES ($1, $2, $3)",
+        "INSERT INTO tenantry.warm_schemas (org_id, schema_name, template_version, author_id) \
+         VALUES ($1, $2, $3, $4)",
     )
     .bind(id)
     .bind(schema.as_str())
     .bind(template.latest_version())
+    .bind(author)
     .execute(&mut *conn)
     .await?;
     Ok(id)

@@ -1152,10 +1152,34 @@ async fn a_signup_takes_a_warm_schema_and_builds_nothing() {
     let report = tenantry::fleet::doctor(&db.pool, false).await.unwrap();
     assert!(report.findings.is_empty(), "{report:?}");
 
+    // a signup without an owner: the initial data goes to the system user
+    let ownerless = provision::create_org(
+        &db.pool,
+        &template,
+        &NewOrg::parse("warm-two", "Warm Two", None).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(ownerless.from_warm_pool && ownerless.owner.is_none());
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {}.statuses WHERE created_by = '{}' AND updated_by = created_by",
+            ownerless.organization.schema_name,
+            provision::SYSTEM_USER_ID
+        ))
+        .await,
+        DEFAULT_STATUSES.len() as i64
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {}.behaviors WHERE created_by <> '{}'",
+            ownerless.organization.schema_name,
+            provision::SYSTEM_USER_ID
+        ))
+        .await,
+        0
+    );
     // with the pool empty, signups build their schema as before
-    provision::create_org(&db.pool, &template, &new_org("warm-two"))
-        .await
-        .unwrap();
     let cold = provision::create_org(&db.pool, &template, &new_org("cold-one"))
         .await
         .unwrap();
