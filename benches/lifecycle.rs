@@ -1,5 +1,6 @@
 //! Tenant data lifecycle, in one run on one database of `--tenants` orgs:
-//! export and import of one tenant with `--rows` tests (seconds and MB/s)
+//! export and import of one tenant with `--rows` tests (seconds and MB/s;
+//! binary rows, the default, and text)
 //! beside `pg_dump --schema` and `pg_restore` of the same tenant, and a
 //! clone of it.
 //!
@@ -61,11 +62,17 @@ async fn main() {
          SELECT 'prompt number ' || g || ' with some text to look like a real one', repeat('expected ', 8), \
                 (SELECT id FROM {schema}.behaviors LIMIT 1), (SELECT id FROM {schema}.statuses LIMIT 1), \
                 gen_random_uuid(), gen_random_uuid() \
-         FROM generate_series(1, {rows}) g; ANALYZE {schema}.tests"
+         FROM generate_series(1, {rows}) g"
     ))
     .execute(&pool)
     .await
     .unwrap();
+    // settled pages (hint bits set) for every reader alike: the first to
+    // read fresh rows would otherwise pay for writing them
+    sqlx::raw_sql(&format!("VACUUM ANALYZE {schema}.tests"))
+        .execute(&pool)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
 
     // tenantry: export to a file, import it under a new slug
@@ -90,6 +97,34 @@ async fn main() {
     .await
     .unwrap();
     let import_s = started.elapsed().as_secs_f64();
+
+    // the same in text format (archive format 1)
+    let text_archive = dir.path().join("bench-text.tenantry");
+    let started = Instant::now();
+    let mut file = tokio::fs::File::create(&text_archive).await.unwrap();
+    let text_exported = tenantry::archive::export_as(
+        &pool,
+        &slug,
+        tenantry::archive::RowFormat::Text,
+        &mut file,
+    )
+    .await
+    .unwrap();
+    tokio::io::AsyncWriteExt::flush(&mut file).await.unwrap();
+    let text_export_s = started.elapsed().as_secs_f64();
+    let text_mb = text_exported.bytes as f64 / 1e6;
+    let started = Instant::now();
+    let input = tokio::fs::File::open(&text_archive).await.unwrap();
+    tenantry::archive::import(
+        &pool,
+        &template,
+        &Slug::parse("imported-text").unwrap(),
+        None,
+        input,
+    )
+    .await
+    .unwrap();
+    let text_import_s = started.elapsed().as_secs_f64();
 
     // pg_dump of the same tenant (custom format), restored into a new schema
     let dump = dir.path().join("bench.dump");
@@ -145,6 +180,14 @@ async fn main() {
     println!(
         "| tenantry import | {import_s:.2} | {mb:.1} | {:.1} |",
         mb / import_s
+    );
+    println!(
+        "| tenantry export --format text | {text_export_s:.2} | {text_mb:.1} | {:.1} |",
+        text_mb / text_export_s
+    );
+    println!(
+        "| tenantry import (text) | {text_import_s:.2} | {text_mb:.1} | {:.1} |",
+        text_mb / text_import_s
     );
     println!(
         "| pg_dump --schema (custom) | {dump_s:.2} | {dump_mb:.1} | {:.1} |",
