@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::{arg, bench_pool};
+use tenantry::archive::RowFormat;
 use tenantry::ident::Slug;
 use tenantry::template::Template;
 
@@ -33,6 +34,35 @@ fn run(program: &std::path::Path, args: &[&str]) -> f64 {
         String::from_utf8_lossy(&out.stderr)
     );
     started.elapsed().as_secs_f64()
+}
+
+/// Exports `slug` to `archive` with rows in `format`, imports it as
+/// `new_slug`: (export seconds, import seconds, archive MB).
+async fn round_trip(
+    pool: &sqlx::PgPool,
+    template: &Template,
+    slug: &Slug,
+    format: RowFormat,
+    archive: &std::path::Path,
+    new_slug: &str,
+) -> (f64, f64, f64) {
+    let started = Instant::now();
+    let mut file = tokio::fs::File::create(archive).await.unwrap();
+    let exported = tenantry::archive::export_as(pool, slug, format, &mut file)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::flush(&mut file).await.unwrap();
+    let export_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let input = tokio::fs::File::open(archive).await.unwrap();
+    tenantry::archive::import(pool, template, &Slug::parse(new_slug).unwrap(), None, input)
+        .await
+        .unwrap();
+    (
+        export_s,
+        started.elapsed().as_secs_f64(),
+        exported.bytes as f64 / 1e6,
+    )
 }
 
 #[tokio::main]
@@ -75,56 +105,26 @@ async fn main() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
 
-    // tenantry: export to a file, import it under a new slug
-    let archive = dir.path().join("bench.tenantry");
-    let started = Instant::now();
-    let mut file = tokio::fs::File::create(&archive).await.unwrap();
-    let exported = tenantry::archive::export(&pool, &slug, &mut file)
-        .await
-        .unwrap();
-    tokio::io::AsyncWriteExt::flush(&mut file).await.unwrap();
-    let export_s = started.elapsed().as_secs_f64();
-    let mb = exported.bytes as f64 / 1e6;
-    let started = Instant::now();
-    let input = tokio::fs::File::open(&archive).await.unwrap();
-    tenantry::archive::import(
+    // tenantry: export to a file, import it under a new slug; binary rows
+    // (the default), then text
+    let (export_s, import_s, mb) = round_trip(
         &pool,
         &template,
-        &Slug::parse("imported").unwrap(),
-        None,
-        input,
-    )
-    .await
-    .unwrap();
-    let import_s = started.elapsed().as_secs_f64();
-
-    // the same in text format (archive format 1)
-    let text_archive = dir.path().join("bench-text.tenantry");
-    let started = Instant::now();
-    let mut file = tokio::fs::File::create(&text_archive).await.unwrap();
-    let text_exported = tenantry::archive::export_as(
-        &pool,
         &slug,
-        tenantry::archive::RowFormat::Text,
-        &mut file,
+        RowFormat::Binary,
+        &dir.path().join("bench.tenantry"),
+        "imported",
     )
-    .await
-    .unwrap();
-    tokio::io::AsyncWriteExt::flush(&mut file).await.unwrap();
-    let text_export_s = started.elapsed().as_secs_f64();
-    let text_mb = text_exported.bytes as f64 / 1e6;
-    let started = Instant::now();
-    let input = tokio::fs::File::open(&text_archive).await.unwrap();
-    tenantry::archive::import(
+    .await;
+    let (text_export_s, text_import_s, text_mb) = round_trip(
         &pool,
         &template,
-        &Slug::parse("imported-text").unwrap(),
-        None,
-        input,
+        &slug,
+        RowFormat::Text,
+        &dir.path().join("bench-text.tenantry"),
+        "imported-text",
     )
-    .await
-    .unwrap();
-    let text_import_s = started.elapsed().as_secs_f64();
+    .await;
 
     // pg_dump of the same tenant (custom format), restored into a new schema
     let dump = dir.path().join("bench.dump");

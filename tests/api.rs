@@ -1465,16 +1465,7 @@ async fn the_top_tenants_family_names_only_the_busiest_orgs() {
             assert_eq!(status, 200);
         }
     }
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let (text, scrape) = scrape_metrics(&app).await;
     let mut top: Vec<(String, f64)> = scrape
         .samples
         .iter()
@@ -1652,16 +1643,7 @@ async fn a_server_keeps_its_warm_pool_full_and_signups_take_from_it() {
         .await;
     assert_eq!(s, 200, "{statuses}");
     assert_eq!(statuses["items"].as_array().unwrap().len(), 3);
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let (text, scrape) = scrape_metrics(&app).await;
     assert!(
         scrape
             .samples
@@ -1679,4 +1661,19 @@ async fn a_server_keeps_its_warm_pool_full_and_signups_take_from_it() {
     })
     .await;
     assert!(refilled.is_ok(), "the pool was not refilled after a signup");
+}
+
+/// GET /metrics: the text and its parse.
+async fn scrape_metrics(app: &common::TestApp) -> (String, prometheus_parse::Scrape) {
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    (text, scrape)
 }
