@@ -1,6 +1,7 @@
 //! Per-tenant fairness, black-box over HTTP: one org sending ten times the
 //! others' rate of slow requests gets 429 `tenant_busy` (never a 5xx),
-//! while the other orgs' p99 stays within 2x of their p99 without it. Its
+//! while the other orgs' p99 stays within 2x of their p99 without it (in
+//! the median round of alternating phases). Its
 //! own test binary: it measures latency, so no other test may run beside it.
 
 mod common;
@@ -176,19 +177,23 @@ async fn noisy_neighbour(pool: PoolConfig, what: &str) {
     // warm up caches and connections
     drive(&http, &api, &slow_url, &quiet, None).await;
 
-    let (mut alone_ms, mut beside_ms, mut statuses) = (vec![], vec![], vec![]);
+    let (mut ratios, mut statuses) = (vec![], vec![]);
     for _ in 0..ROUNDS {
         let alone = drive(&http, &api, &slow_url, &quiet, None).await;
         let beside = drive(&http, &api, &slow_url, &quiet, Some(&noisy)).await;
         for o in [&alone, &beside] {
             assert!(o.bad_quiet.is_empty(), "quiet orgs got {:?}", o.bad_quiet);
         }
-        alone_ms.extend(alone.quiet_ms);
-        beside_ms.extend(beside.quiet_ms);
+        ratios.push((p99(&alone.quiet_ms), p99(&beside.quiet_ms)));
         statuses.extend(beside.noisy_statuses);
     }
-    let alone = p99(&alone_ms);
-    let beside = p99(&beside_ms);
+    println!("{what}: quiet p99 per round (alone ms, beside ms): {ratios:.2?}");
+    // The round in the middle by ratio: one phase stalled by the machine
+    // (a 100 ms hiccup on a shared 2-core host is enough to move a p99)
+    // cannot decide the outcome, while a neighbour that really takes the
+    // quiet orgs' connections slows every round.
+    ratios.sort_by(|a, b| (a.1 / a.0).total_cmp(&(b.1 / b.0)));
+    let (alone, beside) = ratios[ROUNDS / 2];
     let statuses = &statuses;
     let count = |s: u16| statuses.iter().filter(|x| **x == s).count();
     println!(
