@@ -103,18 +103,13 @@ pub async fn create_org_with_hook(
 ) -> Result<Created, Error> {
     let mut tx = pool.begin().await?;
     let made = async {
-        Ok::<_, Error>(
-            match create_from_warm_in(&mut tx, template, new, hook).await? {
-                Some(created) => (created, "warm"),
-                None => (
-                    create_org_in(&mut tx, template, new, hook, true).await?,
-                    "cold",
-                ),
-            },
-        )
+        match create_from_warm_in(&mut tx, template, new, hook).await? {
+            Some(created) => Ok(created),
+            None => create_org_in(&mut tx, template, new, hook, true).await,
+        }
     }
     .await;
-    let (created, source) = match made {
+    let created = match made {
         Ok(made) => made,
         Err(e) => {
             // at once, not when the connection is next used: a warm schema
@@ -125,6 +120,11 @@ pub async fn create_org_with_hook(
         }
     };
     tx.commit().await?;
+    let source = if created.from_warm_pool {
+        "warm"
+    } else {
+        "cold"
+    };
     metrics::counter!(crate::metrics::ORG_CREATES, "schema" => source).increment(1);
     tracing::info!(slug = %created.organization.slug, schema = %created.organization.schema_name, source, "organization created");
     Ok(created)
@@ -154,6 +154,24 @@ macro_rules! claim_org_sql {
     };
 }
 
+/// Where a new org's id and schema come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SchemaSource {
+    /// Built in the signup's transaction.
+    Fresh,
+    /// Taken from the warm pool.
+    Warm,
+}
+
+impl SchemaSource {
+    fn claim_sql(self) -> &'static str {
+        match self {
+            SchemaSource::Fresh => FRESH_SCHEMA,
+            SchemaSource::Warm => WARM_SCHEMA,
+        }
+    }
+}
+
 /// A new org's id and schema: the ones chosen for it ($1, $4); its owner
 /// gets id $6.
 const FRESH_SCHEMA: &str =
@@ -172,13 +190,13 @@ const WARM_SCHEMA: &str = claim_org_sql!(
 );
 
 /// Inserts the registry row and the owner user of `new`, with the id and
-/// schema `sql` chooses, and announces it; `None` when it chose none (no
-/// warm schema). Also returns the author id `sql` chose.
+/// schema from `source`, and announces it; `None` when it had none (no
+/// warm schema). Also returns the author id it chose.
 async fn claim_org(
     tx: &mut PgConnection,
     template: &Template,
     new: &NewOrg,
-    sql: &'static str,
+    source: SchemaSource,
 ) -> Result<Option<(Created, Option<Uuid>)>, Error> {
     let conflict = || {
         Error::Conflict(format!(
@@ -193,7 +211,7 @@ async fn claim_org(
         display_name: registry::default_display_name(email),
         is_superuser: false,
     });
-    let row: Option<sqlx::postgres::PgRow> = sqlx::query(sql)
+    let row: Option<sqlx::postgres::PgRow> = sqlx::query(source.claim_sql())
         .bind(new.id)
         .bind(new.slug.as_str())
         .bind(&new.name)
@@ -221,7 +239,7 @@ async fn claim_org(
         Created {
             organization,
             owner,
-            from_warm_pool: sql == WARM_SCHEMA,
+            from_warm_pool: source == SchemaSource::Warm,
         },
         author,
     )))
@@ -238,7 +256,7 @@ async fn create_from_warm_in(
     new: &NewOrg,
     hook: Option<FaultHook>,
 ) -> Result<Option<Created>, Error> {
-    let Some((created, author)) = claim_org(tx, template, new, WARM_SCHEMA).await? else {
+    let Some((created, author)) = claim_org(tx, template, new, SchemaSource::Warm).await? else {
         return Ok(None);
     };
     if let Some(hook) = hook {
@@ -278,7 +296,7 @@ pub(crate) async fn create_org_in(
             ..
         },
         _,
-    ) = claim_org(tx, template, new, FRESH_SCHEMA)
+    ) = claim_org(tx, template, new, SchemaSource::Fresh)
         .await?
         .ok_or_else(|| Error::Internal("the registry row was not inserted".into()))?;
 

@@ -81,6 +81,7 @@ pub async fn status(pool: &PgPool, template: &Template) -> Result<WarmStatus, Er
 pub async fn fill(pool: &PgPool, template: &Template, target: usize) -> Result<usize, Error> {
     let target = target.min(MAX_WARM_SCHEMAS) as i64;
     let version = template.latest_version();
+    let engine = Engine::detect(&mut *pool.acquire().await?).await?;
     let mut built = 0;
     loop {
         let mut tx = pool.begin().await?;
@@ -98,17 +99,20 @@ pub async fn fill(pool: &PgPool, template: &Template, target: usize) -> Result<u
             tx.commit().await?;
             return Ok(built);
         }
-        build_in(&mut tx, template).await?;
+        build_in(&mut tx, template, engine).await?;
         tx.commit().await?;
         built += 1;
     }
 }
 
 /// Builds one warm schema inside the caller's transaction.
-async fn build_in(conn: &mut PgConnection, template: &Template) -> Result<Uuid, Error> {
+async fn build_in(
+    conn: &mut PgConnection,
+    template: &Template,
+    engine: Engine,
+) -> Result<Uuid, Error> {
     let id = Uuid::new_v4();
     let schema = SchemaName::for_org(&id);
-    let engine = Engine::detect(&mut *conn).await?;
     let role = crate::roles::create_tenant_role(&mut *conn, &id, engine).await?;
     template
         .apply_to_new_schema(&mut *conn, &schema, &role, engine)
@@ -202,13 +206,14 @@ pub async fn forget_missing(pool: &PgPool, schema: &str) -> Result<(), Error> {
 /// replaced. `migrate` runs it after the tenants.
 #[tracing::instrument(skip(pool, template))]
 pub async fn rebuild_outdated(pool: &PgPool, template: &Template) -> Result<usize, Error> {
+    let engine = Engine::detect(&mut *pool.acquire().await?).await?;
     let mut rebuilt = 0;
     loop {
         let mut tx = pool.begin().await?;
         if !drop_one(&mut tx, Some(template.latest_version())).await? {
             return Ok(rebuilt);
         }
-        build_in(&mut tx, template).await?;
+        build_in(&mut tx, template, engine).await?;
         tx.commit().await?;
         rebuilt += 1;
     }

@@ -594,6 +594,22 @@ async fn rows_of(
     all
 }
 
+/// Imports `archive` as a new org `slug` with the built-in template.
+async fn import_as(
+    db: &TestDb,
+    slug: &str,
+    archive: &[u8],
+) -> Result<tenantry::archive::Imported, Error> {
+    tenantry::archive::import(
+        &db.pool,
+        &Template::embedded(),
+        &Slug::parse(slug).unwrap(),
+        None,
+        archive,
+    )
+    .await
+}
+
 /// The constraints and indexes of a schema's tables, by table and name,
 /// with their definitions (the schema's name left out).
 async fn structure_of(db: &TestDb, schema: &str) -> Vec<(String, String, String)> {
@@ -684,15 +700,7 @@ async fn export_then_import_round_trips_every_row_while_the_source_keeps_writing
     assert!(written > 20 && during > 20);
     assert_eq!(exported.bytes, archive.len() as u64);
 
-    let imported = tenantry::archive::import(
-        &db.pool,
-        &Template::embedded(),
-        &Slug::parse("copy").unwrap(),
-        None,
-        archive.as_slice(),
-    )
-    .await
-    .unwrap();
+    let imported = import_as(&db, "copy", &archive).await.unwrap();
     assert_eq!(imported.created.organization.name, "Test");
     let copy_schema = db.schema_of("copy").await;
     let copied = rows_of(&db, &copy_schema).await;
@@ -898,15 +906,7 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
         .count("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 't\\_%'")
         .await;
     for (what, bytes, needle) in cases {
-        let err = tenantry::archive::import(
-            &db.pool,
-            &Template::embedded(),
-            &Slug::parse("restored").unwrap(),
-            None,
-            bytes.as_slice(),
-        )
-        .await
-        .expect_err(what);
+        let err = import_as(&db, "restored", &bytes).await.expect_err(what);
         let message = err.to_string();
         assert!(
             matches!(
@@ -936,15 +936,7 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
     }
     // and the good archives import, both formats
     for (slug, bytes) in [("restored", &archive), ("restored-binary", &binary)] {
-        tenantry::archive::import(
-            &db.pool,
-            &Template::embedded(),
-            &Slug::parse(slug).unwrap(),
-            None,
-            bytes.as_slice(),
-        )
-        .await
-        .unwrap();
+        import_as(&db, slug, bytes).await.unwrap();
         assert_eq!(
             rows_of(&db, &db.schema_of(slug).await).await,
             rows_of(&db, &good).await
