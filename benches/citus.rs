@@ -27,11 +27,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{arg, bench_pool, load, ms, start_server, Stats, Target};
-use tenantry::db::PoolConfig;
-use tenantry::ident::Slug;
-use tenantry::provision::{self, NewOrg};
+use tenantry::base::ident::Slug;
+use tenantry::pg::pools::PoolConfig;
 use tenantry::server::ServerConfig;
-use tenantry::template::Template;
+use tenantry::tenants::provision::{self, NewOrg};
+use tenantry::tenants::template::Template;
 
 #[tokio::main]
 async fn main() {
@@ -159,9 +159,9 @@ async fn main() {
     .fetch_one(&citus)
     .await
     .unwrap();
-    let nodes = tenantry::placement::nodes(&citus).await.unwrap();
+    let nodes = tenantry::tenants::placement::nodes(&citus).await.unwrap();
     let mut conn = citus.acquire().await.unwrap();
-    let from = tenantry::placement::nodes_of(&mut conn, &[schema.as_str()])
+    let from = tenantry::tenants::placement::nodes_of(&mut conn, &[schema.as_str()])
         .await
         .unwrap()
         .remove(schema.as_str())
@@ -202,9 +202,13 @@ async fn main() {
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let move_started = Instant::now();
-    let moved = tenantry::placement::move_org(&citus_pools.admin, &Slug::parse(slug).unwrap(), &to)
-        .await
-        .unwrap();
+    let moved = tenantry::tenants::placement::move_org(
+        &citus_pools.admin,
+        &Slug::parse(slug).unwrap(),
+        &to,
+    )
+    .await
+    .unwrap();
     let move_ended = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);

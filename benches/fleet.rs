@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{arg, bench_pool, cpu_ticks};
-use tenantry::fleet::{self, MigrateOptions};
-use tenantry::provision::{self, NewOrg};
-use tenantry::template::Template;
+use tenantry::tenants::fleet::{self, MigrateOptions};
+use tenantry::tenants::provision::{self, NewOrg};
+use tenantry::tenants::template::Template;
 
 fn status_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -196,7 +196,7 @@ async fn main() {
         .map(|(id, schema)| Tenant {
             id,
             schema,
-            role: tenantry::ident::RoleName::for_org(&id).quoted(),
+            role: tenantry::base::ident::RoleName::for_org(&id).quoted(),
         })
         .collect();
     setup.close().await;

@@ -25,12 +25,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::arg;
-use tenantry::db::PoolConfig;
-use tenantry::fleet::{self, MigrateOptions};
-use tenantry::ident::Slug;
-use tenantry::provision::{self, NewOrg};
+use tenantry::base::ident::Slug;
+use tenantry::pg::pools::PoolConfig;
 use tenantry::server::ServerConfig;
-use tenantry::template::Template;
+use tenantry::tenants::fleet::{self, MigrateOptions};
+use tenantry::tenants::provision::{self, NewOrg};
+use tenantry::tenants::template::Template;
 
 struct Target {
     slug: String,

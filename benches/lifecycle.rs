@@ -12,13 +12,13 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::{arg, bench_pool};
-use tenantry::archive::RowFormat;
-use tenantry::ident::Slug;
-use tenantry::template::Template;
+use tenantry::base::ident::Slug;
+use tenantry::tenants::archive::RowFormat;
+use tenantry::tenants::template::Template;
 
 /// The PostgreSQL client binary `name` next to the server binaries.
 fn pg_binary(name: &str) -> std::path::PathBuf {
-    tenantry::embedded::find_bin_dir()
+    tenantry::pg::embedded::find_bin_dir()
         .map(|dir| dir.join(name))
         .filter(|p| p.exists())
         .unwrap_or_else(|| name.into())
@@ -48,16 +48,22 @@ async fn round_trip(
 ) -> (f64, f64, f64) {
     let started = Instant::now();
     let mut file = tokio::fs::File::create(archive).await.unwrap();
-    let exported = tenantry::archive::export_as(pool, slug, format, &mut file)
+    let exported = tenantry::tenants::archive::export_as(pool, slug, format, &mut file)
         .await
         .unwrap();
     tokio::io::AsyncWriteExt::flush(&mut file).await.unwrap();
     let export_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let input = tokio::fs::File::open(archive).await.unwrap();
-    tenantry::archive::import(pool, template, &Slug::parse(new_slug).unwrap(), None, input)
-        .await
-        .unwrap();
+    tenantry::tenants::archive::import(
+        pool,
+        template,
+        &Slug::parse(new_slug).unwrap(),
+        None,
+        input,
+    )
+    .await
+    .unwrap();
     (
         export_s,
         started.elapsed().as_secs_f64(),
@@ -159,7 +165,7 @@ async fn main() {
 
     // clone
     let started = Instant::now();
-    let cloned = tenantry::archive::clone_org(
+    let cloned = tenantry::tenants::archive::clone_org(
         &pool,
         &template,
         &slug,

@@ -17,10 +17,10 @@ mod common;
 mod pgbouncer;
 
 use common::{arg, bench_pool, load, ms, Stats, Target};
-use tenantry::db::{PoolConfig, Pooler};
-use tenantry::router::{RouterConfig, StatementMode};
+use tenantry::pg::pools::{PoolConfig, Pooler};
 use tenantry::server::{self, ServerConfig};
-use tenantry::template::Template;
+use tenantry::serving::router::{RouterConfig, StatementMode};
+use tenantry::tenants::template::Template;
 
 /// A server whose serving connections go to `serving_url`; admin work to
 /// `direct_url`.
@@ -30,7 +30,7 @@ async fn start(
     pool: &PoolConfig,
     config: ServerConfig,
 ) -> String {
-    let admin = tenantry::db::connect(
+    let admin = tenantry::pg::pools::connect(
         direct_url,
         &PoolConfig {
             pooler: Pooler::None,

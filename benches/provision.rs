@@ -14,8 +14,8 @@ mod common;
 use std::time::Instant;
 
 use common::{arg, bench_pool, ms, Stats};
-use tenantry::provision::{self, NewOrg};
-use tenantry::template::{Template, HISTORY_TABLE};
+use tenantry::tenants::provision::{self, NewOrg};
+use tenantry::tenants::template::{Template, HISTORY_TABLE};
 
 #[tokio::main]
 async fn main() {

@@ -25,10 +25,10 @@ use common::{arg, bench_pool, cpu_ticks, load, ms, Stats, Target};
 use tenantry::api::error::ApiError;
 use tenantry::api::extract::{ApiPath, Auth};
 use tenantry::api::resources::TestCase;
-use tenantry::db::PoolConfig;
-use tenantry::ident::{SchemaName, Slug};
+use tenantry::base::ident::{SchemaName, Slug};
+use tenantry::pg::pools::PoolConfig;
 use tenantry::server::{self, ServerConfig};
-use tenantry::template::Template;
+use tenantry::tenants::template::Template;
 use uuid::Uuid;
 
 const BASELINE_SCHEMA: &str = "bench_fixed";
@@ -129,7 +129,7 @@ async fn main() {
     }
     setup_pool.close().await;
 
-    let pool = tenantry::db::connect(
+    let pool = tenantry::pg::pools::connect(
         &url,
         &PoolConfig {
             max_connections: pool_size,
@@ -143,7 +143,7 @@ async fn main() {
     let pools = server::Pools {
         admin: pool.clone(),
         control: pool.clone(),
-        tenants: tenantry::db::TenantPool::single(pool.clone()),
+        tenants: tenantry::pg::pools::TenantPool::single(pool.clone()),
     };
     let state = server::state(pools, &ServerConfig::default())
         .await
@@ -162,10 +162,10 @@ async fn main() {
         server::Pools {
             admin: pool.clone(),
             control: pool.clone(),
-            tenants: tenantry::db::TenantPool::single(pool.clone()),
+            tenants: tenantry::pg::pools::TenantPool::single(pool.clone()),
         },
         &ServerConfig {
-            router: tenantry::router::RouterConfig {
+            router: tenantry::serving::router::RouterConfig {
                 set_role: false,
                 ..Default::default()
             },
@@ -374,8 +374,9 @@ async fn main() {
     );
     println!("library: resolve (cache hit) {resolve_ns:.0} ns/op over {n} calls");
     // the per-tenant limit's bookkeeping on every begin, uncontended
-    let limiter =
-        tenantry::fairness::TenantLimiter::new(tenantry::fairness::FairnessConfig::for_pool(16));
+    let limiter = tenantry::serving::fairness::TenantLimiter::new(
+        tenantry::serving::fairness::FairnessConfig::for_pool(16),
+    );
     let ids: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
     let started = Instant::now();
     let rounds = 200_000;

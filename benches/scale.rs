@@ -31,13 +31,13 @@ use std::time::Instant;
 use common::{arg, cpu_ticks, ms, Stats};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use tenantry::db::PoolConfig;
-use tenantry::embedded::{Durability, LocalPostgres};
-use tenantry::ident::Slug;
-use tenantry::provision::{self, NewOrg};
-use tenantry::router::{RouterConfig, StatementMode};
+use tenantry::base::ident::Slug;
+use tenantry::pg::embedded::{Durability, LocalPostgres};
+use tenantry::pg::pools::PoolConfig;
 use tenantry::server::{Pools, ServerConfig};
-use tenantry::template::Template;
+use tenantry::serving::router::{RouterConfig, StatementMode};
+use tenantry::tenants::provision::{self, NewOrg};
+use tenantry::tenants::template::Template;
 
 const DB_NAME: &str = "tenantry_scale";
 const POOL_SIZE: u32 = 16;
@@ -140,7 +140,9 @@ async fn database() -> (String, Option<LocalPostgres>) {
 async fn tenant_set(pool: &PgPool, n: usize) -> Vec<Target> {
     tenantry::registry::migrate(pool).await.unwrap();
     // a set built by an earlier version gets its tenant roles
-    tenantry::roles::ensure_tenant_roles(pool).await.unwrap();
+    tenantry::registry::roles::ensure_tenant_roles(pool)
+        .await
+        .unwrap();
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS public.bench_targets (
            n int PRIMARY KEY, slug text NOT NULL, token text NOT NULL, test_id uuid NOT NULL,
@@ -618,7 +620,9 @@ async fn admin_figures(base: &str, admin: &PgPool) {
         .unwrap();
     let stats_time = t.elapsed();
     let t = Instant::now();
-    let report = tenantry::fleet::doctor(admin, false).await.unwrap();
+    let report = tenantry::tenants::fleet::doctor(admin, false)
+        .await
+        .unwrap();
     let doctor_time = t.elapsed();
     let page = Stats::of(page_times);
     println!(

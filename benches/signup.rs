@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{arg, bench_pool, ms, Stats};
-use tenantry::provision::{self, NewOrg};
-use tenantry::template::Template;
+use tenantry::tenants::provision::{self, NewOrg};
+use tenantry::tenants::template::Template;
 
 #[tokio::main]
 async fn main() {
@@ -62,10 +62,13 @@ async fn main() {
 
     // warm: fill, then sign up while the refill task keeps the pool full
     let filled = Instant::now();
-    tenantry::warm::fill(&pool, &template, warm).await.unwrap();
+    tenantry::tenants::warm::fill(&pool, &template, warm)
+        .await
+        .unwrap();
     let fill_s = filled.elapsed().as_secs_f64();
     let poke = Arc::new(tokio::sync::Notify::new());
-    let refill = tenantry::warm::spawn_refill(pool.clone(), template.clone(), warm, poke.clone());
+    let refill =
+        tenantry::tenants::warm::spawn_refill(pool.clone(), template.clone(), warm, poke.clone());
     let (mut warm_lat, mut misses, mut lowest) = (vec![], 0, warm as i64);
     for i in 0..creates {
         let (d, from_pool) = signup(format!("warm-{i:05}")).await;
@@ -73,7 +76,7 @@ async fn main() {
         warm_lat.push(d);
         misses += usize::from(!from_pool);
         tokio::time::sleep(interval).await;
-        let level = tenantry::warm::status(&pool, &template)
+        let level = tenantry::tenants::warm::status(&pool, &template)
             .await
             .unwrap()
             .ready;

@@ -19,13 +19,12 @@
 //! role with its schema as the search path. The handler never sees a pool,
 //! so it cannot query outside the tenant.
 
+use axum::extract::Query;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use tenantry::api::error::ApiError;
 use tenantry::api::extract::OrgScope;
-use tenantry::api::TenantApi;
-use tenantry::db::PoolConfig;
-use tenantry::server::{self, Pools, ServerConfig};
+use tenantry::Tenantry;
 
 #[derive(serde::Serialize, sqlx::FromRow)]
 struct Note {
@@ -33,16 +32,23 @@ struct Note {
     body: String,
 }
 
-/// `GET /v1/orgs/{slug}/notes`: the org's first 100 notes.
-async fn list_notes(org: OrgScope) -> Result<Json<Vec<Note>>, ApiError> {
+#[derive(serde::Deserialize)]
+struct Page {
+    #[serde(default)]
+    after: i64,
+}
+
+/// `GET /v1/orgs/{slug}/notes?after=N`: the org's next 100 notes.
+async fn list_notes(org: OrgScope, Query(page): Query<Page>) -> Result<Json<Vec<Note>>, ApiError> {
+    // `async move` takes what the closure uses (`page`) into it; reads are
+    // retried on another connection if theirs dies.
     let notes = org
-        .read(|tx| {
-            Box::pin(async move {
-                Ok(tx
-                    .query_as("SELECT id, body FROM notes ORDER BY id LIMIT 100")
-                    .fetch_all()
-                    .await?)
-            })
+        .read(async move |tx| {
+            Ok(tx
+                .query_as("SELECT id, body FROM notes WHERE id > $1 ORDER BY id LIMIT 100")
+                .bind(page.after)
+                .fetch_all()
+                .await?)
         })
         .await?;
     Ok(Json(notes))
@@ -52,24 +58,16 @@ async fn list_notes(org: OrgScope) -> Result<Json<Vec<Note>>, ApiError> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().init();
     let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?;
-    let pool_config = PoolConfig::default();
-    let admin = tenantry::db::connect(&url, &server::small_pool_config(&pool_config)).await?;
-    let config = ServerConfig::default();
-    let state = server::state(Pools::connect_lazy(admin, &url, &pool_config)?, &config).await?;
+    // Registry migrations, serving role, pools, cache listener: one call.
+    let tenantry = Tenantry::connect(&url).await?;
 
-    // Your routes get the tenant state (router and authenticator, no pool);
-    // tenantry's API is merged beside them.
-    let tenant_api = TenantApi {
-        router: state.tenancy.router().clone(),
-        auth: state.tenancy.auth().clone(),
-    };
-    let app = Router::new()
-        .route("/v1/orgs/{slug}/notes", get(list_notes))
-        .with_state(tenant_api)
-        .merge(tenantry::api::app(state));
+    // Your routes beside tenantry's API, under its request handling
+    // (request ids, request log, metrics, limits).
+    let app = tenantry.app(axum::Router::new().route("/v1/orgs/{slug}/notes", get(list_notes)));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await?;
+    tenantry.shutdown().await;
     Ok(())
 }

@@ -1,47 +1,50 @@
 //! tenantry: a schema-per-tenant router for PostgreSQL.
 //!
 //! One database holds the registry (schema `tenantry`) and one schema per
-//! organization. See `README.md` for the manual and `docs/` for benchmarks.
+//! organization. The modules are layers, each depending only on those
+//! listed before it (see `docs/architecture.md`; `tests/architecture.rs`
+//! keeps it so):
+//!
+//! - [`base`]: identifiers, the SQL lexer, secrets, errors;
+//! - [`pg`]: connections, engine detection, the local cluster, statements
+//!   and migrations over sqlx;
+//! - [`registry`]: orgs, users, tokens, roles, change notifications;
+//! - [`telemetry`]: metrics, which nothing above reaches into;
+//! - [`tenants`]: tenant schemas: template, provisioning, warm pool,
+//!   archives, placement, fleet operations;
+//! - [`serving`]: the router, authentication, fairness;
+//! - [`tenancy`]: the core: every org change, and a server's caches kept
+//!   coherent with them;
+//! - [`api`], [`cli`] and [`server`]: thin shells (HTTP, command line, and
+//!   the process that serves, with [`Tenantry`] for apps that embed it).
 
 pub mod api;
-pub mod archive;
-pub mod auth;
+pub mod base;
 pub mod cli;
-pub mod db;
-pub mod embedded;
-pub mod engine;
-pub mod error;
-pub mod fairness;
-pub mod fleet;
-pub mod ident;
-pub mod metrics;
-pub mod placement;
-pub mod provision;
+pub mod pg;
 pub mod registry;
-pub mod roles;
-pub mod router;
-pub mod secret;
 pub mod server;
-pub mod sql;
-pub mod template;
+pub mod serving;
+pub mod telemetry;
 pub mod tenancy;
-pub mod warm;
+pub mod tenants;
 
-pub use error::Error;
+pub use base::error::Error;
+pub use server::Tenantry;
 
 /// Compile-time check that the library's main futures are `Send`, so they
 /// can be spawned and used in axum handlers. (sqlx's `Executor` impls make
 /// this easy to lose without noticing until a caller spawns the future.)
 #[allow(dead_code)]
 fn futures_are_send(
+    orgs: &tenancy::Orgs,
+    new: &tenants::provision::NewOrg,
+    slug: &base::ident::Slug,
     pool: &sqlx::PgPool,
-    template: &template::Template,
-    new: &provision::NewOrg,
-    slug: &ident::Slug,
 ) {
     fn is_send<T: Send>(_: T) {}
-    is_send(provision::create_org(pool, template, new));
-    is_send(provision::rename_org(pool, slug, slug));
-    is_send(provision::delete_org(pool, slug));
+    is_send(orgs.create(new));
+    is_send(orgs.rename(slug, slug));
+    is_send(orgs.delete(slug));
     is_send(registry::migrate(pool));
 }

@@ -33,8 +33,8 @@ fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
 async fn serving_connections_take_the_configured_path() {
     // six requests of each org at once: no per-org limit in the way
     let app = common::spawn_app_with(tenantry::server::ServerConfig {
-        router: tenantry::router::RouterConfig {
-            fairness: Some(tenantry::fairness::FairnessConfig {
+        router: tenantry::serving::router::RouterConfig {
+            fairness: Some(tenantry::serving::fairness::FairnessConfig {
                 max_in_flight: 0,
                 queue: Duration::ZERO,
             }),
@@ -852,11 +852,11 @@ async fn a_stale_cache_never_routes_a_reused_slug_into_the_new_orgs_schema() {
     use tenantry::server::ServerConfig;
     let deaf = ServerConfig {
         listen_for_changes: false,
-        router: tenantry::router::RouterConfig {
+        router: tenantry::serving::router::RouterConfig {
             ttl: std::time::Duration::from_secs(600),
             ..Default::default()
         },
-        auth: tenantry::auth::AuthConfig {
+        auth: tenantry::serving::auth::AuthConfig {
             ttl: std::time::Duration::from_secs(600),
             ..Default::default()
         },
@@ -1449,7 +1449,7 @@ async fn metrics_are_prometheus_text_and_move_with_traffic() {
 #[tokio::test]
 async fn the_top_tenants_family_names_only_the_busiest_orgs() {
     let app = common::spawn_app_with(tenantry::server::ServerConfig {
-        router: tenantry::router::RouterConfig {
+        router: tenantry::serving::router::RouterConfig {
             top_tenants: 2,
             ..Default::default()
         },
@@ -1612,9 +1612,9 @@ async fn a_server_keeps_its_warm_pool_full_and_signups_take_from_it() {
         ..Default::default()
     })
     .await;
-    let template = tenantry::template::Template::embedded();
+    let template = tenantry::tenants::template::Template::embedded();
     let ready = || async {
-        tenantry::warm::status(&app.db.pool, &template)
+        tenantry::tenants::warm::status(&app.db.pool, &template)
             .await
             .unwrap()
             .ready
@@ -1654,7 +1654,7 @@ async fn a_server_keeps_its_warm_pool_full_and_signups_take_from_it() {
     );
 
     // refilled after the signup, without waiting for the periodic check
-    let refilled = tokio::time::timeout(tenantry::warm::REFILL_INTERVAL, async {
+    let refilled = tokio::time::timeout(tenantry::tenants::warm::REFILL_INTERVAL, async {
         while ready().await < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1676,4 +1676,93 @@ async fn scrape_metrics(app: &common::TestApp) -> (String, prometheus_parse::Scr
         .unwrap();
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
     (text, scrape)
+}
+
+/// An app embedding tenantry starts it with one call on a database that has
+/// never seen tenantry, and its own routes, written as async closures, run
+/// in their org's schema under tenantry's request handling, beside
+/// tenantry's API.
+#[tokio::test]
+async fn an_embedding_app_starts_in_one_call_and_its_routes_see_only_their_org() {
+    use axum::extract::Query;
+    use tenantry::api::error::ApiError;
+    use tenantry::api::extract::OrgScope;
+    use tenantry::tenants::provision::NewOrg;
+
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        label: String,
+    }
+    // what the app's own route sees: its org's schema as the search path
+    async fn whoami(org: OrgScope, Query(probe): Query<Probe>) -> Result<String, ApiError> {
+        let (schema, label): (String, String) = org
+            .read(async move |tx| {
+                Ok(tx
+                    .query_as("SELECT current_setting('search_path'), $1::text")
+                    .bind(probe.label.clone())
+                    .fetch_optional()
+                    .await?
+                    .expect("one row"))
+            })
+            .await?;
+        Ok(format!("{schema} {label}"))
+    }
+
+    let db = common::TestDb::empty().await;
+    let tenantry = tenantry::Tenantry::connect(&db.url)
+        .await
+        .expect("tenantry starts on an empty database");
+    let orgs = tenantry.tenancy().orgs();
+    let mut tokens = vec![];
+    for slug in ["emb-a", "emb-b"] {
+        let new = NewOrg::parse(slug, slug, Some(&format!("owner@{slug}.test"))).unwrap();
+        orgs.create(&new).await.expect("create");
+        let (_, token) = orgs
+            .issue_org_token(&new.slug, &format!("owner@{slug}.test"), None, None)
+            .await
+            .expect("token");
+        tokens.push(token.token);
+    }
+    let app = tenantry
+        .app(axum::Router::new().route("/v1/orgs/{slug}/whoami", axum::routing::get(whoami)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::new();
+    let get = |path: String, token: &str| {
+        http.get(format!("http://{addr}{path}"))
+            .bearer_auth(token)
+            .send()
+    };
+
+    for (slug, token) in ["emb-a", "emb-b"].iter().zip(&tokens) {
+        let res = get(format!("/v1/orgs/{slug}/whoami?label=x{slug}"), token)
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        // tenantry's request handling wraps the app's route too
+        assert!(res.headers().contains_key("x-request-id"));
+        let schema = db.schema_of(slug).await;
+        assert_eq!(res.text().await.unwrap(), format!("{schema} x{slug}"));
+        // tenantry's own API on the same router
+        let res = get(format!("/v1/orgs/{slug}/tests"), token).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    // one org's token cannot reach the other through the app's route
+    let res = get("/v1/orgs/emb-b/whoami?label=x".into(), &tokens[0])
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    // an org change through the core reaches the router at once
+    orgs.suspend(&tenantry::base::ident::Slug::parse("emb-a").unwrap())
+        .await
+        .unwrap();
+    let res = get("/v1/orgs/emb-a/whoami?label=x".into(), &tokens[0])
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    server.abort();
+    tenantry.shutdown().await;
 }

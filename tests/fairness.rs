@@ -13,7 +13,7 @@ use axum::routing::get;
 use tenantry::api::error::ApiError;
 use tenantry::api::extract::OrgScope;
 use tenantry::api::TenantApi;
-use tenantry::db::PoolConfig;
+use tenantry::pg::pools::PoolConfig;
 
 /// A slow request of a tenant: 40 ms inside its transaction.
 async fn slow(org: OrgScope) -> Result<&'static str, ApiError> {

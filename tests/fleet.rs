@@ -7,10 +7,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::TestDb;
-use tenantry::fleet::{self, Finding, FleetReport, MigrateOptions, QueryOutcome, TenantOutcome};
-use tenantry::ident::Slug;
-use tenantry::provision::{self, NewOrg};
-use tenantry::template::Template;
+use tenantry::base::ident::Slug;
+use tenantry::tenants::fleet::{
+    self, Finding, FleetReport, MigrateOptions, QueryOutcome, TenantOutcome,
+};
+use tenantry::tenants::provision::{self, NewOrg};
+use tenantry::tenants::template::Template;
 
 const V2_PRIORITY: &str = "ALTER TABLE tests ADD COLUMN priority integer NOT NULL DEFAULT 0;\n\
                            CREATE INDEX tests_priority_idx ON tests (priority);\n";
@@ -877,13 +879,17 @@ async fn migrate_rebuilds_outdated_warm_schemas() {
     let db = TestDb::new().await;
     create_orgs(&db, "old", 2).await;
     let v1 = Template::embedded();
-    tenantry::warm::fill(&db.pool, &v1, 2).await.unwrap();
+    tenantry::tenants::warm::fill(&db.pool, &v1, 2)
+        .await
+        .unwrap();
     let old_warm: Vec<String> = sqlx::query_scalar("SELECT schema_name FROM tenantry.warm_schemas")
         .fetch_all(&db.pool)
         .await
         .unwrap();
     let (_dir, v2) = template_dir(&[("V2__priority.sql", V2_PRIORITY)]);
-    let status = tenantry::warm::status(&db.pool, &v2).await.unwrap();
+    let status = tenantry::tenants::warm::status(&db.pool, &v2)
+        .await
+        .unwrap();
     assert_eq!((status.ready, status.outdated), (0, 2));
     // a signup at v2 builds its own schema rather than take a v1 one
     let created = provision::create_org(
@@ -900,7 +906,9 @@ async fn migrate_rebuilds_outdated_warm_schemas() {
         .await
         .unwrap();
     assert_eq!((report.migrated, report.warm_rebuilt), (2, 2), "{report:?}");
-    let status = tenantry::warm::status(&db.pool, &v2).await.unwrap();
+    let status = tenantry::tenants::warm::status(&db.pool, &v2)
+        .await
+        .unwrap();
     assert_eq!((status.ready, status.outdated), (2, 0));
     for schema in &old_warm {
         assert!(!db.schema_exists(schema).await, "{schema} left behind");
@@ -931,7 +939,9 @@ async fn migrate_rebuilds_outdated_warm_schemas() {
 async fn doctor_finds_a_lost_warm_schema_and_signups_skip_it() {
     let db = TestDb::new().await;
     let template = Template::embedded();
-    tenantry::warm::fill(&db.pool, &template, 2).await.unwrap();
+    tenantry::tenants::warm::fill(&db.pool, &template, 2)
+        .await
+        .unwrap();
     let (lost_id, lost): (uuid::Uuid, String) = sqlx::query_as(
         "SELECT org_id, schema_name FROM tenantry.warm_schemas ORDER BY created_at LIMIT 1",
     )

@@ -136,8 +136,8 @@ async fn made_up_tokens_cost_no_database_round_trips() {
             for _ in (worker..requests).step_by(16) {
                 let bogus = format!(
                     "tny_{}_{}",
-                    tenantry::secret::random_hex(4),
-                    tenantry::secret::random_hex(32)
+                    tenantry::base::secret::random_hex(4),
+                    tenantry::base::secret::random_hex(32)
                 );
                 let res = client.get(&url).bearer_auth(bogus).send().await.unwrap();
                 seen.push(res.status().as_u16());
@@ -163,8 +163,8 @@ async fn made_up_tokens_cost_no_database_round_trips() {
 async fn legacy_token(app: &TestApp, slug: &str) -> String {
     let token = format!(
         "tny_{}_{}",
-        tenantry::secret::random_hex(4),
-        tenantry::secret::random_hex(32)
+        tenantry::base::secret::random_hex(4),
+        tenantry::base::secret::random_hex(32)
     );
     sqlx::query(
         "INSERT INTO tenantry.api_tokens (id, user_id, organization_id, secret_hash, prefix, format) \
@@ -172,7 +172,7 @@ async fn legacy_token(app: &TestApp, slug: &str) -> String {
          FROM tenantry.users u JOIN tenantry.organizations o ON o.id = u.organization_id \
          WHERE o.slug = $3 LIMIT 1",
     )
-    .bind(&tenantry::secret::token_hash(&token)[..])
+    .bind(&tenantry::base::secret::token_hash(&token)[..])
     .bind(&token[4..12])
     .bind(slug)
     .execute(&app.db.pool)
@@ -295,8 +295,10 @@ async fn token_use_is_recorded_once_per_interval() {
 #[tokio::test]
 async fn a_serving_role_registered_later_may_serve_orgs_from_warm_schemas() {
     let db = TestDb::new().await;
-    let template = tenantry::template::Template::embedded();
-    tenantry::warm::fill(&db.pool, &template, 1).await.unwrap();
+    let template = tenantry::tenants::template::Template::embedded();
+    tenantry::tenants::warm::fill(&db.pool, &template, 1)
+        .await
+        .unwrap();
     let role = format!("app_{}", &db.name["tenantry_test_".len()..]);
     let app = common::spawn_app_serving_as(db, &role, "warm-secret").await;
     let token = app.org_with_token("was-warm").await;
@@ -341,7 +343,7 @@ async fn a_tenant_transaction_cannot_reach_other_schemas() {
     let theirs = app.db.schema_of("theirs").await;
     let router = app.state.tenancy.router();
     let tenant = router
-        .resolve(&tenantry::ident::Slug::parse("mine").unwrap())
+        .resolve(&tenantry::base::ident::Slug::parse("mine").unwrap())
         .await
         .unwrap()
         .unwrap();
@@ -392,7 +394,7 @@ async fn a_tenant_transaction_cannot_reach_other_schemas() {
             .await
             .expect_err(&format!("{sql} must be refused"));
         assert_eq!(
-            tenantry::error::sqlstate(&err).as_deref(),
+            tenantry::base::error::sqlstate(&err).as_deref(),
             Some("42501"),
             "{sql}: {err}"
         );
@@ -429,10 +431,11 @@ async fn a_tenant_transaction_cannot_reach_other_schemas() {
 #[tokio::test]
 async fn migrate_gives_orgs_of_an_earlier_version_their_roles() {
     let db = TestDb::new().await;
-    let template = tenantry::template::Template::embedded();
+    let template = tenantry::tenants::template::Template::embedded();
     for slug in ["old-a", "old-b"] {
         let schema =
-            tenantry::ident::SchemaName::parse(&format!("t_{}", slug.replace('-', "_"))).unwrap();
+            tenantry::base::ident::SchemaName::parse(&format!("t_{}", slug.replace('-', "_")))
+                .unwrap();
         let mut tx = db.pool.begin().await.unwrap();
         sqlx::query(
             "INSERT INTO tenantry.organizations (id, slug, name, schema_name, status, template_version) \
@@ -457,14 +460,16 @@ async fn migrate_gives_orgs_of_an_earlier_version_their_roles() {
         .unwrap();
         tx.commit().await.unwrap();
     }
-    let report = tenantry::fleet::doctor(&db.pool, false).await.unwrap();
+    let report = tenantry::tenants::fleet::doctor(&db.pool, false)
+        .await
+        .unwrap();
     assert_eq!(
         report.findings,
         [
-            tenantry::fleet::Finding::MissingRole {
+            tenantry::tenants::fleet::Finding::MissingRole {
                 slug: "old-a".into()
             },
-            tenantry::fleet::Finding::MissingRole {
+            tenantry::tenants::fleet::Finding::MissingRole {
                 slug: "old-b".into()
             },
         ]
@@ -492,7 +497,7 @@ async fn migrate_gives_orgs_of_an_earlier_version_their_roles() {
                 .unwrap();
         assert_eq!(owners, [format!("t_{}", id.simple())], "{slug}");
     }
-    assert!(tenantry::fleet::doctor(&db.pool, false)
+    assert!(tenantry::tenants::fleet::doctor(&db.pool, false)
         .await
         .unwrap()
         .findings
@@ -517,7 +522,7 @@ async fn migrate_gives_orgs_of_an_earlier_version_their_roles() {
         .state
         .tenancy
         .router()
-        .resolve(&tenantry::ident::Slug::parse("old-a").unwrap())
+        .resolve(&tenantry::base::ident::Slug::parse("old-a").unwrap())
         .await
         .unwrap()
         .unwrap();
@@ -526,7 +531,10 @@ async fn migrate_gives_orgs_of_an_earlier_version_their_roles() {
         .execute(tx.conn())
         .await
         .unwrap_err();
-    assert_eq!(tenantry::error::sqlstate(&err).as_deref(), Some("42501"));
+    assert_eq!(
+        tenantry::base::error::sqlstate(&err).as_deref(),
+        Some("42501")
+    );
 }
 
 /// Load tests that measure latency run one at a time, so that they do not
@@ -546,7 +554,7 @@ fn percentile(mut v: Vec<Duration>, q: f64) -> Duration {
 async fn a_locked_tenant_fails_fast_and_others_keep_answering() {
     let _serial = LOAD.lock().await;
     let config = tenantry::server::ServerConfig {
-        router: tenantry::router::RouterConfig {
+        router: tenantry::serving::router::RouterConfig {
             lock_timeout: Duration::from_millis(300),
             ..Default::default()
         },
@@ -657,9 +665,9 @@ async fn reads_survive_killed_backends_and_a_restart() {
         .tempdir()
         .unwrap()
         .keep();
-    let pg = tenantry::embedded::LocalPostgres::ensure_running(
+    let pg = tenantry::pg::embedded::LocalPostgres::ensure_running(
         &dir,
-        tenantry::embedded::Durability::Throwaway,
+        tenantry::pg::embedded::Durability::Throwaway,
     )
     .unwrap();
     pg.remove_when_process_exits(std::process::id()).unwrap();
@@ -762,12 +770,12 @@ async fn reads_survive_killed_backends_and_a_restart() {
     tokio::task::spawn_blocking({
         let dir = dir.clone();
         move || {
-            let pg = tenantry::embedded::LocalPostgres::ensure_running(
+            let pg = tenantry::pg::embedded::LocalPostgres::ensure_running(
                 &dir,
-                tenantry::embedded::Durability::Throwaway,
+                tenantry::pg::embedded::Durability::Throwaway,
             )
             .unwrap();
-            pg.restart(tenantry::embedded::Durability::Throwaway)
+            pg.restart(tenantry::pg::embedded::Durability::Throwaway)
                 .unwrap();
         }
     })

@@ -3,12 +3,12 @@
 mod common;
 
 use common::TestDb;
-use tenantry::archive::RowFormat;
-use tenantry::error::Error;
-use tenantry::ident::Slug;
-use tenantry::provision::{self, NewOrg, DEFAULT_BEHAVIORS, DEFAULT_STATUSES};
+use tenantry::base::error::Error;
+use tenantry::base::ident::Slug;
 use tenantry::registry::{self, OrgStatus};
-use tenantry::template::{Template, TemplateError, HISTORY_TABLE};
+use tenantry::tenants::archive::RowFormat;
+use tenantry::tenants::provision::{self, NewOrg, DEFAULT_BEHAVIORS, DEFAULT_STATUSES};
+use tenantry::tenants::template::{Template, TemplateError, HISTORY_TABLE};
 
 fn new_org(slug: &str) -> NewOrg {
     NewOrg::parse(
@@ -108,7 +108,7 @@ async fn org_without_owner_records_system_user() {
 }
 
 async fn assert_nothing_left(db: &TestDb, new: &NewOrg) {
-    let schema = tenantry::ident::SchemaName::for_org(&new.id);
+    let schema = tenantry::base::ident::SchemaName::for_org(&new.id);
     assert!(
         !db.schema_exists(schema.as_str()).await,
         "schema {schema} left behind"
@@ -216,7 +216,7 @@ async fn leftover_schema_is_reported_not_adopted() {
     // A schema already carrying the name the new org's id maps to (only
     // possible by hand or from a foreign tool: ids are never reused).
     let new = new_org("squatter");
-    let squatted = tenantry::ident::SchemaName::for_org(&new.id);
+    let squatted = tenantry::base::ident::SchemaName::for_org(&new.id);
     sqlx::raw_sql(&format!(
         "CREATE SCHEMA {squatted}; CREATE TABLE {squatted}.keep (v int); INSERT INTO {squatted}.keep VALUES (42);"
     ))
@@ -514,7 +514,7 @@ async fn quoted_identifiers_survive_hostile_names_in_postgres() {
         "$1",
     ];
     for name in hostile {
-        let quoted = tenantry::ident::quote_ident(name);
+        let quoted = tenantry::base::ident::quote_ident(name);
         sqlx::raw_sql(&format!("CREATE SCHEMA {quoted}"))
             .execute(&db.pool)
             .await
@@ -599,8 +599,8 @@ async fn import_as(
     db: &TestDb,
     slug: &str,
     archive: &[u8],
-) -> Result<tenantry::archive::Imported, Error> {
-    tenantry::archive::import(
+) -> Result<tenantry::tenants::archive::Imported, Error> {
+    tenantry::tenants::archive::import(
         &db.pool,
         &Template::embedded(),
         &Slug::parse(slug).unwrap(),
@@ -683,7 +683,7 @@ async fn export_then_import_round_trips_every_row_while_the_source_keeps_writing
     }
     let mut archive = Vec::new();
     let exported =
-        tenantry::archive::export(&db.pool, &Slug::parse("src-00").unwrap(), &mut archive)
+        tenantry::tenants::archive::export(&db.pool, &Slug::parse("src-00").unwrap(), &mut archive)
             .await
             .unwrap();
     assert!(
@@ -799,11 +799,11 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
     .unwrap();
     let good_slug = Slug::parse("good-00").unwrap();
     let mut archive = Vec::new();
-    tenantry::archive::export_as(&db.pool, &good_slug, RowFormat::Text, &mut archive)
+    tenantry::tenants::archive::export_as(&db.pool, &good_slug, RowFormat::Text, &mut archive)
         .await
         .unwrap();
     let mut binary = Vec::new();
-    tenantry::archive::export_as(&db.pool, &good_slug, RowFormat::Binary, &mut binary)
+    tenantry::tenants::archive::export_as(&db.pool, &good_slug, RowFormat::Binary, &mut binary)
         .await
         .unwrap();
     let text = String::from_utf8(archive.clone()).unwrap();
@@ -956,7 +956,7 @@ fn forge(archive: &[u8], table: &str, edit: impl Fn(&str) -> String) -> Vec<u8> 
         lines.next().unwrap(),
         lines.next().unwrap(),
     );
-    let mut header: tenantry::archive::Header = serde_json::from_str(header).unwrap();
+    let mut header: tenantry::tenants::archive::Header = serde_json::from_str(header).unwrap();
     let mut body = String::new();
     for t in &mut header.tables {
         let (rows, tail) = rest.split_at(t.bytes as usize);
@@ -1036,7 +1036,7 @@ async fn an_abandoned_export_leaves_the_pool_usable() {
         .connect(&db.url)
         .await
         .unwrap();
-    let err = tenantry::archive::export(
+    let err = tenantry::tenants::archive::export(
         &pool,
         &Slug::parse("gone-00").unwrap(),
         &mut GoneAway { left: 5000 },
@@ -1069,7 +1069,7 @@ async fn warm_ids(db: &TestDb) -> Vec<uuid::Uuid> {
 }
 
 /// Rows of `statuses` in `schema`.
-async fn statuses_in(db: &TestDb, schema: &tenantry::ident::SchemaName) -> i64 {
+async fn statuses_in(db: &TestDb, schema: &tenantry::base::ident::SchemaName) -> i64 {
     db.count(&format!(
         "SELECT count(*) FROM {}.statuses",
         schema.quoted()
@@ -1088,12 +1088,16 @@ async fn a_signup_takes_a_warm_schema_and_builds_nothing() {
     let db = TestDb::new().await;
     let template = Template::embedded();
     assert_eq!(
-        tenantry::warm::fill(&db.pool, &template, 2).await.unwrap(),
+        tenantry::tenants::warm::fill(&db.pool, &template, 2)
+            .await
+            .unwrap(),
         2
     );
     // filling again to the same size builds nothing
     assert_eq!(
-        tenantry::warm::fill(&db.pool, &template, 2).await.unwrap(),
+        tenantry::tenants::warm::fill(&db.pool, &template, 2)
+            .await
+            .unwrap(),
         0
     );
     let warm = warm_ids(&db).await;
@@ -1141,7 +1145,9 @@ async fn a_signup_takes_a_warm_schema_and_builds_nothing() {
     .unwrap();
     assert_eq!(table_owner, owner);
     // a warm schema is no orphan
-    let report = tenantry::fleet::doctor(&db.pool, false).await.unwrap();
+    let report = tenantry::tenants::fleet::doctor(&db.pool, false)
+        .await
+        .unwrap();
     assert!(report.findings.is_empty(), "{report:?}");
 
     // a signup without an owner: the initial data goes to the system user
@@ -1188,7 +1194,9 @@ async fn a_signup_takes_a_warm_schema_and_builds_nothing() {
 async fn concurrent_signups_never_share_a_warm_schema() {
     let db = TestDb::new().await;
     let template = std::sync::Arc::new(Template::embedded());
-    tenantry::warm::fill(&db.pool, &template, 4).await.unwrap();
+    tenantry::tenants::warm::fill(&db.pool, &template, 4)
+        .await
+        .unwrap();
     let warm = warm_ids(&db).await;
     let mut tasks = vec![];
     for i in 0..10 {
@@ -1228,7 +1236,9 @@ async fn concurrent_signups_never_share_a_warm_schema() {
 async fn a_signup_cut_off_mid_take_leaves_no_half_org_and_keeps_the_schema() {
     let db = TestDb::new().await;
     let template = std::sync::Arc::new(Template::embedded());
-    tenantry::warm::fill(&db.pool, &template, 1).await.unwrap();
+    tenantry::tenants::warm::fill(&db.pool, &template, 1)
+        .await
+        .unwrap();
     let warm = warm_ids(&db).await;
 
     // another transaction holds the slug, uncommitted

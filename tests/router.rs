@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use common::TestDb;
 use reqwest::Method;
-use tenantry::db::PoolConfig;
-use tenantry::ident::Slug;
-use tenantry::provision::{self, NewOrg};
-use tenantry::router::{RouterConfig, TenantRouter, TenantTx};
-use tenantry::template::Template;
+use tenantry::base::ident::Slug;
+use tenantry::pg::pools::PoolConfig;
+use tenantry::serving::router::{RouterConfig, TenantRouter, TenantTx};
+use tenantry::tenants::provision::{self, NewOrg};
+use tenantry::tenants::template::Template;
 use uuid::Uuid;
 
 const MARKER: &str = "PUBLIC-SCHEMA-MARKER";
@@ -65,19 +65,17 @@ async fn tenant_transaction_search_path_is_exactly_the_schema() {
     .organization
     .schema_name
     .to_string();
-    let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
+    let pool = tenantry::pg::pools::connect(&db.url, &PoolConfig::default())
         .await
         .unwrap();
     let router = TenantRouter::single(pool.clone(), &RouterConfig::default());
     let (path, schemas): (String, Vec<String>) = router
-        .with_tenant(&slug("exact"), |tx| {
-            Box::pin(async move {
-                Ok(sqlx::query_as(
-                    "SELECT current_setting('search_path'), current_schemas(false)::text[]",
-                )
-                .fetch_one(tx.conn())
-                .await?)
-            })
+        .with_tenant(&slug("exact"), async move |tx| {
+            Ok(sqlx::query_as(
+                "SELECT current_setting('search_path'), current_schemas(false)::text[]",
+            )
+            .fetch_one(tx.conn())
+            .await?)
         })
         .await
         .unwrap();
@@ -143,13 +141,11 @@ async fn vanished_schema_fails_cleanly_and_never_reads_public() {
         .state
         .tenancy
         .router()
-        .with_tenant(&slug("vanish"), |tx| {
-            Box::pin(async move {
-                let rows: Vec<String> = sqlx::query_scalar("SELECT prompt FROM tests")
-                    .fetch_all(tx.conn())
-                    .await?;
-                Ok(rows)
-            })
+        .with_tenant(&slug("vanish"), async move |tx| {
+            let rows: Vec<String> = sqlx::query_scalar("SELECT prompt FROM tests")
+                .fetch_all(tx.conn())
+                .await?;
+            Ok(rows)
         })
         .await
         .unwrap_err();
@@ -378,13 +374,13 @@ async fn leak_test(sub_pools: u32) {
         pooler,
         ..PoolConfig::default()
     };
-    let control = tenantry::db::connect(&url, &config).await.unwrap();
-    let tenants_pool = tenantry::db::TenantPool::connect_lazy(&url, &config).unwrap();
+    let control = tenantry::pg::pools::connect(&url, &config).await.unwrap();
+    let tenants_pool = tenantry::pg::pools::TenantPool::connect_lazy(&url, &config).unwrap();
     let pools: Vec<sqlx::PgPool> = tenants_pool.sub_pools().cloned().collect();
     assert_eq!(pools.len(), sub_pools as usize);
     // a tenant's transactions queue behind its limit (and are cancelled
     // there too), but long enough never to be refused
-    let fairness = tenantry::fairness::FairnessConfig {
+    let fairness = tenantry::serving::fairness::FairnessConfig {
         max_in_flight: 2,
         queue: Duration::from_secs(30),
     };
@@ -477,13 +473,13 @@ fn tenant_handlers_cannot_extract_the_pool() {
     const { assert!(!Probe::<sqlx::PgPool>::EXTRACTABLE) };
     const { assert!(!Probe::<tenantry::api::AppState>::EXTRACTABLE) };
     const { assert!(Probe::<TenantRouter>::EXTRACTABLE) };
-    const { assert!(Probe::<tenantry::auth::Authenticator>::EXTRACTABLE) };
+    const { assert!(Probe::<tenantry::serving::auth::Authenticator>::EXTRACTABLE) };
 }
 
 #[tokio::test]
 async fn unknown_slugs_are_cached_briefly_and_invalidation_is_immediate() {
     let db = TestDb::new().await;
-    let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
+    let pool = tenantry::pg::pools::connect(&db.url, &PoolConfig::default())
         .await
         .unwrap();
     let router = TenantRouter::single(
@@ -529,7 +525,7 @@ async fn tenant_sql_tags_are_inert_comments() {
     )
     .await
     .unwrap();
-    let pool = tenantry::db::connect(&db.url, &PoolConfig::default())
+    let pool = tenantry::pg::pools::connect(&db.url, &PoolConfig::default())
         .await
         .unwrap();
     let router = TenantRouter::single(pool, &RouterConfig::default());
@@ -557,7 +553,7 @@ async fn affine_router(
         statement_cache,
         ..PoolConfig::default()
     };
-    let control = tenantry::db::connect(
+    let control = tenantry::pg::pools::connect(
         &db.url,
         &PoolConfig {
             sub_pools: 1,
@@ -566,7 +562,7 @@ async fn affine_router(
     )
     .await
     .unwrap();
-    let tenants = tenantry::db::TenantPool::connect_lazy(&db.url, &config).unwrap();
+    let tenants = tenantry::pg::pools::TenantPool::connect_lazy(&db.url, &config).unwrap();
     TenantRouter::new(control, tenants, &RouterConfig::default())
 }
 
@@ -662,7 +658,7 @@ async fn a_tenant_whose_home_is_held_busy_is_still_served() {
 /// of the active tenants' statements fits its cache, shared ones beyond.
 #[tokio::test]
 async fn statement_mode_follows_the_tenants_per_connection() {
-    use tenantry::router::StatementMode;
+    use tenantry::serving::router::StatementMode;
     let db = TestDb::new().await;
     let slugs = create(&db, "stmt", 12).await;
     // 2 sub-pools, a cache of 8 statements: 6 tenants x 1 statement per

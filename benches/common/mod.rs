@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use tenantry::embedded::{Durability, LocalPostgres};
+use tenantry::pg::embedded::{Durability, LocalPostgres};
 
 /// A fresh database on DATABASE_URL's server, or on a throwaway local
 /// cluster (fsync off) that is removed when the program exits.
@@ -133,7 +133,7 @@ impl CpuSnapshot {
 /// listening on port 0; it stops when the returned sender is dropped.
 pub async fn start_server(
     url: &str,
-    pool_config: &tenantry::db::PoolConfig,
+    pool_config: &tenantry::pg::pools::PoolConfig,
     server_config: tenantry::server::ServerConfig,
 ) -> (
     String,
@@ -141,11 +141,12 @@ pub async fn start_server(
     tokio::sync::oneshot::Sender<()>,
 ) {
     use tenantry::server::{self, Pools};
-    let admin = tenantry::db::connect(url, &server::small_pool_config(pool_config))
+    let admin = tenantry::pg::pools::connect(url, &server::small_pool_config(pool_config))
         .await
         .unwrap();
-    let control = tenantry::db::connect_lazy(url, &server::small_pool_config(pool_config)).unwrap();
-    let tenants = tenantry::db::TenantPool::connect_lazy(url, pool_config).unwrap();
+    let control =
+        tenantry::pg::pools::connect_lazy(url, &server::small_pool_config(pool_config)).unwrap();
+    let tenants = tenantry::pg::pools::TenantPool::connect_lazy(url, pool_config).unwrap();
     let pools = Pools {
         admin: admin.clone(),
         control: control.clone(),
@@ -176,8 +177,10 @@ pub async fn start_server(
 
 /// The built-in tenant template plus `extra` migration files (name, SQL),
 /// in a temporary directory that lives as long as the returned handle.
-pub fn template_with(extra: &[(&str, &str)]) -> (tempfile::TempDir, tenantry::template::Template) {
-    use tenantry::template::Template;
+pub fn template_with(
+    extra: &[(&str, &str)],
+) -> (tempfile::TempDir, tenantry::tenants::template::Template) {
+    use tenantry::tenants::template::Template;
     let dir = tempfile::tempdir().unwrap();
     for m in Template::embedded().migrations() {
         std::fs::write(dir.path().join(format!("{m}.sql")), m.sql().unwrap()).unwrap();
@@ -192,11 +195,11 @@ pub fn template_with(extra: &[(&str, &str)]) -> (tempfile::TempDir, tenantry::te
 /// A pool for a fleet run of `jobs` workers (and one connection more for
 /// the plan and the bookkeeping).
 pub async fn fleet_pool(url: &str, jobs: usize) -> PgPool {
-    tenantry::db::connect(
+    tenantry::pg::pools::connect(
         url,
-        &tenantry::db::PoolConfig {
+        &tenantry::pg::pools::PoolConfig {
             max_connections: jobs as u32 + 1,
-            ..tenantry::db::PoolConfig::default()
+            ..tenantry::pg::pools::PoolConfig::default()
         },
     )
     .await
@@ -264,10 +267,10 @@ pub struct BenchTenant {
 
 pub async fn bench_tenant(
     pool: &PgPool,
-    template: &tenantry::template::Template,
+    template: &tenantry::tenants::template::Template,
     i: usize,
 ) -> BenchTenant {
-    use tenantry::provision::{self, NewOrg};
+    use tenantry::tenants::provision::{self, NewOrg};
     let slug = format!("bench-{i:04}");
     let created = provision::create_org(
         pool,
@@ -281,11 +284,11 @@ pub async fn bench_tenant(
 
 /// A token and 20 tests for the existing org `slug`.
 pub async fn populate(pool: &PgPool, slug: &str, schema: &str) -> BenchTenant {
-    use tenantry::provision;
+    use tenantry::tenants::provision;
     let slug = slug.to_owned();
     let (_, token) = provision::issue_org_token(
         pool,
-        &tenantry::ident::Slug::parse(&slug).unwrap(),
+        &tenantry::base::ident::Slug::parse(&slug).unwrap(),
         "bench@bench.test",
         None,
         None,

@@ -14,11 +14,11 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Superuser};
 use super::resources::{page, Page};
 use super::AppState;
-use crate::fleet::OrgStats;
-use crate::ident::Slug;
-use crate::placement::PlacedOrg;
-use crate::provision::{self, Created, NewOrg};
+use crate::base::ident::Slug;
 use crate::registry::{self, IssuedToken, Organization, User};
+use crate::tenants::fleet::OrgStats;
+use crate::tenants::placement::PlacedOrg;
+use crate::tenants::provision::{self, Created, NewOrg};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -42,7 +42,7 @@ async fn with_nodes(app: &AppState, orgs: Vec<Organization>) -> Result<Vec<Place
         .acquire()
         .await
         .map_err(crate::Error::from)?;
-    Ok(crate::placement::placed(&mut conn, orgs).await?)
+    Ok(crate::tenants::placement::placed(&mut conn, orgs).await?)
 }
 
 /// Slugs in admin paths: invalid ones are simply not found.
@@ -68,7 +68,7 @@ pub async fn create_org(
     ApiJson(body): ApiJson<CreateOrg>,
 ) -> Result<impl IntoResponse, ApiError> {
     let new = NewOrg::parse(&body.slug, &body.name, body.owner_email.as_deref())?;
-    let created = app.tenancy.create_org(&new).await?;
+    let created = app.tenancy.orgs().create(&new).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
@@ -137,7 +137,9 @@ pub async fn get_org(
         .await
         .map_err(crate::Error::from)?;
     let org = registry::get_org(&mut conn, &slug).await?;
-    let placed = crate::placement::placed(&mut conn, vec![org]).await?.pop();
+    let placed = crate::tenants::placement::placed(&mut conn, vec![org])
+        .await?
+        .pop();
     Ok(Json(placed.expect("one org in, one out")))
 }
 
@@ -171,6 +173,7 @@ pub async fn clone_org(
         .map_err(|e| ApiError::invalid_field("new_slug", e.to_string()))?;
     let cloned = app
         .tenancy
+        .orgs()
         .clone_org(&slug, &new_slug, body.name.as_deref())
         .await?;
     Ok((StatusCode::CREATED, Json(cloned.created)))
@@ -190,7 +193,7 @@ pub struct MoveOrg {
 /// Answers when the move is done.
 #[utoipa::path(post, path = "/v1/admin/orgs/{slug}/move", tag = "admin", params(("slug" = String, Path)),
     request_body = MoveOrg,
-    responses((status = 200, body = crate::placement::Moved), (status = 401, body = ErrorBody),
+    responses((status = 200, body = crate::tenants::placement::Moved), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "plain PostgreSQL (`citus_required`) or a move of this org is running (`move_in_progress`)", body = ErrorBody),
         (status = 422, description = "`to` is not host:port or not a node of the cluster", body = ErrorBody)),
@@ -200,10 +203,10 @@ pub async fn move_org(
     _: Superuser,
     ApiPath(slug): ApiPath<String>,
     ApiJson(body): ApiJson<MoveOrg>,
-) -> Result<Json<crate::placement::Moved>, ApiError> {
+) -> Result<Json<crate::tenants::placement::Moved>, ApiError> {
     let slug = path_slug(&slug)?;
     Ok(Json(
-        crate::placement::move_org(app.tenancy.admin_pool(), &slug, &body.to).await?,
+        app.tenancy.orgs().move_to(&slug, &body.to, |_| {}).await?,
     ))
 }
 
@@ -217,7 +220,7 @@ pub async fn suspend_org(
     ApiPath(slug): ApiPath<String>,
 ) -> Result<Json<Organization>, ApiError> {
     let slug = path_slug(&slug)?;
-    Ok(Json(app.tenancy.suspend_org(&slug).await?))
+    Ok(Json(app.tenancy.orgs().suspend(&slug).await?))
 }
 
 #[utoipa::path(post, path = "/v1/admin/orgs/{slug}/resume", tag = "admin", params(("slug" = String, Path)),
@@ -230,7 +233,7 @@ pub async fn resume_org(
     ApiPath(slug): ApiPath<String>,
 ) -> Result<Json<Organization>, ApiError> {
     let slug = path_slug(&slug)?;
-    Ok(Json(app.tenancy.resume_org(&slug).await?))
+    Ok(Json(app.tenancy.orgs().resume(&slug).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -253,7 +256,7 @@ pub async fn rename_org(
     let slug = path_slug(&slug)?;
     let new_slug = Slug::parse(&body.new_slug)
         .map_err(|e| ApiError::invalid_field("new_slug", e.to_string()))?;
-    Ok(Json(app.tenancy.rename_org(&slug, &new_slug).await?))
+    Ok(Json(app.tenancy.orgs().rename(&slug, &new_slug).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/admin/orgs/{slug}", tag = "admin", params(("slug" = String, Path)),
@@ -266,7 +269,7 @@ pub async fn delete_org(
     ApiPath(slug): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let slug = path_slug(&slug)?;
-    app.tenancy.delete_org(&slug).await?;
+    app.tenancy.orgs().delete(&slug).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -302,6 +305,7 @@ pub async fn create_token(
         .transpose()?;
     let (user, token) = app
         .tenancy
+        .orgs()
         .issue_org_token(&slug, &body.email, body.name.as_deref(), expires_in)
         .await?;
     Ok((StatusCode::CREATED, Json(UserToken { user, token })))
@@ -322,7 +326,7 @@ pub async fn revoke_token(
     _: Superuser,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    if !app.tenancy.revoke_token(id).await? {
+    if !app.tenancy.orgs().revoke_token(id).await? {
         return Err(ApiError::not_found(format!("no active token {id}")));
     }
     Ok(StatusCode::NO_CONTENT)
@@ -339,5 +343,7 @@ pub async fn stats(
     State(app): State<AppState>,
     _: Superuser,
 ) -> Result<Json<Vec<OrgStats>>, ApiError> {
-    Ok(Json(crate::fleet::stats(app.tenancy.admin_pool()).await?))
+    Ok(Json(
+        crate::tenants::fleet::stats(app.tenancy.admin_pool()).await?,
+    ))
 }

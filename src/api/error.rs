@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use crate::error::{sqlstate, Error};
+use crate::base::error::{sqlstate, Error};
 
 /// The error body every endpoint returns (for the OpenAPI document).
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -114,7 +114,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        metrics::counter!(crate::metrics::HTTP_ERRORS, "code" => self.code).increment(1);
+        metrics::counter!(crate::telemetry::HTTP_ERRORS, "code" => self.code).increment(1);
         let mut body = json!({ "code": self.code, "message": self.message });
         if let Some(details) = self.details {
             body["details"] = *details;
@@ -156,16 +156,16 @@ impl From<Error> for ApiError {
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "tenant_busy", e.to_string())
             },
             Error::Shared(shared) => match &*shared {
-                Error::Database(db) if crate::error::is_connection_error(db) => {
+                Error::Database(db) if crate::base::error::is_connection_error(db) => {
                     ApiError::unavailable("unavailable", "the database is unavailable, retry later")
                 }
                 other => {
-                    tracing::error!(error = %crate::error::chain(other), "internal error");
+                    tracing::error!(error = %crate::base::error::chain(other), "internal error");
                     ApiError::internal()
                 }
             },
             other => {
-                tracing::error!(error = %crate::error::chain(&other), "internal error");
+                tracing::error!(error = %crate::base::error::chain(&other), "internal error");
                 ApiError::internal()
             }
         }
@@ -266,14 +266,14 @@ impl From<sqlx::Error> for ApiError {
                 _ => {}
             }
         }
-        if crate::error::is_connection_error(&e) {
-            tracing::warn!(error = %crate::error::chain(&e), "database unavailable");
+        if crate::base::error::is_connection_error(&e) {
+            tracing::warn!(error = %crate::base::error::chain(&e), "database unavailable");
             return ApiError::unavailable(
                 "unavailable",
                 "the database is unavailable, retry later",
             );
         }
-        tracing::error!(error = %crate::error::chain(&e), "database error");
+        tracing::error!(error = %crate::base::error::chain(&e), "database error");
         ApiError::internal()
     }
 }

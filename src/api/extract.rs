@@ -12,10 +12,11 @@ use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use crate::auth::Authenticator;
-use crate::ident::Slug;
+use crate::base::error::Error;
+use crate::base::ident::Slug;
 use crate::registry::{OrgStatus, Principal};
-use crate::router::{Tenant, TenantFuture, TenantRouter, TenantTx};
+use crate::serving::auth::Authenticator;
+use crate::serving::router::{Tenant, TenantRouter, TenantTx};
 
 /// The authenticated caller. Missing, malformed, unknown or revoked token: 401.
 #[derive(Debug, Clone)]
@@ -91,9 +92,10 @@ impl OrgScope {
 
     /// Runs read-only work in a transaction of this org, retried on another
     /// connection if its connection dies (see [`TenantRouter::read`]).
+    /// `f` is an async closure: `org.read(async |tx| Ok(tx.query_as(..).fetch_all().await?))`.
     pub async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
     where
-        F: for<'t> Fn(&'t mut TenantTx) -> TenantFuture<'t, T>,
+        F: AsyncFn(&mut TenantTx) -> Result<T, Error>,
     {
         Ok(self.router.read(&self.tenant, f).await?)
     }

@@ -22,8 +22,8 @@ use axum::{Json, Router};
 use tower_http::trace::TraceLayer;
 use tracing::field::Empty;
 
-use crate::auth::Authenticator;
-use crate::router::TenantRouter;
+use crate::serving::auth::Authenticator;
+use crate::serving::router::TenantRouter;
 use crate::tenancy::Tenancy;
 use error::ApiError;
 
@@ -67,13 +67,25 @@ impl FromRef<TenantApi> for TenantRouter {
     }
 }
 
+impl TenantApi {
+    pub fn of(tenancy: &Tenancy) -> Self {
+        TenantApi {
+            router: tenancy.router().clone(),
+            auth: tenancy.auth().clone(),
+        }
+    }
+}
+
 /// The whole application.
 pub fn app(state: AppState) -> Router {
+    app_with(state, Router::new())
+}
+
+/// The whole application with an app's own tenant `routes` beside
+/// tenantry's, under the same request handling.
+pub fn app_with(state: AppState, routes: Router<TenantApi>) -> Router {
     let request_timeout = state.request_timeout;
-    let tenant_api = TenantApi {
-        router: state.tenancy.router().clone(),
-        auth: state.tenancy.auth().clone(),
-    };
+    let tenant_api = TenantApi::of(&state.tenancy);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -81,7 +93,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .merge(admin::router())
         .with_state(state)
-        .merge(resources::router().with_state(tenant_api))
+        .merge(resources::router().merge(routes).with_state(tenant_api))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(count_request))
@@ -141,7 +153,7 @@ async fn count_request(req: Request<axum::body::Body>, next: axum::middleware::N
         400..=499 => "4xx",
         _ => "5xx",
     };
-    crate::metrics::http_request(
+    crate::telemetry::http_request(
         method.as_str(),
         template.as_ref().map(|t| t.as_str()),
         status,
@@ -169,7 +181,7 @@ pub fn metrics_response(tenancy: &Tenancy) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(tenancy),
+        tenancy.render_metrics(),
     )
         .into_response()
 }

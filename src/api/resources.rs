@@ -332,15 +332,13 @@ pub async fn list_named<T: NamedTable>(
 ) -> Result<axum::Json<Page<Named>>, ApiError> {
     let (limit, cursor) = q.parse()?;
     let rows: Vec<Named> = org
-        .read(move |tx| {
-            Box::pin(async move {
-                Ok(tx
-                    .query_as(T::LIST)
-                    .bind(cursor)
-                    .bind(limit + 1)
-                    .fetch_all()
-                    .await?)
-            })
+        .read(async move |tx| {
+            Ok(tx
+                .query_as(T::LIST)
+                .bind(cursor)
+                .bind(limit + 1)
+                .fetch_all()
+                .await?)
         })
         .await?;
     Ok(axum::Json(page(rows, limit, |r| r.id)))
@@ -351,9 +349,7 @@ pub async fn get_named<T: NamedTable>(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<axum::Json<Named>, ApiError> {
     let row: Option<Named> = org
-        .read(move |tx| {
-            Box::pin(async move { Ok(tx.query_as(T::GET).bind(id).fetch_optional().await?) })
-        })
+        .read(async move |tx| Ok(tx.query_as(T::GET).bind(id).fetch_optional().await?))
         .await?;
     row.map(axum::Json).ok_or_else(|| not_found::<T>(id))
 }
@@ -532,17 +528,15 @@ pub async fn list_tests(
     .parse()?;
     let (status_id, behavior_id) = (q.status_id, q.behavior_id);
     let rows: Vec<TestCase> = org
-        .read(move |tx| {
-            Box::pin(async move {
-                Ok(tx
-                    .query_as(LIST_TESTS)
-                    .bind(cursor)
-                    .bind(status_id)
-                    .bind(behavior_id)
-                    .bind(limit + 1)
-                    .fetch_all()
-                    .await?)
-            })
+        .read(async move |tx| {
+            Ok(tx
+                .query_as(LIST_TESTS)
+                .bind(cursor)
+                .bind(status_id)
+                .bind(behavior_id)
+                .bind(limit + 1)
+                .fetch_all()
+                .await?)
         })
         .await?;
     Ok(axum::Json(page(rows, limit, |r| r.id)))
@@ -558,9 +552,7 @@ pub async fn get_test(
     ApiPath((_, id)): ApiPath<(String, Uuid)>,
 ) -> Result<axum::Json<TestCase>, ApiError> {
     let row: Option<TestCase> = org
-        .read(move |tx| {
-            Box::pin(async move { Ok(tx.query_as(GET_TEST).bind(id).fetch_optional().await?) })
-        })
+        .read(async move |tx| Ok(tx.query_as(GET_TEST).bind(id).fetch_optional().await?))
         .await?;
     row.map(axum::Json).ok_or_else(|| test_not_found(id))
 }

@@ -93,11 +93,11 @@ pub struct ServeArgs {
     /// its home sub-pool (or a second choice when home is congested), so each
     /// connection serves a slice of the tenants. 0: one per connection;
     /// 1: every connection serves every tenant.
-    #[arg(long, env = "TENANTRY_SUB_POOLS", default_value_t = crate::db::DEFAULT_SUB_POOLS)]
+    #[arg(long, env = "TENANTRY_SUB_POOLS", default_value_t = crate::pg::pools::DEFAULT_SUB_POOLS)]
     pub sub_pools: u32,
     /// Transactions beyond its connections a tenant's home sub-pool may hold
     /// before the tenant's second choice takes the next one.
-    #[arg(long, env = "TENANTRY_SPILL_MARGIN", default_value_t = crate::db::DEFAULT_SPILL_MARGIN)]
+    #[arg(long, env = "TENANTRY_SPILL_MARGIN", default_value_t = crate::pg::pools::DEFAULT_SPILL_MARGIN)]
     pub spill_margin: u32,
     /// Seconds a pooled connection lives before it is replaced (bounds the
     /// catalog cache each backend accumulates per tenant).
@@ -128,7 +128,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TENANTRY_TENANT_MAX_IN_FLIGHT")]
     pub tenant_max_in_flight: Option<u32>,
     /// Milliseconds a request over its org's limit waits for a place.
-    #[arg(long, env = "TENANTRY_TENANT_QUEUE_MS", default_value_t = crate::fairness::DEFAULT_QUEUE.as_millis() as u64)]
+    #[arg(long, env = "TENANTRY_TENANT_QUEUE_MS", default_value_t = crate::serving::fairness::DEFAULT_QUEUE.as_millis() as u64)]
     pub tenant_queue_ms: u64,
     /// Seconds a request may run before it gets 503 timeout.
     #[arg(long, env = "TENANTRY_REQUEST_TIMEOUT", default_value_t = 30)]
@@ -139,8 +139,8 @@ pub struct ServeArgs {
     /// What sits between tenantry and PostgreSQL on the app URL: `none`
     /// (or a session pooler) or `transaction` (a transaction-pooling
     /// PgBouncer: unnamed statements, no session settings).
-    #[arg(long, env = "TENANTRY_POOLER", value_enum, default_value_t = crate::db::Pooler::None)]
-    pub pooler: crate::db::Pooler,
+    #[arg(long, env = "TENANTRY_POOLER", value_enum, default_value_t = crate::pg::pools::Pooler::None)]
+    pub pooler: crate::pg::pools::Pooler,
     /// A direct PostgreSQL URL (same role as the app URL) for LISTEN, which
     /// a transaction pooler cannot carry. Without it, behind one, other
     /// processes' changes arrive through the cache TTLs only.
@@ -155,7 +155,7 @@ pub struct ServeArgs {
     /// version, so that creating an org takes one instead of running DDL
     /// (see `tenantry warm`). 0: off.
     #[arg(long, env = "TENANTRY_WARM_SCHEMAS", default_value_t = 0,
-          value_parser = clap::value_parser!(u32).range(0..=crate::warm::MAX_WARM_SCHEMAS as i64))]
+          value_parser = clap::value_parser!(u32).range(0..=crate::tenants::warm::MAX_WARM_SCHEMAS as i64))]
     pub warm_schemas: u32,
     /// Serve GET /metrics on this address (e.g. 127.0.0.1:9100) instead of
     /// the API's listener.
@@ -176,7 +176,7 @@ pub enum WarmCommand {
     /// Build warm schemas until COUNT are ready at this binary's template
     /// version.
     Fill {
-        #[arg(value_parser = clap::value_parser!(u32).range(0..=crate::warm::MAX_WARM_SCHEMAS as i64))]
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=crate::tenants::warm::MAX_WARM_SCHEMAS as i64))]
         count: u32,
     },
     /// Drop warm schemas, oldest first, until at most --keep are left.
@@ -324,8 +324,8 @@ pub enum OrgsCommand {
         /// How rows are written: `binary` (archive format 2: faster,
         /// smaller) or `text` (format 1: readable, portable to any
         /// PostgreSQL version). Import reads both.
-        #[arg(long, value_enum, default_value_t = crate::archive::RowFormat::Binary)]
-        format: crate::archive::RowFormat,
+        #[arg(long, value_enum, default_value_t = crate::tenants::archive::RowFormat::Binary)]
+        format: crate::tenants::archive::RowFormat,
     },
     /// Create a new organization from an archive, in one transaction.
     Import {

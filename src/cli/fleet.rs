@@ -8,9 +8,9 @@ use sqlx::PgPool;
 
 use super::render::{cell_text, csv_field, print_json, print_table};
 use super::{Command, MigrateArgs, MigrateCommand, PartialFailure, QueryArgs, QueryFormat};
-use crate::fleet;
-use crate::ident::Slug;
-use crate::template::Template;
+use crate::base::ident::Slug;
+use crate::tenants::fleet;
+use crate::tenants::template::Template;
 
 /// A fleet command with its arguments already validated.
 pub(super) enum Action {
@@ -39,7 +39,7 @@ impl Action {
                 }
             },
             Command::Query(args) => {
-                crate::fleet::prepare_query(&args.sql)?;
+                crate::tenants::fleet::prepare_query(&args.sql)?;
                 Action::Query(args)
             }
             Command::Doctor { repair, json } => Action::Doctor(repair, json),
@@ -136,7 +136,7 @@ async fn migrate(
     // Orgs created before tenant roles get theirs first: migrations run as
     // the tenant's role.
     if args.plan {
-        let missing = crate::roles::orgs_without_roles(pool).await?;
+        let missing = crate::registry::roles::orgs_without_roles(pool).await?;
         if !missing.is_empty() && !args.json {
             println!(
                 "{} organization(s) have no PostgreSQL role yet; migrate creates them first",
@@ -144,7 +144,7 @@ async fn migrate(
             );
         }
     } else {
-        let upgraded = crate::roles::ensure_tenant_roles(pool).await?;
+        let upgraded = crate::registry::roles::ensure_tenant_roles(pool).await?;
         if !upgraded.is_empty() && !args.json {
             println!(
                 "created the PostgreSQL role of {} organization(s) made by an earlier version",

@@ -21,8 +21,8 @@ use sqlx::PgPool;
 pub use args::*;
 pub use render::print_table;
 
-use crate::db::PoolConfig;
-use crate::embedded::{Durability, LocalPostgres};
+use crate::pg::embedded::{Durability, LocalPostgres};
+use crate::pg::pools::PoolConfig;
 use crate::registry;
 
 pub fn main() -> ExitCode {
@@ -35,7 +35,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", crate::error::chain(e.as_ref()));
+            eprintln!("error: {}", crate::base::error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -79,7 +79,7 @@ impl Database {
                 (pg.url("postgres"), Some(pg))
             }
         };
-        let pool = crate::db::connect(&url, pool_config)
+        let pool = crate::pg::pools::connect(&url, pool_config)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
         registry::migrate(&pool).await?;
@@ -94,7 +94,7 @@ impl Database {
         };
         let password = pg.app_password()?;
         Ok(Some((
-            pg.url_as(crate::embedded::APP_ROLE, &password, "postgres"),
+            pg.url_as(crate::pg::embedded::APP_ROLE, &password, "postgres"),
             password,
         )))
     }

@@ -1,6 +1,8 @@
 //! `orgs` and `tokens`: organization lifecycle and API tokens. Every change
-//! goes through `provision`, which announces it to running servers.
+//! goes through the tenancy core's `Orgs`, as the HTTP API's do, which
+//! announces it to running servers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -10,10 +12,11 @@ use super::render::{
     print_issued, print_json, print_org, print_orgs, print_table, JsonArrayWriter, OrgTable,
 };
 use super::{OrgsCommand, TokensCommand};
-use crate::ident::Slug;
-use crate::provision::{self, NewOrg};
+use crate::base::ident::Slug;
 use crate::registry;
-use crate::template::Template;
+use crate::tenancy::Orgs;
+use crate::tenants::provision::{self, NewOrg};
+use crate::tenants::template::Template;
 
 /// An org or token command with its arguments already validated.
 pub(super) enum Action {
@@ -24,7 +27,7 @@ pub(super) enum Action {
     Rename(Slug, Slug, bool),
     Delete(Slug, bool),
     Move(Slug, String, bool),
-    Export(Slug, String, crate::archive::RowFormat),
+    Export(Slug, String, crate::tenants::archive::RowFormat),
     Import(Slug, String, Option<String>, bool),
     Clone(Slug, Slug, Option<String>, bool),
     CreateToken(Slug, String, Option<String>, Option<Duration>, bool),
@@ -121,9 +124,10 @@ impl Action {
     }
 
     pub(super) async fn run(self, pool: &PgPool) -> anyhow::Result<()> {
+        let orgs = Orgs::new(pool.clone(), Arc::new(Template::embedded()));
         match self {
             Action::CreateOrg(new, json) => {
-                let created = provision::create_org(pool, &Template::embedded(), &new).await?;
+                let created = orgs.create(&new).await?;
                 if json {
                     print_json(&created)?;
                 } else {
@@ -142,7 +146,8 @@ impl Action {
                 while left > 0 {
                     let orgs =
                         registry::list_orgs_page(pool, after.as_deref(), left.min(PAGE)).await?;
-                    let orgs = crate::placement::placed(&mut *pool.acquire().await?, orgs).await?;
+                    let orgs = crate::tenants::placement::placed(&mut *pool.acquire().await?, orgs)
+                        .await?;
                     if json {
                         array.items(&orgs)?;
                     } else {
@@ -160,17 +165,13 @@ impl Action {
                     array.finish();
                 }
             }
-            Action::Suspend(slug, json) => {
-                print_org(&provision::suspend_org(pool, &slug).await?, json)?
-            }
-            Action::Resume(slug, json) => {
-                print_org(&provision::resume_org(pool, &slug).await?, json)?
-            }
+            Action::Suspend(slug, json) => print_org(&orgs.suspend(&slug).await?, json)?,
+            Action::Resume(slug, json) => print_org(&orgs.resume(&slug).await?, json)?,
             Action::Rename(slug, new_slug, json) => {
-                print_org(&provision::rename_org(pool, &slug, &new_slug).await?, json)?
+                print_org(&orgs.rename(&slug, &new_slug).await?, json)?
             }
             Action::Delete(slug, json) => {
-                let org = provision::delete_org(pool, &slug).await?;
+                let org = orgs.delete(&slug).await?;
                 if json {
                     print_json(&org)?;
                 } else {
@@ -183,16 +184,17 @@ impl Action {
                         "moving {slug} to {to}: reads go on, writes wait until Citus has copied its tables..."
                     );
                 }
-                let moved = crate::placement::move_org_reporting(pool, &slug, &to, |p| {
-                    if !json && p.total > 0 {
-                        eprintln!(
-                            "  copied {:.1} of {:.1} MB",
-                            p.copied as f64 / 1e6,
-                            p.total as f64 / 1e6
-                        );
-                    }
-                })
-                .await?;
+                let moved = orgs
+                    .move_to(&slug, &to, |p| {
+                        if !json && p.total > 0 {
+                            eprintln!(
+                                "  copied {:.1} of {:.1} MB",
+                                p.copied as f64 / 1e6,
+                                p.total as f64 / 1e6
+                            );
+                        }
+                    })
+                    .await?;
                 if json {
                     print_json(&moved)?;
                 } else if moved.moved {
@@ -206,14 +208,20 @@ impl Action {
             }
             Action::Export(slug, output, format) => {
                 let exported = if output == "-" {
-                    crate::archive::export_as(pool, &slug, format, &mut tokio::io::stdout()).await?
+                    crate::tenants::archive::export_as(
+                        pool,
+                        &slug,
+                        format,
+                        &mut tokio::io::stdout(),
+                    )
+                    .await?
                 } else {
                     // complete or absent: never a half-written archive
                     let partial = format!("{output}.partial");
                     let mut file = tokio::fs::File::create(&partial)
                         .await
                         .map_err(|e| anyhow::anyhow!("cannot create {partial}: {e}"))?;
-                    match crate::archive::export_as(pool, &slug, format, &mut file).await {
+                    match crate::tenants::archive::export_as(pool, &slug, format, &mut file).await {
                         Ok(exported) => {
                             file.sync_all().await?;
                             tokio::fs::rename(&partial, &output).await?;
@@ -234,22 +242,14 @@ impl Action {
                 );
             }
             Action::Import(new_slug, input, name, json) => {
-                let template = Template::embedded();
                 let imported = if input == "-" {
-                    crate::archive::import(
-                        pool,
-                        &template,
-                        &new_slug,
-                        name.as_deref(),
-                        tokio::io::stdin(),
-                    )
-                    .await?
+                    orgs.import(&new_slug, name.as_deref(), tokio::io::stdin())
+                        .await?
                 } else {
                     let file = tokio::fs::File::open(&input)
                         .await
                         .map_err(|e| anyhow::anyhow!("cannot open {input}: {e}"))?;
-                    crate::archive::import(pool, &template, &new_slug, name.as_deref(), file)
-                        .await?
+                    orgs.import(&new_slug, name.as_deref(), file).await?
                 };
                 if json {
                     print_json(&imported)?;
@@ -265,14 +265,7 @@ impl Action {
             }
             Action::Clone(source, new_slug, name, json) => {
                 let started = std::time::Instant::now();
-                let cloned = crate::archive::clone_org(
-                    pool,
-                    &Template::embedded(),
-                    &source,
-                    &new_slug,
-                    name.as_deref(),
-                )
-                .await?;
+                let cloned = orgs.clone_org(&source, &new_slug, name.as_deref()).await?;
                 if json {
                     print_json(&cloned)?;
                 } else {
@@ -285,9 +278,9 @@ impl Action {
                 }
             }
             Action::CreateToken(slug, email, name, expires_in, json) => {
-                let (user, issued) =
-                    provision::issue_org_token(pool, &slug, &email, name.as_deref(), expires_in)
-                        .await?;
+                let (user, issued) = orgs
+                    .issue_org_token(&slug, &email, name.as_deref(), expires_in)
+                    .await?;
                 print_issued(
                     &user,
                     &issued,
@@ -296,9 +289,9 @@ impl Action {
                 )?;
             }
             Action::SuperuserToken(email, name, expires_in, json) => {
-                let (user, issued) =
-                    provision::issue_superuser_token(pool, &email, name.as_deref(), expires_in)
-                        .await?;
+                let (user, issued) = orgs
+                    .issue_superuser_token(&email, name.as_deref(), expires_in)
+                    .await?;
                 print_issued(
                     &user,
                     &issued,
@@ -353,7 +346,7 @@ impl Action {
                 }
             }
             Action::RevokeToken(id) => {
-                if provision::revoke_token(pool, id).await?.is_none() {
+                if !orgs.revoke_token(id).await? {
                     anyhow::bail!("no active token with id {id}");
                 }
                 println!("revoked {id}");

@@ -17,7 +17,7 @@ impl Action {
     pub(super) async fn run(self, pool: &PgPool) -> anyhow::Result<()> {
         match self {
             Action::Nodes(json) => {
-                let nodes = crate::placement::nodes(pool).await?;
+                let nodes = crate::tenants::placement::nodes(pool).await?;
                 if json {
                     print_json(&nodes)?;
                 } else {
@@ -30,9 +30,9 @@ impl Action {
             }
             Action::Rebalance { plan, json } => {
                 let moves = if plan {
-                    crate::placement::rebalance_plan(pool).await?
+                    crate::tenants::placement::rebalance_plan(pool).await?
                 } else {
-                    crate::placement::rebalance(pool, |state| {
+                    crate::tenants::placement::rebalance(pool, |state| {
                         if !json {
                             eprintln!("rebalance: {state}");
                         }

@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use crate::placement::PlacedOrg;
 use crate::registry::{self, Organization};
+use crate::tenants::placement::PlacedOrg;
 
 pub(super) fn cell_text(v: Option<&serde_json::Value>) -> String {
     match v {

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use super::{Database, DbArgs, ServeArgs};
-use crate::auth::AuthConfig;
-use crate::db::{PoolConfig, Pooler};
-use crate::fairness::FairnessConfig;
-use crate::router::RouterConfig;
+use crate::pg::pools::{PoolConfig, Pooler};
 use crate::server::{self, ServerConfig};
+use crate::serving::auth::AuthConfig;
+use crate::serving::fairness::FairnessConfig;
+use crate::serving::router::RouterConfig;
 
 pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
     let pool_config = PoolConfig {

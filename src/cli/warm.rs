@@ -4,8 +4,8 @@ use sqlx::PgPool;
 
 use super::render::{print_json, print_table};
 use super::WarmCommand;
-use crate::template::Template;
-use crate::warm;
+use crate::tenants::template::Template;
+use crate::tenants::warm;
 
 pub(super) async fn run(command: WarmCommand, pool: &PgPool) -> anyhow::Result<()> {
     let template = Template::embedded();

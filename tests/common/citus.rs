@@ -21,7 +21,7 @@ pub struct CitusCluster {
 
 /// Whether the Citus extension is installed for the server binaries.
 pub fn installed() -> bool {
-    let Some(bin) = tenantry::embedded::find_bin_dir() else {
+    let Some(bin) = tenantry::pg::embedded::find_bin_dir() else {
         return false;
     };
     let Ok(out) = Command::new(bin.join("pg_config"))
@@ -60,7 +60,7 @@ fn run(bin: &Path, program: &str, args: &[&str]) {
 
 impl CitusCluster {
     pub fn start() -> CitusCluster {
-        let bin = tenantry::embedded::find_bin_dir().expect("PostgreSQL binaries");
+        let bin = tenantry::pg::embedded::find_bin_dir().expect("PostgreSQL binaries");
         let root = tempfile::Builder::new()
             .prefix("tenantry-test-citus-")
             .tempdir()

@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
-use tenantry::embedded::{Durability, LocalPostgres};
+use tenantry::pg::embedded::{Durability, LocalPostgres};
 
 static SERVER: OnceLock<String> = OnceLock::new();
 
@@ -87,11 +87,14 @@ pub fn bouncer() -> &'static pgbouncer::PgBouncer {
 
 /// The URL and pooler serving connections to `url`'s database use in
 /// this run: `url` itself, or the same through PgBouncer.
-pub fn serving(url: &str) -> (String, tenantry::db::Pooler) {
+pub fn serving(url: &str) -> (String, tenantry::pg::pools::Pooler) {
     if pooler_run() {
-        (bouncer().url_for(url), tenantry::db::Pooler::Transaction)
+        (
+            bouncer().url_for(url),
+            tenantry::pg::pools::Pooler::Transaction,
+        )
     } else {
-        (url.to_owned(), tenantry::db::Pooler::None)
+        (url.to_owned(), tenantry::pg::pools::Pooler::None)
     }
 }
 
@@ -224,14 +227,14 @@ impl TestDb {
     /// Creates orgs `<prefix>-00`, `<prefix>-01`, ... with the built-in
     /// template; returns their slugs.
     pub async fn create_orgs(&self, prefix: &str, n: usize) -> Vec<String> {
-        let template = tenantry::template::Template::embedded();
+        let template = tenantry::tenants::template::Template::embedded();
         let mut slugs = vec![];
         for i in 0..n {
             let slug = format!("{prefix}-{i:02}");
-            tenantry::provision::create_org(
+            tenantry::tenants::provision::create_org(
                 &self.pool,
                 &template,
-                &tenantry::provision::NewOrg::parse(&slug, "Test", None).unwrap(),
+                &tenantry::tenants::provision::NewOrg::parse(&slug, "Test", None).unwrap(),
             )
             .await
             .unwrap();
@@ -266,14 +269,14 @@ pub async fn spawn_app_with(config: tenantry::server::ServerConfig) -> TestApp {
 
 /// Another server process (own caches, own pool) on an existing database.
 pub async fn spawn_app_on(db: TestDb, config: tenantry::server::ServerConfig) -> TestApp {
-    spawn_app_with_pool(db, &tenantry::db::PoolConfig::default(), config).await
+    spawn_app_with_pool(db, &tenantry::pg::pools::PoolConfig::default(), config).await
 }
 
 /// A server whose tenant and control connections log in as `role` (created
 /// with `password`, a serving role: not a superuser), over a fresh database.
 pub async fn spawn_app_serving_as(db: TestDb, role: &str, password: &str) -> TestApp {
     let serving_url = with_user(&db.url, role, password);
-    let admin = tenantry::db::connect(
+    let admin = tenantry::pg::pools::connect(
         &db.url,
         &tenantry::server::small_pool_config(&Default::default()),
     )
@@ -302,12 +305,13 @@ pub fn with_user(url: &str, user: &str, password: &str) -> String {
 
 pub async fn spawn_app_with_pool(
     db: TestDb,
-    pool_config: &tenantry::db::PoolConfig,
+    pool_config: &tenantry::pg::pools::PoolConfig,
     config: tenantry::server::ServerConfig,
 ) -> TestApp {
-    let pool = tenantry::db::connect(&db.url, &tenantry::server::small_pool_config(pool_config))
-        .await
-        .expect("server admin pool");
+    let pool =
+        tenantry::pg::pools::connect(&db.url, &tenantry::server::small_pool_config(pool_config))
+            .await
+            .expect("server admin pool");
     let url = db.url.clone();
     spawn_app_with_pools(db, pool, &url, pool_config, config).await
 }
@@ -325,22 +329,26 @@ async fn spawn_app_with_pools(
     db: TestDb,
     pool: sqlx::PgPool,
     serving_url: &str,
-    pool_config: &tenantry::db::PoolConfig,
+    pool_config: &tenantry::pg::pools::PoolConfig,
     mut config: tenantry::server::ServerConfig,
 ) -> TestApp {
-    let (_, token) =
-        tenantry::provision::issue_superuser_token(&pool, "root@tenantry.test", None, None)
-            .await
-            .expect("superuser");
+    let (_, token) = tenantry::tenants::provision::issue_superuser_token(
+        &pool,
+        "root@tenantry.test",
+        None,
+        None,
+    )
+    .await
+    .expect("superuser");
     let (serving_url, pooler) = {
         let direct = serving_url;
         let (url, pooler) = serving(direct);
-        if pooler != tenantry::db::Pooler::None {
+        if pooler != tenantry::pg::pools::Pooler::None {
             config.listen_url.get_or_insert_with(|| direct.to_owned());
         }
         (url, pooler)
     };
-    let pool_config = &tenantry::db::PoolConfig {
+    let pool_config = &tenantry::pg::pools::PoolConfig {
         pooler,
         ..pool_config.clone()
     };

@@ -24,9 +24,9 @@
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::error::{sqlstate, Error};
-use crate::ident::{quote_ident, RoleName, SchemaName};
-use crate::template::simple_query;
+use crate::base::error::{sqlstate, Error};
+use crate::base::ident::{quote_ident, RoleName, SchemaName};
+use crate::pg::statements::{hand_over_schema, simple_query};
 
 const DUPLICATE_OBJECT: &str = "42710";
 
@@ -60,7 +60,7 @@ fn quoted_list(roles: &[RoleName]) -> String {
 pub(crate) async fn create_tenant_role(
     conn: &mut PgConnection,
     org_id: &Uuid,
-    engine: crate::engine::Engine,
+    engine: crate::pg::engine::Engine,
 ) -> Result<RoleName, Error> {
     let role = RoleName::for_org(org_id);
     let grantees = grantees(conn).await?;
@@ -109,59 +109,10 @@ pub(crate) async fn drop_tenant_role(conn: &mut PgConnection, org_id: &Uuid) -> 
 /// object in it.
 async fn adopt_schema(pool: &PgPool, org_id: &Uuid, schema: &SchemaName) -> Result<(), Error> {
     let mut tx = pool.begin().await?;
-    let engine = crate::engine::Engine::detect(&mut tx).await?;
+    let engine = crate::pg::engine::Engine::detect(&mut tx).await?;
     let role = create_tenant_role(&mut tx, org_id, engine).await?;
     hand_over_schema(&mut tx, schema, &role, engine.one_statement_per_message()).await?;
     tx.commit().await?;
-    Ok(())
-}
-
-/// Makes `role` the owner of `schema` and of every object in it, inside the
-/// caller's transaction (one statement per message when asked, for Citus).
-pub(crate) async fn hand_over_schema(
-    conn: &mut PgConnection,
-    schema: &SchemaName,
-    role: &RoleName,
-    one_statement_per_message: bool,
-) -> Result<(), Error> {
-    // Only objects of the schema, named from the catalog and quoted.
-    let objects: Vec<(String, String)> = sqlx::query_as(
-        "SELECT CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' WHEN c.relkind IN ('v') THEN 'VIEW' \
-                     WHEN c.relkind = 'm' THEN 'MATERIALIZED VIEW' WHEN c.relkind = 'f' THEN 'FOREIGN TABLE' \
-                     ELSE 'TABLE' END, c.relname::text \
-         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
-           AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'a')) \
-         UNION ALL \
-         SELECT 'ROUTINE', format('%s(%s)', quote_ident(p.proname), pg_get_function_identity_arguments(p.oid)) \
-         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 \
-         UNION ALL \
-         SELECT 'TYPE', t.typname::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
-         WHERE n.nspname = $1 AND t.typtype IN ('c', 'e', 'd', 'r') AND t.typrelid = 0 \
-           AND t.typelem = 0 AND NOT EXISTS (SELECT 1 FROM pg_type a WHERE a.typarray = t.oid)",
-    )
-    .bind(schema.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut sql = format!(
-        "ALTER SCHEMA {} OWNER TO {}",
-        schema.quoted(),
-        role.quoted()
-    );
-    for (kind, name) in objects {
-        // Routines come with their argument list, already quoted by
-        // PostgreSQL; everything else is one name we quote.
-        let target = if kind == "ROUTINE" {
-            format!("{}.{name}", schema.quoted())
-        } else {
-            format!("{}.{}", schema.quoted(), quote_ident(&name))
-        };
-        sql.push_str(&format!(
-            "; ALTER {kind} {target} OWNER TO {}",
-            role.quoted()
-        ));
-    }
-    crate::template::send_statements(conn, &sql, one_statement_per_message).await?;
     Ok(())
 }
 

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
-use crate::engine::Engine;
-use crate::error::Error;
-use crate::ident::{SchemaName, Slug};
+use crate::base::error::Error;
+use crate::base::ident::{SchemaName, Slug};
+use crate::pg::engine::Engine;
 
 /// A worker node and what it holds.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -259,7 +259,7 @@ async fn move_schema(
     .bind(port)
     .execute(conn)
     .await
-    .map_err(|e| match crate::error::sqlstate(&e).as_deref() {
+    .map_err(|e| match crate::base::error::sqlstate(&e).as_deref() {
         // Citus' own guard against two moves of one placement
         Some("55P03") => Error::MoveInProgress(schema.to_string()),
         _ => Error::Database(e),

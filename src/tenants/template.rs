@@ -1,180 +1,22 @@
-//! Applying migrations with refinery over sqlx. refinery has no sqlx driver,
-//! so [`MigrationConn`] implements `refinery_core`'s async traits on a sqlx
-//! connection that is already inside a transaction. Everything refinery runs
-//! therefore joins the caller's transaction: provisioning can create the
-//! registry row, the schema, the template and the seed data atomically.
-//!
-//! refinery pastes its history table name unquoted and unqualified into SQL,
-//! so we never rename it: the table resolves through `search_path`, which we
-//! set transaction-locally to exactly the target schema. The history of a
-//! tenant thus lives inside that tenant's schema.
+//! The tenant template: the versioned migrations of `tenant_template/`
+//! (compiled in, or loaded from a directory) that every tenant schema is
+//! built from and migrated with, refinery's rules for what is pending, and
+//! building a new tenant schema in one round trip.
 
-use std::future::Future;
 use std::path::Path;
 
-use refinery_core::traits::r#async::{AsyncMigrate, AsyncQuery, AsyncTransaction};
-use refinery_core::{Migration, Runner, Target};
+use refinery_core::traits::r#async::AsyncMigrate;
+use refinery_core::Migration;
 use sqlx::PgConnection;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
-use crate::engine::Engine;
-use crate::ident::{RoleName, SchemaName};
-
-/// refinery's default history table name, created in the target schema.
-pub const HISTORY_TABLE: &str = "refinery_schema_history";
+use crate::base::ident::{RoleName, SchemaName};
+use crate::pg::engine::Engine;
+use crate::pg::migrations::MigrationConn;
+pub use crate::pg::migrations::{history_insert, Applied, TemplateError, HISTORY_TABLE};
+use crate::pg::statements::{send_statements, set_local_search_path};
 
 mod embedded_template {
     refinery::embed_migrations!("tenant_template");
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TemplateError {
-    #[error("cannot load template migrations: {0}")]
-    Load(String),
-    #[error("template has no migrations")]
-    Empty,
-    #[error("migration failed in schema {schema}: {message}")]
-    Migration {
-        schema: String,
-        /// The migration being applied when it failed, e.g. `V2__add_index`.
-        migration: Option<String>,
-        message: String,
-        /// True when an applied migration differs from the template's file
-        /// (checksum) or is missing from the template.
-        diverged: bool,
-    },
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-}
-
-/// A sqlx connection, inside a transaction, seen by refinery as a migration
-/// target.
-pub(crate) struct MigrationConn<'c> {
-    conn: &'c mut PgConnection,
-}
-
-impl<'c> MigrationConn<'c> {
-    pub(crate) fn new(conn: &'c mut PgConnection) -> Self {
-        MigrationConn { conn }
-    }
-}
-
-impl AsyncTransaction for MigrationConn<'_> {
-    type Error = sqlx::Error;
-
-    fn execute<'a, T: Iterator<Item = &'a str> + Send + 'a>(
-        &'a mut self,
-        queries: T,
-    ) -> impl Future<Output = Result<usize, Self::Error>> + Send + 'a {
-        // One statement per message, on every engine: Citus refuses several
-        // DDL statements in one message on a distributed schema, and one
-        // code path is tested on both.
-        let batch: Vec<&str> = queries.collect();
-        async move {
-            let mut affected = 0;
-            for query in batch {
-                affected += send_statements(self.conn, query, true).await?;
-            }
-            Ok(affected as usize)
-        }
-    }
-}
-
-impl AsyncQuery<Vec<Migration>> for MigrationConn<'_> {
-    async fn query<'a>(&'a mut self, query: &'a str) -> Result<Vec<Migration>, Self::Error> {
-        let rows = fetch_history(self.conn, query).await?;
-        rows.into_iter().map(applied_migration).collect()
-    }
-}
-
-impl AsyncMigrate for MigrationConn<'_> {}
-
-type HistoryRow = (i32, Option<String>, Option<String>, Option<String>);
-
-type SendFuture<'a, T> =
-    std::pin::Pin<Box<dyn Future<Output = Result<T, sqlx::Error>> + Send + 'a>>;
-
-/// Runs SQL text (one or several statements, no bind parameters) in one
-/// round trip and returns the rows affected.
-///
-/// Both helpers here box their futures: with sqlx's `raw_sql` or inline in
-/// `impl Future + Send` trait methods, the compiler's higher-ranked check of
-/// sqlx's `Executor` impl for `&mut PgConnection` fails and callers' futures
-/// stop being `Send`. Boxing proves `Send` here, where lifetimes are concrete.
-pub(crate) fn simple_query<'a>(conn: &'a mut PgConnection, sql: &'a str) -> SendFuture<'a, u64> {
-    // A plain &str has no bind arguments, so sqlx sends it with the simple
-    // query protocol, which accepts several statements.
-    Box::pin(async move { Ok(sqlx::Executor::execute(conn, sql).await?.rows_affected()) })
-}
-
-/// Sends SQL text: in one message, or one statement per message (for Citus,
-/// see `engine`). Returns the rows affected.
-pub(crate) fn send_statements<'a>(
-    conn: &'a mut PgConnection,
-    sql: &'a str,
-    one_per_message: bool,
-) -> SendFuture<'a, u64> {
-    Box::pin(async move {
-        if !one_per_message {
-            return simple_query(conn, sql).await;
-        }
-        let mut affected = 0;
-        for statement in crate::sql::statements(sql) {
-            affected += simple_query(&mut *conn, statement).await?;
-        }
-        Ok(affected)
-    })
-}
-
-/// Runs SQL text (one or several statements, no bind parameters) in one
-/// round trip and returns the rows of all of them (boxed for `Send`, see
-/// [`simple_query`]).
-pub(crate) fn simple_rows<'a>(
-    conn: &'a mut PgConnection,
-    sql: &'a str,
-) -> SendFuture<'a, Vec<sqlx::postgres::PgRow>> {
-    Box::pin(async move { sqlx::Executor::fetch_all(conn, sql).await })
-}
-
-fn fetch_history<'a>(
-    conn: &'a mut PgConnection,
-    query: &'a str,
-) -> SendFuture<'a, Vec<HistoryRow>> {
-    Box::pin(async move {
-        // Persistent: the text is the same for every schema, so each pooled
-        // connection prepares it once (PostgreSQL re-plans it when the
-        // search_path differs), saving a round trip per tenant.
-        sqlx::query_as(query).fetch_all(conn).await
-    })
-}
-
-fn applied_migration(
-    (version, name, applied_on, checksum): HistoryRow,
-) -> Result<Migration, sqlx::Error> {
-    let bad = |what: &str| sqlx::Error::Decode(format!("history row {version}: bad {what}").into());
-    let applied_on = OffsetDateTime::parse(applied_on.as_deref().unwrap_or_default(), &Rfc3339)
-        .map_err(|_| bad("applied_on"))?;
-    let checksum = checksum
-        .as_deref()
-        .unwrap_or_default()
-        .parse::<u64>()
-        .map_err(|_| bad("checksum"))?;
-    Ok(Migration::applied(
-        version,
-        name.unwrap_or_default(),
-        applied_on,
-        checksum,
-    ))
-}
-
-/// What applying a template did to one schema.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    /// Names (`V2__add_index`) of the migrations applied by this call.
-    pub migrations: Vec<String>,
-    /// Their versions.
-    pub versions: Vec<i32>,
 }
 
 /// The first-line marker of a migration that must run outside a
@@ -235,7 +77,7 @@ impl Template {
                 .next()
                 .is_some_and(|first| first.trim() == NO_TRANSACTION_MARKER);
             if marked {
-                let n = crate::sql::statements(sql).len();
+                let n = crate::base::sql::statements(sql).len();
                 if n != 1 {
                     return Err(TemplateError::Load(format!(
                         "{m}: a no-transaction migration must contain exactly one statement (found {n})"
@@ -261,7 +103,7 @@ impl Template {
     pub fn transactional_sql(&self, m: &Migration) -> String {
         let sql = m.sql().unwrap_or_default();
         if self.is_no_transaction(m) {
-            crate::sql::remove_keyword(sql, "concurrently")
+            crate::base::sql::remove_keyword(sql, "concurrently")
         } else {
             sql.to_owned()
         }
@@ -359,7 +201,7 @@ impl Template {
         grouped: bool,
     ) -> Result<Applied, TemplateError> {
         set_local_search_path(conn, schema).await?;
-        self.run(conn, schema.as_str(), target, grouped).await
+        crate::pg::migrations::run(conn, &self.migrations, schema.as_str(), target, grouped).await
     }
 
     /// Like [`Template::apply`], for a transaction whose search path the
@@ -371,7 +213,7 @@ impl Template {
         target: Option<i32>,
         grouped: bool,
     ) -> Result<Applied, TemplateError> {
-        self.run(conn, schema.as_str(), target, grouped).await
+        crate::pg::migrations::run(conn, &self.migrations, schema.as_str(), target, grouped).await
     }
 
     /// Creates `schema`, owned by `owner`, and applies the whole template to
@@ -416,18 +258,18 @@ impl Template {
         }
         // "\n;\n" ends a trailing line comment before the separator.
         let result = send_statements(conn, &statements.join("\n;\n"), citus).await;
-        result.map_err(|e| match crate::error::sqlstate(&e).as_deref() {
+        result.map_err(|e| match crate::base::error::sqlstate(&e).as_deref() {
             // the schema exists: the caller reports it
             Some("42P06") => TemplateError::Database(e),
             _ => TemplateError::Migration {
                 schema: schema.to_string(),
                 migration: None,
-                message: crate::error::chain(&e),
+                message: crate::base::error::chain(&e),
                 diverged: false,
             },
         })?;
         if citus {
-            crate::roles::hand_over_schema(conn, schema, owner, true)
+            crate::pg::statements::hand_over_schema(conn, schema, owner, true)
                 .await
                 .map_err(|e| TemplateError::Migration {
                     schema: schema.to_string(),
@@ -441,97 +283,4 @@ impl Template {
             versions: self.migrations.iter().map(|m| m.version()).collect(),
         })
     }
-
-    /// Applies these migrations to the registry schema `tenantry`.
-    pub(crate) async fn apply_to_registry(
-        &self,
-        conn: &mut PgConnection,
-    ) -> Result<Applied, TemplateError> {
-        simple_query(conn, "SET LOCAL search_path TO tenantry").await?;
-        self.run(conn, "tenantry", None, false).await
-    }
-
-    async fn run(
-        &self,
-        conn: &mut PgConnection,
-        schema: &str,
-        target: Option<i32>,
-        grouped: bool,
-    ) -> Result<Applied, TemplateError> {
-        let runner = Runner::new(&self.migrations)
-            .set_abort_divergent(true)
-            .set_abort_missing(true)
-            .set_grouped(grouped)
-            .set_target(match target {
-                Some(v) => Target::Version(v),
-                None => Target::Latest,
-            });
-        let mut mc = MigrationConn::new(conn);
-        match runner.run_async(&mut mc).await {
-            Ok(report) => Ok(Applied {
-                migrations: report
-                    .applied_migrations()
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-                versions: report
-                    .applied_migrations()
-                    .iter()
-                    .map(|m| m.version())
-                    .collect(),
-            }),
-            Err(e) => Err(migration_error(schema, e)),
-        }
-    }
-}
-
-/// `SET LOCAL search_path` to exactly one schema. Only a parsed, quoted
-/// [`SchemaName`] reaches the SQL text.
-pub(crate) async fn set_local_search_path(
-    conn: &mut PgConnection,
-    schema: &SchemaName,
-) -> Result<(), sqlx::Error> {
-    simple_query(
-        conn,
-        &format!("SET LOCAL search_path TO {}", schema.quoted()),
-    )
-    .await?;
-    Ok(())
-}
-
-fn migration_error(schema: &str, e: refinery_core::Error) -> TemplateError {
-    use refinery_core::error::Kind;
-    let (migration, diverged) = match e.kind() {
-        Kind::DivergentVersion(applied, _) | Kind::MissingVersion(applied) => {
-            (Some(applied.to_string()), true)
-        }
-        // Ungrouped runs name the failing migration in the context message.
-        Kind::Connection(context, _) => (
-            context
-                .strip_prefix("error applying migration ")
-                .map(str::to_owned),
-            false,
-        ),
-        _ => (None, false),
-    };
-    TemplateError::Migration {
-        schema: schema.to_owned(),
-        migration,
-        message: crate::error::chain(&e),
-        diverged,
-    }
-}
-
-/// The history row refinery writes for `m`, applied now (its exact format:
-/// refinery parses `applied_on` and `checksum` back).
-pub fn history_insert(m: &Migration) -> String {
-    format!(
-        "INSERT INTO {HISTORY_TABLE} (version, name, applied_on, checksum) VALUES ({}, '{}', '{}', '{}')",
-        m.version(),
-        m.name().replace('\'', "''"),
-        OffsetDateTime::now_utc()
-            .format(&Rfc3339)
-            .expect("the current time formats as RFC 3339"),
-        m.checksum()
-    )
 }

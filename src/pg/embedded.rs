@@ -140,7 +140,7 @@ impl LocalPostgres {
         if let Ok(existing) = fs::read_to_string(&file) {
             return Ok(existing.trim().to_owned());
         }
-        let password = crate::secret::random_hex(24);
+        let password = crate::base::secret::random_hex(24);
         fs::write(&file, &password).map_err(io_err(&file))?;
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).map_err(io_err(&file))?;
         Ok(password)
@@ -152,7 +152,7 @@ impl LocalPostgres {
             return Ok(());
         }
         let pw_file = self.password_file();
-        let password = crate::secret::random_hex(24);
+        let password = crate::base::secret::random_hex(24);
         fs::write(&pw_file, &password).map_err(io_err(&pw_file))?;
         fs::set_permissions(&pw_file, fs::Permissions::from_mode(0o600))
             .map_err(io_err(&pw_file))?;

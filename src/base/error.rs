@@ -2,8 +2,7 @@
 //! and the CLI map its variants to status codes and exit messages. Variants
 //! are about what went wrong for the caller, not which library failed.
 
-use crate::ident::{SchemaNameError, SlugError};
-use crate::template::TemplateError;
+use crate::base::ident::{SchemaNameError, SlugError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -152,4 +151,26 @@ where
             other => return other,
         }
     }
+}
+
+/// Why migrations (a tenant template, or the registry's own) could not
+/// be loaded or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("cannot load template migrations: {0}")]
+    Load(String),
+    #[error("template has no migrations")]
+    Empty,
+    #[error("migration failed in schema {schema}: {message}")]
+    Migration {
+        schema: String,
+        /// The migration being applied when it failed, e.g. `V2__add_index`.
+        migration: Option<String>,
+        message: String,
+        /// True when an applied migration differs from the template's file
+        /// (checksum) or is missing from the template.
+        diverged: bool,
+    },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
 }

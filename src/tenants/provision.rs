@@ -5,13 +5,14 @@
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::engine::Engine;
-use crate::error::sqlstate;
-use crate::error::{Error, ResultExt};
-use crate::ident::{SchemaName, Slug};
+use crate::base::error::sqlstate;
+use crate::base::error::{Error, ResultExt};
+use crate::base::ident::{SchemaName, Slug};
+use crate::pg::engine::Engine;
+use crate::pg::statements::simple_query;
+use crate::registry::changes::{announce, Change, REGISTRY_CHANNEL};
 use crate::registry::{self, org_columns, OrgRow, OrgStatus, Organization, User};
-use crate::template::{simple_query, Template, TemplateError};
-use crate::tenancy::{announce, Change};
+use crate::tenants::template::{Template, TemplateError};
 
 /// Statuses and behaviors every new organization starts with.
 pub const DEFAULT_STATUSES: &[&str] = &["New", "Active", "Archived"];
@@ -125,7 +126,7 @@ pub async fn create_org_with_hook(
     } else {
         "cold"
     };
-    metrics::counter!(crate::metrics::ORG_CREATES, "schema" => source).increment(1);
+    metrics::counter!(crate::telemetry::ORG_CREATES, "schema" => source).increment(1);
     tracing::info!(slug = %created.organization.slug, schema = %created.organization.schema_name, source, "organization created");
     Ok(created)
 }
@@ -220,7 +221,7 @@ async fn claim_org(
         .bind(owner.as_ref().map(|u| u.id))
         .bind(owner.as_ref().map(|u| u.email.as_str()))
         .bind(owner.as_ref().map(|u| u.display_name.as_str()))
-        .bind(crate::tenancy::REGISTRY_CHANNEL)
+        .bind(REGISTRY_CHANNEL)
         .bind(Change::Org(new.slug.clone()).payload())
         .fetch_optional(&mut *tx)
         .await
@@ -304,7 +305,8 @@ pub(crate) async fn create_org_in(
     // transaction) is reported, never adopted: CREATE SCHEMA without IF NOT
     // EXISTS fails with duplicate_schema.
     let engine = Engine::detect(&mut *tx).await?;
-    let role = crate::roles::create_tenant_role(&mut *tx, &organization.id, engine).await?;
+    let role =
+        crate::registry::roles::create_tenant_role(&mut *tx, &organization.id, engine).await?;
     let applied = template
         .apply_to_new_schema(&mut *tx, &schema, &role, engine)
         .await
@@ -458,7 +460,7 @@ pub async fn delete_org(pool: &PgPool, slug: &Slug) -> Result<Organization, Erro
     let org = Organization::try_from(row.ok_or_else(|| Error::OrgNotFound(slug.to_string()))?)?;
     let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", org.schema_name.quoted());
     simple_query(&mut tx, &drop).await?;
-    crate::roles::drop_tenant_role(&mut tx, &org.id).await?;
+    crate::registry::roles::drop_tenant_role(&mut tx, &org.id).await?;
     announce(&mut tx, &Change::Org(slug.clone())).await?;
     tx.commit().await?;
     tracing::info!(slug = %org.slug, schema = %org.schema_name, "organization deleted");

@@ -42,11 +42,11 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::engine::Engine;
-use crate::error::Error;
-use crate::ident::{quote_ident, SchemaName, Slug};
-use crate::provision::{Created, NewOrg};
-use crate::template::{Template, HISTORY_TABLE};
+use crate::base::error::Error;
+use crate::base::ident::{quote_ident, SchemaName, Slug};
+use crate::pg::engine::Engine;
+use crate::tenants::provision::{Created, NewOrg};
+use crate::tenants::template::{Template, HISTORY_TABLE};
 
 pub const MAGIC: &str = "tenantry-archive";
 /// Format 1: rows in COPY text format. Format 2: rows in COPY binary format.
@@ -538,7 +538,8 @@ pub async fn import(
         })?;
     let mut tx = OwnTx::begin(pool, "BEGIN").await?;
     let engine = Engine::detect(&mut tx).await?;
-    let created = crate::provision::create_org_in(&mut tx, &at_version, new, None, false).await?;
+    let created =
+        crate::tenants::provision::create_org_in(&mut tx, &at_version, new, None, false).await?;
     let schema = created.organization.schema_name.clone();
     let expected: Vec<String> = tables(&mut tx, &schema)
         .await?
@@ -565,7 +566,7 @@ pub async fn import(
         Deferred::read(&mut tx, &schema).await?
     };
     if !deferred.drop.is_empty() {
-        crate::template::simple_query(&mut tx, &deferred.drop.join("; ")).await?;
+        crate::pg::statements::simple_query(&mut tx, &deferred.drop.join("; ")).await?;
     }
     let mut rows = 0;
     let mut buf = vec![0u8; 64 * 1024];
@@ -636,12 +637,12 @@ pub async fn import(
         ));
     }
     if !deferred.create.is_empty() {
-        crate::template::simple_query(&mut tx, &deferred.create.join("; "))
+        crate::pg::statements::simple_query(&mut tx, &deferred.create.join("; "))
             .await
             .map_err(|e| {
                 bad(format!(
                     "the archive's rows break a key or foreign key of the template: {}",
-                    crate::error::chain(&e)
+                    crate::base::error::chain(&e)
                 ))
             })?;
     }
@@ -652,8 +653,8 @@ pub async fn import(
             .await
             .map_err(Error::Template)?;
         if engine.is_citus() {
-            let role = crate::ident::RoleName::for_org(&created.organization.id);
-            crate::roles::hand_over_schema(&mut tx, &schema, &role, true).await?;
+            let role = crate::base::ident::RoleName::for_org(&created.organization.id);
+            crate::pg::statements::hand_over_schema(&mut tx, &schema, &role, true).await?;
         }
     }
     sqlx::Executor::execute(&mut *tx, "RESET ROLE").await?;

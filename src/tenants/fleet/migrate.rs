@@ -41,20 +41,19 @@ use sqlx::{PgConnection, PgPool, Postgres, Row};
 use uuid::Uuid;
 
 use super::{for_each_bounded, FleetRow, FleetTenant};
-use crate::engine::Engine;
-use crate::error::{sqlstate, Error};
-use crate::ident::{quote_ident, RoleName};
+use crate::base::error::{sqlstate, Error};
+use crate::base::ident::{quote_ident, RoleName};
+use crate::pg::engine::Engine;
+use crate::pg::statements::{send_statements, simple_query, simple_rows};
 use crate::registry::OrgStatus;
-use crate::template::{
-    history_insert, send_statements, simple_query, simple_rows, Template, HISTORY_TABLE,
-};
+use crate::tenants::template::{history_insert, Template, HISTORY_TABLE};
 
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
     /// Tenants migrated at once.
     pub jobs: usize,
     /// Only these orgs (all when empty).
-    pub only: Vec<crate::ident::Slug>,
+    pub only: Vec<crate::base::ident::Slug>,
     /// Stop at this template version (the template's latest when `None`).
     pub target: Option<i32>,
     /// `lock_timeout` of each tenant's migration.
@@ -330,7 +329,7 @@ pub async fn migrate_planned(
     }
     // Signups must not take a schema older than the orgs they join.
     if opts.only.is_empty() && target == template.latest_version() {
-        match crate::warm::rebuild_outdated(pool, &template).await {
+        match crate::tenants::warm::rebuild_outdated(pool, &template).await {
             Ok(n) => report.warm_rebuilt = n,
             Err(e) => {
                 tracing::warn!(error = %e, "could not rebuild outdated warm schemas; signups build their own meanwhile")
@@ -446,11 +445,11 @@ async fn migrate_tenant(
                     slug,
                     from: registry_at,
                     attempts: 1,
-                    error: crate::error::chain(&error),
+                    error: crate::base::error::chain(&error),
                 }
             }
             Err(Stop::Failed { migration, error }) => {
-                return failed(migration, crate::error::chain(&error), false).await
+                return failed(migration, crate::base::error::chain(&error), false).await
             }
         }
     }
@@ -698,12 +697,14 @@ async fn migrate_step(
         if last && citus {
             let handed = send_statements(&mut g.conn, &message, true).await;
             let handed = match handed {
-                Ok(_) => crate::roles::hand_over_schema(&mut g.conn, &t.schema, &role, true)
-                    .await
-                    .map_err(|e| match e {
-                        Error::Database(db) => db,
-                        other => sqlx::Error::Protocol(other.to_string()),
-                    }),
+                Ok(_) => {
+                    crate::pg::statements::hand_over_schema(&mut g.conn, &t.schema, &role, true)
+                        .await
+                        .map_err(|e| match e {
+                            Error::Database(db) => db,
+                            other => sqlx::Error::Protocol(other.to_string()),
+                        })
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = handed {
@@ -829,7 +830,7 @@ async fn run_no_transaction(
 /// Whether a statement builds or drops concurrently (the word as code, not
 /// in a comment or literal).
 fn is_concurrent(statement: &str) -> bool {
-    crate::sql::remove_keyword(statement, "CONCURRENTLY") != statement
+    crate::base::sql::remove_keyword(statement, "CONCURRENTLY") != statement
 }
 
 async fn record_failure(

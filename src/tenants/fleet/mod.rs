@@ -11,10 +11,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::error::Error;
-use crate::ident::{quote_ident, RoleName, SchemaName, Slug, TENANT_SCHEMA_PREFIX};
+use crate::base::error::Error;
+use crate::base::ident::{quote_ident, RoleName, SchemaName, Slug, TENANT_SCHEMA_PREFIX};
 use crate::registry::OrgStatus;
-use crate::template::HISTORY_TABLE;
+use crate::tenants::template::HISTORY_TABLE;
 
 /// One tenant as the fleet sees it.
 #[derive(Debug, Clone, Serialize)]
@@ -239,7 +239,7 @@ pub async fn query_all(
 }
 
 fn read_only_message(e: &sqlx::Error) -> String {
-    match crate::error::sqlstate(e).as_deref() {
+    match crate::base::error::sqlstate(e).as_deref() {
         Some("25006") => format!("writes are refused: {e}"),
         _ => e.to_string(),
     }
@@ -296,7 +296,7 @@ pub struct OrgStats {
 /// one query per worker (`run_command_on_workers`), and matched to the orgs
 /// by schema and table name.
 pub async fn stats(pool: &PgPool) -> Result<Vec<OrgStats>, Error> {
-    if crate::engine::Engine::detect(&mut *pool.acquire().await?)
+    if crate::pg::engine::Engine::detect(&mut *pool.acquire().await?)
         .await?
         .is_citus()
     {
@@ -479,7 +479,7 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
         }
     }
     findings.extend(
-        crate::roles::orgs_without_roles(pool)
+        crate::registry::roles::orgs_without_roles(pool)
             .await?
             .into_iter()
             .map(|(slug, _, _)| Finding::MissingRole { slug }),
@@ -502,18 +502,18 @@ pub async fn doctor(pool: &PgPool, repair: bool) -> Result<DoctorReport, Error> 
             }
             (Finding::StuckStatus { slug, status }, true) if status == "deleting" => {
                 let slug = Slug::parse(slug)?;
-                crate::provision::delete_org(pool, &slug).await?;
+                crate::tenants::provision::delete_org(pool, &slug).await?;
                 report.repaired.push(format!("{slug}: finished its deletion (schema dropped, row removed)"));
             }
             (Finding::MissingRole { slug }, true) => {
                 if !roles_repaired {
-                    crate::roles::ensure_tenant_roles(pool).await?;
+                    crate::registry::roles::ensure_tenant_roles(pool).await?;
                     roles_repaired = true;
                 }
                 report.repaired.push(format!("{slug}: role created; it now owns the org's schema"));
             }
             (Finding::MissingWarmSchema { schema }, true) => {
-                crate::warm::forget_missing(pool, schema).await?;
+                crate::tenants::warm::forget_missing(pool, schema).await?;
                 report.repaired.push(format!("{schema}: removed from the warm pool (its schema was gone)"));
             }
             (Finding::OrphanSchema { schema }, _) => report.left.push(format!(

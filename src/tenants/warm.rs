@@ -27,10 +27,11 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::engine::Engine;
-use crate::error::Error;
-use crate::ident::SchemaName;
-use crate::template::{simple_query, Template};
+use crate::base::error::Error;
+use crate::base::ident::SchemaName;
+use crate::pg::engine::Engine;
+use crate::pg::statements::simple_query;
+use crate::tenants::template::Template;
 
 /// Serialises builders between processes ("warmpool").
 const WARM_BUILD_LOCK: i64 = 0x7761_726d_706f_6f6c;
@@ -113,13 +114,13 @@ async fn build_in(
 ) -> Result<Uuid, Error> {
     let id = Uuid::new_v4();
     let schema = SchemaName::for_org(&id);
-    let role = crate::roles::create_tenant_role(&mut *conn, &id, engine).await?;
+    let role = crate::registry::roles::create_tenant_role(&mut *conn, &id, engine).await?;
     template
         .apply_to_new_schema(&mut *conn, &schema, &role, engine)
         .await?;
     // the initial data too, as written by the owner the org will get
     let author = Uuid::new_v4();
-    crate::provision::seed_initial_data(&mut *conn, author).await?;
+    crate::tenants::provision::seed_initial_data(&mut *conn, author).await?;
     // apply_to_new_schema leaves the transaction as the tenant role on
     // plain PostgreSQL; the registry row is the admin's to write.
     simple_query(conn, "RESET ROLE").await?;
@@ -178,7 +179,7 @@ async fn drop_one(conn: &mut PgConnection, below: Option<i32>) -> Result<bool, E
         &format!("DROP SCHEMA IF EXISTS {} CASCADE", schema.quoted()),
     )
     .await?;
-    crate::roles::drop_tenant_role(conn, &id).await?;
+    crate::registry::roles::drop_tenant_role(conn, &id).await?;
     Ok(true)
 }
 
@@ -195,7 +196,7 @@ pub async fn forget_missing(pool: &PgPool, schema: &str) -> Result<(), Error> {
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(id) = id {
-        crate::roles::drop_tenant_role(&mut tx, &id).await?;
+        crate::registry::roles::drop_tenant_role(&mut tx, &id).await?;
     }
     tx.commit().await?;
     Ok(())

@@ -24,11 +24,11 @@ use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
 use sqlx::{Arguments, Encode, FromRow, PgConnection, PgPool, Postgres, Transaction, Type};
 use uuid::Uuid;
 
-use crate::db::{Placement, TenantPool};
-use crate::error::Error;
-use crate::fairness::{FairnessConfig, TenantLimiter, TenantSlot};
-use crate::ident::{RoleName, SchemaName, Slug};
+use crate::base::error::Error;
+use crate::base::ident::{RoleName, SchemaName, Slug};
+use crate::pg::pools::{Placement, TenantPool};
 use crate::registry::{self, OrgStatus};
+use crate::serving::fairness::{FairnessConfig, TenantLimiter, TenantSlot};
 
 /// What a [`TenantRouter::with_tenant`] closure returns: a boxed future
 /// borrowing the tenant transaction.
@@ -143,7 +143,7 @@ pub struct TenantRouter {
     /// `SET LOCAL` settings every tenant transaction starts with.
     settings: Arc<str>,
     limiter: Arc<TenantLimiter>,
-    top_tenants: Option<Arc<crate::metrics::TopTenants>>,
+    top_tenants: Option<Arc<crate::telemetry::TopTenants>>,
     set_role: bool,
 }
 
@@ -171,7 +171,7 @@ impl TenantRouter {
             control,
             tenants,
             limiter: TenantLimiter::new(fairness),
-            top_tenants: crate::metrics::TopTenants::new(config.top_tenants),
+            top_tenants: crate::telemetry::TopTenants::new(config.top_tenants),
             cache,
             statements: Arc::new(StatementRule {
                 // a transaction pooler has no named statements to offer
@@ -213,8 +213,8 @@ impl TenantRouter {
             .cache
             .try_get_with_by_ref(slug, async move {
                 loaded_ref.store(true, std::sync::atomic::Ordering::Relaxed);
-                let org = crate::error::retry_dead_connections(attempts, || async {
-                    let mut conn = crate::db::ServingConn::open(pool, pooler).await?;
+                let org = crate::base::error::retry_dead_connections(attempts, || async {
+                    let mut conn = crate::pg::pools::ServingConn::open(pool, pooler).await?;
                     let named = conn.named();
                     let org = registry::find_org_sent(conn.conn(), slug, named).await?;
                     conn.finish().await?;
@@ -242,7 +242,7 @@ impl TenantRouter {
             (false, Some(_)) => "hit",
             (false, None) => "negative_hit",
         };
-        crate::metrics::resolve(result);
+        crate::telemetry::resolve(result);
         Ok(found)
     }
 
@@ -275,13 +275,14 @@ impl TenantRouter {
         let slot = self.limiter.admit(&tenant.id).await?;
         let attempts = self.tenants.max_connections() as usize + 2;
         let mut tx =
-            crate::error::retry_dead_connections(attempts, || self.begin_once(tenant)).await?;
+            crate::base::error::retry_dead_connections(attempts, || self.begin_once(tenant))
+                .await?;
         tx._slot = slot;
         Ok(tx)
     }
 
     /// Transactions per org, when the top-N metric is on.
-    pub fn top_tenants(&self) -> Option<&crate::metrics::TopTenants> {
+    pub fn top_tenants(&self) -> Option<&crate::telemetry::TopTenants> {
         self.top_tenants.as_deref()
     }
 
@@ -298,12 +299,15 @@ impl TenantRouter {
     /// retry took it, so, as for BEGIN, the work is tried up to once per
     /// connection of the pool (plus two): by then it runs on a connection
     /// opened after the faults. Only for work that writes nothing.
+    ///
+    /// `f` is an async closure (`async |tx| ..`), or a closure that returns
+    /// a boxed future borrowing `tx` ([`TenantFuture`]).
     pub async fn read<T, F>(&self, tenant: &Arc<Tenant>, f: F) -> Result<T, Error>
     where
-        F: for<'t> Fn(&'t mut TenantTx) -> TenantFuture<'t, T>,
+        F: AsyncFn(&mut TenantTx) -> Result<T, Error>,
     {
         let attempts = self.tenants.max_connections() as usize + 2;
-        crate::error::retry_dead_connections(attempts, || async {
+        crate::base::error::retry_dead_connections(attempts, || async {
             let mut tx = self.begin(tenant).await?;
             let out = f(&mut tx).await?;
             tx.commit().await?;
@@ -318,7 +322,7 @@ impl TenantRouter {
         // cannot (see above).
         let waiting = std::time::Instant::now();
         let (conn, placement) = self.tenants.acquire(&tenant.id).await?;
-        crate::metrics::observe_acquire(waiting.elapsed());
+        crate::telemetry::observe_acquire(waiting.elapsed());
         let mut begin = DetachOnDrop(Some(Box::pin(async move {
             let tx = Transaction::begin(conn, Some(sql.into())).await?;
             Ok((tx, placement))
@@ -331,7 +335,7 @@ impl TenantRouter {
             tenant: tenant.clone(),
             statements: self.statement_mode(),
             rule: self.statements.clone(),
-            outcome: crate::metrics::TxOutcome::begun(),
+            outcome: crate::telemetry::TxOutcome::begun(),
         })
     }
 
@@ -370,7 +374,7 @@ impl TenantRouter {
     /// returns `Ok`: for background jobs and scripts.
     pub async fn with_tenant<T, F>(&self, slug: &Slug, f: F) -> Result<T, Error>
     where
-        F: for<'t> FnOnce(&'t mut TenantTx) -> TenantFuture<'t, T>,
+        F: AsyncFnOnce(&mut TenantTx) -> Result<T, Error>,
     {
         let tenant = self
             .resolve(slug)
@@ -474,7 +478,7 @@ pub struct TenantTx {
     statements: StatementMode,
     rule: Arc<StatementRule>,
     /// Counts the transaction committed, or rolled back when dropped.
-    outcome: crate::metrics::TxOutcome,
+    outcome: crate::telemetry::TxOutcome,
 }
 
 impl TenantTx {

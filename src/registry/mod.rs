@@ -1,17 +1,23 @@
 //! The control-plane registry in schema `tenantry`: organizations (slug ->
 //! schema), users and API tokens, plus its own refinery migrations from
-//! `migrations/` with their history table inside `tenantry`.
+//! `migrations/` with their history table inside `tenantry`. Beside it:
+//! PostgreSQL roles (tenant and serving roles) and the change
+//! notifications that keep every process's caches current.
+
+pub mod changes;
+pub mod roles;
 
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::engine::Engine;
-use crate::error::Error;
-use crate::ident::{SchemaName, Slug};
-use crate::secret::{token_hash, NewToken};
-use crate::template::{simple_query, Template, TemplateError};
+use crate::base::error::Error;
+use crate::base::ident::{SchemaName, Slug};
+use crate::base::secret::{token_hash, NewToken};
+use crate::pg::engine::Engine;
+use crate::pg::migrations::TemplateError;
+use crate::pg::statements::simple_query;
 
 pub const REGISTRY_SCHEMA: &str = "tenantry";
 
@@ -29,7 +35,6 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<String>, Error> {
     let migrations = embedded_registry::migrations::runner()
         .get_migrations()
         .clone();
-    let template = Template::from_migrations(migrations)?;
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(REGISTRY_MIGRATION_LOCK)
@@ -45,8 +50,8 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<String>, Error> {
         .await?;
     }
     simple_query(&mut tx, "CREATE SCHEMA IF NOT EXISTS tenantry").await?;
-    let applied = template
-        .apply_to_registry(&mut tx)
+    simple_query(&mut tx, "SET LOCAL search_path TO tenantry").await?;
+    let applied = crate::pg::migrations::run(&mut tx, &migrations, REGISTRY_SCHEMA, None, false)
         .await
         .map_err(|e| match e {
             TemplateError::Database(db) => Error::Database(db),
@@ -54,7 +59,7 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<String>, Error> {
         })?;
     // The installation's token MAC key, made once, from the OS CSPRNG.
     sqlx::query("INSERT INTO tenantry.settings (token_key) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(crate::secret::random_bytes(32))
+        .bind(crate::base::secret::random_bytes(32))
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -1,6 +1,11 @@
-//! `tenantry serve`: builds the application state, bootstraps the first
-//! superuser, serves HTTP until SIGINT/SIGTERM and then drains in-flight
-//! requests.
+//! A serving process: builds the application state, bootstraps the first
+//! superuser, runs the background work, serves HTTP until SIGINT/SIGTERM
+//! and then drains in-flight requests. [`Tenantry`] does the same setup in
+//! one call for apps that embed tenantry.
+
+mod embed;
+
+pub use embed::{Tenantry, TenantryBuilder};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,14 +15,14 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
-use crate::auth::{AuthConfig, Authenticator};
-use crate::db::{PoolConfig, TenantPool};
-use crate::error::Error;
-use crate::provision;
+use crate::base::error::Error;
+use crate::pg::pools::{PoolConfig, TenantPool};
 use crate::registry::{self, IssuedToken};
-use crate::router::{RouterConfig, TenantRouter};
-use crate::template::Template;
+use crate::serving::auth::{AuthConfig, Authenticator};
+use crate::serving::router::{RouterConfig, TenantRouter};
 use crate::tenancy::Tenancy;
+use crate::tenants::provision;
+use crate::tenants::template::Template;
 
 /// The email of the superuser created on first start.
 pub const BOOTSTRAP_SUPERUSER: &str = "admin@localhost";
@@ -91,7 +96,7 @@ impl Pools {
     ) -> Result<Pools, sqlx::Error> {
         Ok(Pools {
             admin,
-            control: crate::db::connect_lazy(serving_url, &small_pool_config(tenants))?,
+            control: crate::pg::pools::connect_lazy(serving_url, &small_pool_config(tenants))?,
             tenants: TenantPool::connect_lazy(serving_url, tenants)?,
         })
     }
@@ -107,7 +112,7 @@ impl Pools {
 /// The state of a server on `pools`, whose registry must be migrated.
 pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Error> {
     // the recorder first, so that everything from here on is counted
-    crate::metrics::handle();
+    crate::telemetry::handle();
     let auth_config = AuthConfig {
         pooler: pools.tenants.pooler(),
         ..config.auth.clone()
@@ -143,7 +148,7 @@ pub async fn prepare_serving(
     password: Option<&str>,
 ) -> Result<Vec<String>, Error> {
     let mut notes = vec![];
-    let upgraded = crate::roles::ensure_tenant_roles(admin).await?;
+    let upgraded = crate::registry::roles::ensure_tenant_roles(admin).await?;
     if !upgraded.is_empty() {
         notes.push(format!(
             "{} organization(s) created by an earlier version got their PostgreSQL role",
@@ -151,11 +156,12 @@ pub async fn prepare_serving(
         ));
     }
     let options: sqlx::postgres::PgConnectOptions = serving_url.parse()?;
-    let role =
-        crate::ident::RoleName::parse(options.get_username()).map_err(|e| Error::Validation {
+    let role = crate::base::ident::RoleName::parse(options.get_username()).map_err(|e| {
+        Error::Validation {
             field: "app database url",
             message: e.to_string(),
-        })?;
+        }
+    })?;
     if serving_url == admin_url {
         let superuser: bool =
             sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
@@ -168,7 +174,7 @@ pub async fn prepare_serving(
             ));
         }
     } else {
-        crate::roles::ensure_serving_role(admin, &role, password).await?;
+        crate::registry::roles::ensure_serving_role(admin, &role, password).await?;
     }
     Ok(notes)
 }
@@ -217,20 +223,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let tenancy = &state.tenancy;
-    let listener_task = match listen_pool(&state, config) {
-        Ok(Some(pool)) => Some(tenancy.spawn_listener(pool)),
-        Ok(None) => None,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for registry changes: --listen-url is not a valid database URL");
-            None
-        }
-    };
-    let usage_task = tenancy.auth().spawn_usage_writer();
-    let warm_task =
-        (config.warm_schemas > 0).then(|| tenancy.spawn_warm_refill(config.warm_schemas));
-    let upkeep_task = crate::metrics::spawn_upkeep();
-    let auth = tenancy.auth().clone();
+    let background = Background::spawn(&state, config);
     // In-flight requests get `shutdown_timeout` to finish after the signal.
     let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
     let graceful = {
@@ -255,22 +248,62 @@ pub async fn serve(
             Ok(())
         }
     };
-    if let Some(task) = listener_task {
-        task.abort();
-    }
     if let Some(task) = metrics_task {
         task.abort();
     }
-    usage_task.abort();
-    upkeep_task.abort();
-    if let Some(task) = warm_task {
-        // a build cut off here rolls back: nothing half-built is left
-        task.abort();
-    }
-    if let Err(e) = auth.flush_usage().await {
-        tracing::warn!(error = %e, "could not record token use");
-    }
+    background.stop().await;
     result
+}
+
+/// The background work of a serving process: the registry listener, the
+/// token-use writer, metrics upkeep and the warm-pool refill. Dropping it
+/// stops them; [`Background::stop`] also records the token use not yet
+/// written.
+pub struct Background {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    auth: Authenticator,
+}
+
+impl Background {
+    pub fn spawn(state: &AppState, config: &ServerConfig) -> Background {
+        let tenancy = &state.tenancy;
+        let mut tasks = vec![];
+        match listen_pool(state, config) {
+            Ok(Some(pool)) => tasks.push(tenancy.spawn_listener(pool)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for registry changes: --listen-url is not a valid database URL");
+            }
+        }
+        tasks.push(tenancy.auth().spawn_usage_writer());
+        tasks.push(crate::telemetry::spawn_upkeep());
+        if config.warm_schemas > 0 {
+            tasks.push(tenancy.spawn_warm_refill(config.warm_schemas));
+        }
+        Background {
+            tasks,
+            auth: tenancy.auth().clone(),
+        }
+    }
+
+    /// Stops the tasks (a warm build cut off rolls back: nothing
+    /// half-built is left) and records the token use not yet written.
+    pub async fn stop(mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        if let Err(e) = self.auth.flush_usage().await {
+            tracing::warn!(error = %e, "could not record token use");
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 /// Where the server LISTENs for other processes' registry changes: its
@@ -286,7 +319,7 @@ fn listen_pool(state: &AppState, config: &ServerConfig) -> Result<Option<PgPool>
             max_connections: 1,
             ..PoolConfig::default()
         };
-        return Ok(Some(crate::db::connect_lazy(url, &direct)?));
+        return Ok(Some(crate::pg::pools::connect_lazy(url, &direct)?));
     }
     if router.tenant_pool().pooler().named_statements() {
         return Ok(Some(router.control_pool().clone()));

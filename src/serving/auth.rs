@@ -8,7 +8,7 @@
 //! unknown and revoked digests are remembered briefly; lookups of one digest
 //! are coalesced; and `last_used_at` is written at most once per token per
 //! interval, in batches, instead of once per request. Revocations reach the
-//! cache through [`crate::tenancy`] (at once here, by NOTIFY elsewhere); the
+//! cache through the tenancy core above (at once here, by NOTIFY elsewhere); the
 //! TTL bounds staleness if a notification is lost.
 
 use std::collections::{HashMap, HashSet};
@@ -21,10 +21,10 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::db::ServingConn;
-use crate::error::Error;
+use crate::base::error::Error;
+use crate::base::secret::{mac_matches, token_hash, SECRET_HEX, TOKEN_PREFIX};
+use crate::pg::pools::ServingConn;
 use crate::registry::{self, Principal};
-use crate::secret::{mac_matches, token_hash, SECRET_HEX, TOKEN_PREFIX};
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -36,7 +36,7 @@ pub struct AuthConfig {
     pub usage_interval: Duration,
     /// How registry SQL reaches PostgreSQL (a server takes it from its
     /// pools' configuration).
-    pub pooler: crate::db::Pooler,
+    pub pooler: crate::pg::pools::Pooler,
 }
 
 impl Default for AuthConfig {
@@ -45,7 +45,7 @@ impl Default for AuthConfig {
             ttl: Duration::from_secs(10),
             negative_ttl: Duration::from_secs(60),
             usage_interval: Duration::from_secs(60),
-            pooler: crate::db::Pooler::None,
+            pooler: crate::pg::pools::Pooler::None,
         }
     }
 }
@@ -98,7 +98,7 @@ struct Usage {
 #[derive(Clone)]
 pub struct Authenticator {
     pool: PgPool,
-    pooler: crate::db::Pooler,
+    pooler: crate::pg::pools::Pooler,
     cache: Cache<[u8; 32], Entry>,
     gate: Arc<Gate>,
     usage: Arc<Mutex<Usage>>,
@@ -144,7 +144,7 @@ impl Authenticator {
             return Ok(None);
         }
         let hash = token_hash(presented);
-        let counted = crate::metrics::auth;
+        let counted = crate::telemetry::auth;
         let principal = match self.cache.get(&hash).await {
             Some(entry) => {
                 counted(if entry.is_some() {
@@ -164,7 +164,7 @@ impl Authenticator {
                 let attempts = pool.options().get_max_connections() as usize + 2;
                 self.cache
                     .try_get_with(hash, async move {
-                        crate::error::retry_dead_connections(attempts, || {
+                        crate::base::error::retry_dead_connections(attempts, || {
                             lookup_token(pool, pooler, &hash)
                         })
                         .await
@@ -242,7 +242,7 @@ impl Authenticator {
 
 async fn lookup_token(
     pool: &PgPool,
-    pooler: crate::db::Pooler,
+    pooler: crate::pg::pools::Pooler,
     hash: &[u8; 32],
 ) -> Result<Option<Principal>, Error> {
     let mut conn = ServingConn::open(pool, pooler).await?;

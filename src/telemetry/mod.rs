@@ -16,8 +16,6 @@ use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 
-use crate::tenancy::Tenancy;
-
 /// `method`, `route`, `status` (`2xx`, `4xx`, ...): requests answered.
 pub const HTTP_REQUESTS: &str = "tenantry_http_requests_total";
 /// `method`, `route`: request latency.
@@ -80,41 +78,47 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// The Prometheus text of every family, with the pools sampled now.
-pub fn render(tenancy: &Tenancy) -> String {
-    let handle = handle();
-    let router = tenancy.router();
-    let tenants = router.tenant_pool();
-    let pools = [
-        (
-            "tenants",
-            tenants.size() as f64,
-            tenants.num_idle() as f64,
-            tenants.max_connections() as f64,
-        ),
-        pool_gauges("control", router.control_pool()),
-        pool_gauges("admin", tenancy.admin_pool()),
-    ];
-    for (pool, open, idle, max) in pools {
-        metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "open").set(open);
-        metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "idle").set(idle);
-        metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "max").set(max);
+/// One connection pool's gauges at the moment of a scrape. Telemetry
+/// knows no pool owner: the layer that holds the pools samples them and
+/// hands them to [`render`].
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSample {
+    /// `tenants`, `control`, `admin`.
+    pub pool: &'static str,
+    pub open: usize,
+    pub idle: usize,
+    pub max: u32,
+}
+
+impl PoolSample {
+    pub fn of(pool: &'static str, of: &sqlx::PgPool) -> Self {
+        PoolSample {
+            pool,
+            open: of.size() as usize,
+            idle: of.num_idle(),
+            max: of.options().get_max_connections(),
+        }
     }
-    if let Some(top) = router.top_tenants() {
+}
+
+/// The Prometheus text of every family, with `pools` and the top tenants
+/// (when counted) set first.
+pub fn render(pools: &[PoolSample], top: Option<&TopTenants>) -> String {
+    let handle = handle();
+    for sample in pools {
+        let pool = sample.pool;
+        metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "open")
+            .set(sample.open as f64);
+        metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "idle")
+            .set(sample.idle as f64);
+        metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "max").set(sample.max as f64);
+    }
+    if let Some(top) = top {
         for (slug, n) in top.top() {
             metrics::gauge!(TOP_TENANTS, "org" => slug.to_string()).set(n as f64);
         }
     }
     handle.render()
-}
-
-fn pool_gauges(name: &'static str, pool: &sqlx::PgPool) -> (&'static str, f64, f64, f64) {
-    (
-        name,
-        pool.size() as f64,
-        pool.num_idle() as f64,
-        pool.options().get_max_connections() as f64,
-    )
 }
 
 /// How often histogram samples are folded into their buckets (the
@@ -266,7 +270,7 @@ impl Drop for TxOutcome {
 /// per transaction. Only made when the top N is asked for.
 pub struct TopTenants {
     n: usize,
-    counts: std::sync::Mutex<HashMap<crate::ident::Slug, u64>>,
+    counts: std::sync::Mutex<HashMap<crate::base::ident::Slug, u64>>,
 }
 
 impl TopTenants {
@@ -280,7 +284,7 @@ impl TopTenants {
         })
     }
 
-    pub fn count(&self, slug: &crate::ident::Slug) {
+    pub fn count(&self, slug: &crate::base::ident::Slug) {
         let mut counts = self.counts.lock().expect("tenant counts");
         match counts.get_mut(slug) {
             Some(n) => *n += 1,
@@ -291,7 +295,7 @@ impl TopTenants {
     }
 
     /// The `n` orgs with the most transactions, most first (ties by slug).
-    pub fn top(&self) -> Vec<(crate::ident::Slug, u64)> {
+    pub fn top(&self) -> Vec<(crate::base::ident::Slug, u64)> {
         let counts = self.counts.lock().expect("tenant counts");
         let mut all: Vec<_> = counts.iter().map(|(s, n)| (s.clone(), *n)).collect();
         drop(counts);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-use crate::error::Error;
+use crate::base::error::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FairnessConfig {
@@ -94,12 +94,12 @@ impl TenantLimiter {
         let permit = match slot.semaphore.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                crate::metrics::tenant_limit("queued");
+                crate::telemetry::tenant_limit("queued");
                 let waiting = slot.semaphore.clone().acquire_owned();
                 match tokio::time::timeout(self.config.queue, waiting).await {
                     Ok(permit) => permit.expect("tenant semaphores are never closed"),
                     Err(_) => {
-                        crate::metrics::tenant_limit("rejected");
+                        crate::telemetry::tenant_limit("rejected");
                         return Err(Error::TenantBusy { max_in_flight: max });
                     }
                 }

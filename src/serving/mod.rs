@@ -1,0 +1,7 @@
+//! The request path below HTTP: authentication of bearer tokens (cached),
+//! the slug -> tenant router with its tenant transactions, and per-org
+//! fairness (the in-flight limit) in front of the connection pools.
+
+pub mod auth;
+pub mod fairness;
+pub mod router;
