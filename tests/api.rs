@@ -932,11 +932,14 @@ async fn a_stale_cache_never_routes_a_reused_slug_into_the_new_orgs_schema() {
         .await;
     assert_eq!(s, 200);
     assert!(page.to_string().contains("old-acme-row"), "{page}");
-    // and the new org's token is refused by the stale entry (another org)
-    let (s, _) = a
+    // the new org's token resolves its own org by id, whatever a holds
+    // under the slug: it reaches the new org's rows, never the old org's
+    let (s, page) = a
         .call(GET, "/v1/orgs/acme/statuses", &new_token, None)
         .await;
-    assert_eq!(s, 404);
+    assert_eq!(s, 200, "{page}");
+    assert!(page.to_string().contains("new-acme-secret"), "{page}");
+    assert!(!page.to_string().contains("old-acme-row"), "{page}");
 }
 
 #[tokio::test]
@@ -1765,4 +1768,73 @@ async fn an_embedding_app_starts_in_one_call_and_its_routes_see_only_their_org()
     assert_eq!(res.status(), 403);
     server.abort();
     tenantry.shutdown().await;
+}
+
+/// An org token is authorized before a slug is resolved: probing made-up
+/// slugs and another org's costs no registry query, answers exactly like
+/// a missing org, and the token's own org follows a rename at once.
+#[tokio::test]
+async fn org_tokens_probing_other_slugs_cost_no_registry_query() {
+    let app = spawn_app().await;
+    let token_a = app.org_with_token("probe-a").await;
+    app.org_with_token("probe-b").await;
+    let (s, body) = app
+        .call(GET, "/v1/orgs/probe-a/tests", &token_a, None)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let router = app.state.tenancy.router();
+    let before = router.registry_lookups();
+
+    let (s, missing) = app
+        .call(GET, "/v1/orgs/no-such-org/tests", &app.superuser, None)
+        .await;
+    assert_error(s, &missing, 404, "not_found");
+    let after_superuser = router.registry_lookups();
+    assert_eq!(
+        after_superuser,
+        before + 1,
+        "a superuser's slug is looked up"
+    );
+
+    for i in 0..500 {
+        let slug = if i % 50 == 0 {
+            "probe-b".to_owned()
+        } else {
+            format!("made-up-{i}")
+        };
+        let (s, body) = app
+            .call(GET, &format!("/v1/orgs/{slug}/tests"), &token_a, None)
+            .await;
+        assert_error(s, &body, 404, "not_found");
+        // the same answer as an org that does not exist
+        assert_eq!(
+            body["error"]["message"],
+            format!("organization {slug:?} not found"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        router.registry_lookups(),
+        after_superuser,
+        "another org's slugs cost registry lookups"
+    );
+
+    // a rename reaches the token's own org at once
+    let (s, body) = app
+        .call(
+            POST,
+            "/v1/admin/orgs/probe-a/rename",
+            &app.superuser,
+            Some(json!({"new_slug": "probe-a2"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = app
+        .call(GET, "/v1/orgs/probe-a2/tests", &token_a, None)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = app
+        .call(GET, "/v1/orgs/probe-a/tests", &token_a, None)
+        .await;
+    assert_error(s, &body, 404, "not_found");
 }

@@ -128,10 +128,11 @@ where
         let hidden = || ApiError::not_found(format!("organization {raw:?} not found"));
         let slug = Slug::parse(&raw).map_err(|_| hidden())?;
         let router = TenantRouter::from_ref(state);
-        let tenant = router.resolve(&slug).await?.ok_or_else(hidden)?;
-        if !principal.is_superuser && principal.organization_id != Some(tenant.id) {
-            return Err(hidden());
-        }
+        // authorized before resolved: another org's slug costs nothing
+        let tenant = router
+            .resolve_for(&principal, &slug)
+            .await?
+            .ok_or_else(hidden)?;
         match tenant.status {
             OrgStatus::Active => {}
             OrgStatus::Suspended => {

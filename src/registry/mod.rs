@@ -162,7 +162,7 @@ pub async fn find_org(conn: &mut PgConnection, slug: &Slug) -> Result<Option<Org
 }
 
 /// [`find_org`] with a named (`persistent`) or unnamed statement (see
-/// `db::serving`).
+/// `pg::pools::ServingConn`).
 pub async fn find_org_sent(
     conn: &mut PgConnection,
     slug: &Slug,
@@ -174,6 +174,24 @@ pub async fn find_org_sent(
         " FROM tenantry.organizations WHERE slug = $1"
     ))
     .bind(slug.as_str())
+    .persistent(persistent)
+    .fetch_optional(conn)
+    .await?;
+    row.map(Organization::try_from).transpose()
+}
+
+/// The org with id `id`, by a named (`persistent`) or unnamed statement.
+pub async fn find_org_by_id_sent(
+    conn: &mut PgConnection,
+    id: Uuid,
+    persistent: bool,
+) -> Result<Option<Organization>, Error> {
+    let row: Option<OrgRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        org_columns!(),
+        " FROM tenantry.organizations WHERE id = $1"
+    ))
+    .bind(id)
     .persistent(persistent)
     .fetch_optional(conn)
     .await?;

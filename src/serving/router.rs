@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::base::error::Error;
 use crate::base::ident::{RoleName, SchemaName, Slug};
 use crate::pg::pools::{Placement, TenantPool};
-use crate::registry::{self, OrgStatus};
+use crate::registry::{self, OrgStatus, Principal};
 use crate::serving::fairness::{FairnessConfig, TenantLimiter, TenantSlot};
 
 /// What a [`TenantRouter::with_tenant`] closure returns: a boxed future
@@ -118,14 +118,36 @@ impl Default for RouterConfig {
 
 type Entry = Option<Arc<Tenant>>;
 
+/// How a cache miss finds its org.
+#[derive(Clone, Copy)]
+enum Lookup<'a> {
+    Slug(&'a Slug),
+    Id(Uuid),
+}
+
+fn unshare(e: Arc<Error>) -> Error {
+    match Arc::try_unwrap(e) {
+        Ok(e) => e,
+        Err(shared) => Error::Shared(shared),
+    }
+}
+
+fn count_resolve(loaded: bool, found: &Entry) {
+    crate::telemetry::resolve(match (loaded, found) {
+        (true, _) => "miss",
+        (false, Some(_)) => "hit",
+        (false, None) => "negative_hit",
+    });
+}
+
 /// Known tenants live for `ttl`, unknown slugs for `negative_ttl`.
 struct EntryExpiry {
     ttl: Duration,
     negative_ttl: Duration,
 }
 
-impl Expiry<Slug, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &Slug, value: &Entry, _: Instant) -> Option<Duration> {
+impl<K> Expiry<K, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &K, value: &Entry, _: Instant) -> Option<Duration> {
         Some(match value {
             Some(_) => self.ttl,
             None => self.negative_ttl,
@@ -139,6 +161,12 @@ pub struct TenantRouter {
     control: PgPool,
     tenants: TenantPool,
     cache: Cache<Slug, Entry>,
+    /// The tenants of org tokens, by org id: an org token is authorized
+    /// against its own org before any slug is resolved, so the slugs a
+    /// client makes up cost no registry query and no cache entry.
+    by_id: Cache<Uuid, Entry>,
+    /// Registry queries made to resolve orgs, by slug or by id.
+    lookups: Arc<std::sync::atomic::AtomicU64>,
     statements: Arc<StatementRule>,
     /// `SET LOCAL` settings every tenant transaction starts with.
     settings: Arc<str>,
@@ -158,6 +186,14 @@ impl TenantRouter {
                 negative_ttl: config.negative_ttl,
             })
             .build();
+        let by_id = Cache::builder()
+            .max_capacity(config.max_tenants)
+            .expire_after(EntryExpiry {
+                ttl: config.ttl,
+                negative_ttl: config.negative_ttl,
+            })
+            .support_invalidation_closures()
+            .build();
         let settings = format!(
             "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
             config.statement_timeout.as_millis().max(1),
@@ -173,6 +209,8 @@ impl TenantRouter {
             limiter: TenantLimiter::new(fairness),
             top_tenants: crate::telemetry::TopTenants::new(config.top_tenants),
             cache,
+            by_id,
+            lookups: Default::default(),
             statements: Arc::new(StatementRule {
                 // a transaction pooler has no named statements to offer
                 mode: if pooler.named_statements() {
@@ -204,46 +242,81 @@ impl TenantRouter {
     /// The tenant for `slug`, or `None` for an unknown slug. A cache hit
     /// costs no SQL; concurrent misses for one slug share one registry query.
     pub async fn resolve(&self, slug: &Slug) -> Result<Option<Arc<Tenant>>, Error> {
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let found = self
+            .cache
+            .try_get_with_by_ref(slug, self.load(&loaded, Lookup::Slug(slug)))
+            .await
+            .map_err(unshare)?;
+        count_resolve(loaded.into_inner(), &found);
+        Ok(found)
+    }
+
+    /// The tenant `slug` if the caller may use it: any org for a superuser;
+    /// for an org token, its own org only, checked before the slug is
+    /// looked up: the token's org is resolved by its id (cached), and any
+    /// other slug is `None` at no cost, exactly like a slug that does not
+    /// exist. So a token cannot make the server query the registry, fill
+    /// its caches or time the difference between existing and missing orgs.
+    pub async fn resolve_for(
+        &self,
+        principal: &Principal,
+        slug: &Slug,
+    ) -> Result<Option<Arc<Tenant>>, Error> {
+        if principal.is_superuser {
+            return self.resolve(slug).await;
+        }
+        let Some(org_id) = principal.organization_id else {
+            return Ok(None);
+        };
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let own = self
+            .by_id
+            .try_get_with(org_id, self.load(&loaded, Lookup::Id(org_id)))
+            .await
+            .map_err(unshare)?;
+        count_resolve(loaded.into_inner(), &own);
+        Ok(own.filter(|tenant| tenant.slug == *slug))
+    }
+
+    /// Registry queries made by this router to resolve orgs so far.
+    pub fn registry_lookups(&self) -> u64 {
+        self.lookups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Loads one org from the registry for a cache.
+    async fn load(
+        &self,
+        loaded: &std::sync::atomic::AtomicBool,
+        lookup: Lookup<'_>,
+    ) -> Result<Entry, Error> {
+        loaded.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pool = &self.control;
         let pooler = self.tenants.pooler();
         let attempts = pool.options().get_max_connections() as usize + 2;
-        let loaded = std::sync::atomic::AtomicBool::new(false);
-        let loaded_ref = &loaded;
-        let found = self
-            .cache
-            .try_get_with_by_ref(slug, async move {
-                loaded_ref.store(true, std::sync::atomic::Ordering::Relaxed);
-                let org = crate::base::error::retry_dead_connections(attempts, || async {
-                    let mut conn = crate::pg::pools::ServingConn::open(pool, pooler).await?;
-                    let named = conn.named();
-                    let org = registry::find_org_sent(conn.conn(), slug, named).await?;
-                    conn.finish().await?;
-                    Ok::<_, Error>(org)
-                })
-                .await?;
-                Ok::<_, Error>(org.map(|o| {
-                    Arc::new(Tenant {
-                        role: RoleName::for_org(&o.id),
-                        id: o.id,
-                        slug: o.slug,
-                        schema: o.schema_name,
-                        status: o.status,
-                        template_version: o.template_version,
-                    })
-                }))
+        let org = crate::base::error::retry_dead_connections(attempts, || async {
+            let mut conn = crate::pg::pools::ServingConn::open(pool, pooler).await?;
+            let named = conn.named();
+            let org = match lookup {
+                Lookup::Slug(slug) => registry::find_org_sent(conn.conn(), slug, named).await?,
+                Lookup::Id(id) => registry::find_org_by_id_sent(conn.conn(), id, named).await?,
+            };
+            conn.finish().await?;
+            Ok::<_, Error>(org)
+        })
+        .await?;
+        Ok(org.map(|o| {
+            Arc::new(Tenant {
+                role: RoleName::for_org(&o.id),
+                id: o.id,
+                slug: o.slug,
+                schema: o.schema_name,
+                status: o.status,
+                template_version: o.template_version,
             })
-            .await
-            .map_err(|e: Arc<Error>| match Arc::try_unwrap(e) {
-                Ok(e) => e,
-                Err(shared) => Error::Shared(shared),
-            })?;
-        let result = match (loaded.into_inner(), &found) {
-            (true, _) => "miss",
-            (false, Some(_)) => "hit",
-            (false, None) => "negative_hit",
-        };
-        crate::telemetry::resolve(result);
-        Ok(found)
+        }))
     }
 
     /// Opens a transaction scoped to `tenant`, in one round trip on a
@@ -386,13 +459,22 @@ impl TenantRouter {
         Ok(out)
     }
 
-    /// Forgets what this process knows about `slug`.
+    /// Forgets what this process knows about `slug`: under that slug, and
+    /// the org (by id) that had it.
     pub async fn invalidate(&self, slug: &Slug) {
         self.cache.invalidate(slug).await;
+        let slug = slug.clone();
+        let had = move |_: &Uuid, entry: &Entry| entry.as_ref().is_some_and(|t| t.slug == slug);
+        // Built with support_invalidation_closures, so this cannot fail;
+        // forgetting everything would be the safe fallback anyway.
+        if self.by_id.invalidate_entries_if(had).is_err() {
+            self.by_id.invalidate_all();
+        }
     }
 
     pub fn invalidate_all(&self) {
         self.cache.invalidate_all();
+        self.by_id.invalidate_all();
     }
 
     /// Tenants currently cached (resolved within the TTL), as of the
