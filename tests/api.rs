@@ -1838,3 +1838,41 @@ async fn org_tokens_probing_other_slugs_cost_no_registry_query() {
         .await;
     assert_error(s, &body, 404, "not_found");
 }
+
+/// Junk requests (made-up methods, random paths, with and without tokens)
+/// add no label set to `/metrics`: every method a client makes up is
+/// `other`, every path no route matched is `unmatched`.
+#[tokio::test]
+async fn made_up_methods_and_paths_fold_into_one_label_each() {
+    let app = spawn_app().await;
+    for i in 0..300 {
+        let method = Method::from_bytes(format!("JUNK{i}").as_bytes()).unwrap();
+        let path = format!("/junk/{i}/x{}", i * 7919);
+        let status = app
+            .http
+            .request(method, app.url(&path))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status.is_client_error(), "{path}: {status}");
+    }
+    let (text, scrape) = scrape_metrics(&app).await;
+    let standard = [
+        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "other",
+    ];
+    let mut seen_other = false;
+    for sample in scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric.starts_with("tenantry_http_request"))
+    {
+        let method = sample.labels.get("method").unwrap_or_default();
+        assert!(standard.contains(&method), "label method={method:?}");
+        let route = sample.labels.get("route").unwrap_or_default();
+        assert!(!route.contains("junk"), "label route={route:?}");
+        seen_other |= method == "other" && route == "unmatched";
+    }
+    assert!(seen_other, "{text}");
+    assert!(!text.contains("JUNK"), "a made-up method became a label");
+}

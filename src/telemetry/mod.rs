@@ -201,10 +201,27 @@ fn route_label(template: &str) -> String {
     template.replace('{', ":").replace('}', "")
 }
 
+/// The `method` label of a request: the standard methods by name, and
+/// every other method a client makes up as `other`, so junk requests
+/// cannot add label sets without bound.
+pub fn method_label(method: &str) -> &'static str {
+    const STANDARD: &[&str] = &[
+        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+    ];
+    STANDARD
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}
+
 /// One answered request, by method, route template (`None`: no route
-/// matched) and status class. The handles of each combination are made
-/// once; later requests cost a map lookup and two atomic updates.
+/// matched, labelled `unmatched`) and status class: with [`method_label`]
+/// the label sets are bounded by the routes, whatever clients send. The
+/// handles of each combination are made once; later requests cost a map
+/// lookup and two atomic updates.
 pub fn http_request(method: &str, template: Option<&str>, status: &'static str, seconds: f64) {
+    let method = method_label(method);
     /// Per route template: the handles of each (method, status class) seen.
     type Seen = Vec<(String, &'static str, Counter, Histogram)>;
     static ROUTES: OnceLock<RwLock<HashMap<String, Seen>>> = OnceLock::new();
