@@ -41,17 +41,31 @@ def start(binary):
                              "--pool-size", "16", "--log-format", "json", *a.extra.split()],
                             stdout=out, stderr=subprocess.DEVNULL, env=env)
     for _ in range(600):
+        if proc.poll() is not None:
+            sys.exit(f"{binary} serve exited with {proc.returncode} (is port {a.port} taken?)")
         try:
             urllib.request.urlopen(base + "/readyz").read(); break
         except Exception:
-            if proc.poll() is not None:
-                sys.exit(f"{binary} serve exited with {proc.returncode}")
             time.sleep(0.1)
+    time.sleep(0.2)
+    if proc.poll() is not None:
+        sys.exit(f"{binary} serve exited with {proc.returncode}: another server answers on port {a.port}")
+    running.append(proc)
     out.seek(0)
     return proc, out.read().decode()
 
+running = []
+
 def stop(proc):
     proc.send_signal(signal.SIGTERM); proc.wait(timeout=60)
+    running.remove(proc)
+
+def stop_all():
+    for proc in list(running):
+        stop(proc)
+
+import atexit
+atexit.register(stop_all)
 
 targets = os.path.join(a.data_dir, "ab-targets.json")
 if not os.path.exists(targets):
@@ -64,7 +78,7 @@ if not os.path.exists(targets):
     for i in range(a.orgs):
         slug = f"ab-{i:04}"
         call("POST", "/v1/admin/orgs", su, {"slug": slug, "name": slug, "owner_email": f"o@{slug}.test"})
-        token = call("POST", f"/v1/admin/orgs/{slug}/tokens", su, {"email": f"o@{slug}.test"})["token"]
+        token = call("POST", f"/v1/admin/orgs/{slug}/tokens", su, {"email": f"o@{slug}.test"})["token"]["token"]
         beh = call("GET", f"/v1/orgs/{slug}/behaviors", token)["items"][0]["id"]
         st = call("GET", f"/v1/orgs/{slug}/statuses", token)["items"][0]["id"]
         t = call("POST", f"/v1/orgs/{slug}/tests", token,
