@@ -1415,12 +1415,7 @@ async fn metrics_are_prometheus_text_and_move_with_traffic() {
     assert!(!text.contains("metered"), "{text}");
 
     // with a listener of its own, /metrics leaves the API's listener
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let bind: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let bind = free_local_addr();
     let separate = common::spawn_app_with(tenantry::server::ServerConfig {
         metrics_bind: Some(bind),
         ..Default::default()
@@ -1428,34 +1423,62 @@ async fn metrics_are_prometheus_text_and_move_with_traffic() {
     .await;
     let (status, body) = separate.call(GET, "/metrics", "", None).await;
     assert_error(status, &body, 404, "not_found");
-    let mut text = String::new();
-    for _ in 0..100 {
+    let text = scrape_listener(&separate, bind).await;
+    assert!(text.contains("tenantry_http_requests_total"), "{text}");
+
+    // a library user cannot put org names on the API's listener either
+    let db = common::TestDb::new().await;
+    let pools =
+        tenantry::server::Pools::connect_lazy(db.pool.clone(), &db.url, &Default::default())
+            .unwrap();
+    let refused = tenantry::server::state(
+        pools,
+        &tenantry::server::ServerConfig {
+            router: tenantry::serving::router::RouterConfig {
+                top_tenants: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(tenantry::Error::Validation { .. })),
+        "top tenants without a metrics listener must be refused"
+    );
+}
+
+/// A local address nothing listens on (for a listener a server binds).
+fn free_local_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The text of `/metrics` on a metrics listener of its own.
+async fn scrape_listener(app: &common::TestApp, bind: std::net::SocketAddr) -> String {
+    for _ in 0..1000 {
         // the listener is bound before serve starts; the task may lag
-        match separate
-            .http
-            .get(format!("http://{bind}/metrics"))
-            .send()
-            .await
-        {
-            Ok(res) => {
-                text = res.text().await.unwrap();
-                break;
-            }
+        match app.http.get(format!("http://{bind}/metrics")).send().await {
+            Ok(res) => return res.text().await.unwrap(),
             Err(_) => tokio::task::yield_now().await,
         }
     }
-    assert!(text.contains("tenantry_http_requests_total"), "{text}");
+    panic!("no metrics listener on {bind}");
 }
 
 /// The per-org label is opt-in and bounded: with a top 2, the two orgs
 /// with the most transactions appear with their counts, a third does not.
 #[tokio::test]
 async fn the_top_tenants_family_names_only_the_busiest_orgs() {
+    let bind = free_local_addr();
     let app = common::spawn_app_with(tenantry::server::ServerConfig {
         router: tenantry::serving::router::RouterConfig {
             top_tenants: 2,
             ..Default::default()
         },
+        metrics_bind: Some(bind),
         ..Default::default()
     })
     .await;
@@ -1468,7 +1491,12 @@ async fn the_top_tenants_family_names_only_the_busiest_orgs() {
             assert_eq!(status, 200);
         }
     }
-    let (text, scrape) = scrape_metrics(&app).await;
+    // org names never reach the API's listener
+    let (status, body) = app.call(GET, "/metrics", "", None).await;
+    assert_error(status, &body, 404, "not_found");
+    let text = scrape_listener(&app, bind).await;
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
     let mut top: Vec<(String, f64)> = scrape
         .samples
         .iter()
@@ -1510,6 +1538,10 @@ async fn serve_refuses_pooler_and_limit_settings_it_cannot_honour() {
     let (ok, _, err) = db.cli(&["serve", "--metrics-top-tenants", "5000"]);
     assert!(!ok);
     assert!(err.contains("--metrics-top-tenants"), "{err}");
+    // org names in /metrics only on a listener of its own
+    let (ok, _, err) = db.cli(&["serve", "--metrics-top-tenants", "5"]);
+    assert!(!ok);
+    assert!(err.contains("needs --metrics-bind"), "{err}");
     // nothing was created
     assert!(!db.schema_exists("tenantry").await);
 }

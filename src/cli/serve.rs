@@ -32,7 +32,6 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
         pooler: Pooler::None,
         ..server::small_pool_config(&pool_config)
     };
-    let db = Database::connect(db_args, &admin_config).await?;
     let config = ServerConfig {
         router: RouterConfig {
             ttl: Duration::from_secs(args.cache_ttl),
@@ -58,6 +57,8 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
         },
         ..ServerConfig::default()
     };
+    config.check()?;
+    let db = Database::connect(db_args, &admin_config).await?;
     if let Some(token) = server::bootstrap_superuser(&db.pool).await? {
         println!(
             "created superuser {} with API token (shown once, store it now):",

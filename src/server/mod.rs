@@ -64,6 +64,25 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Refuses settings that would expose what they must not: the
+    /// per-org metric family names orgs, so it is served only on a
+    /// listener of its own (`metrics_bind`), never on the API's, which
+    /// anyone who can send a request reaches.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.router.top_tenants > 0 && self.metrics_bind.is_none() {
+            return Err(Error::Validation {
+                field: "metrics top tenants",
+                message: "--metrics-top-tenants labels metrics with org slugs, so it needs \
+                          --metrics-bind (a metrics listener of its own, which the API's \
+                          clients do not reach)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A server's connections.
 pub struct Pools {
     /// The admin role: registry changes, provisioning, statistics.
@@ -111,6 +130,7 @@ impl Pools {
 
 /// The state of a server on `pools`, whose registry must be migrated.
 pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Error> {
+    config.check()?;
     // the recorder first, so that everything from here on is counted
     crate::telemetry::handle();
     let auth_config = AuthConfig {
