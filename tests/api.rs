@@ -1106,13 +1106,22 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
     let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("serve.log");
     let start = |bind: &str| {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
-            .args(["serve", "--bind", bind, "--data-dir"])
+            .args([
+                "serve",
+                "--log-format",
+                "json",
+                "--bind",
+                bind,
+                "--data-dir",
+            ])
             .arg(data.path().join("tenantry"))
             .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
             .kill_on_drop(true)
             .spawn()
             .unwrap()
@@ -1197,7 +1206,31 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200, "data and token survive a restart");
+    let metrics = http.get(format!("{addr}/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("tenantry_log_lines_dropped_total 0"),
+        "{metrics}"
+    );
+    let res = http
+        .get(format!("{addr}/v1/orgs/kept/tests"))
+        .header("x-request-id", "logged-42")
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
     stop(second).await;
+    // the request log is written off the request path, and nothing
+    // buffered is lost on a graceful stop
+    let written = std::fs::read_to_string(&log).unwrap();
+    let line = written
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "request done" && l["span"]["id"] == "logged-42")
+        .unwrap_or_else(|| panic!("no request line for logged-42 in:\n{written}"));
+    assert_eq!(line["span"]["status"], 200, "{line}");
+    assert!(line.get("spans").is_none(), "{line}");
 }
 
 /// Every response carries a request id: the client's `x-request-id` when

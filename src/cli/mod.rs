@@ -27,10 +27,11 @@ use crate::registry;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match &cli.command {
+    // lines still buffered are written when the guard goes, at exit
+    let _log_guard = match &cli.command {
         Command::Serve(args) => init_tracing("info", args.log_format),
         _ => init_tracing("warn", LogFormat::Text),
-    }
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -41,20 +42,39 @@ pub fn main() -> ExitCode {
     }
 }
 
-pub fn init_tracing(default_level: &str, format: LogFormat) {
+/// Lines the log may hold before it drops new ones (counted in
+/// `tenantry_log_lines_dropped_total`) rather than make requests wait.
+pub const LOG_BUFFER_LINES: usize = 64 * 1024;
+
+/// Logs to stderr through a writer thread: a request formats its line and
+/// hands it over; the write happens off the request path. The returned
+/// guard flushes what is left when dropped.
+pub fn init_tracing(
+    default_level: &str,
+    format: LogFormat,
+) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .lossy(true)
+        .thread_name("tenantry-log")
+        .finish(std::io::stderr());
+    crate::telemetry::count_dropped_log_lines(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            // the current span holds the request's fields already
+            .with_span_list(false)
             .try_init(),
     };
+    guard
 }
 
 /// A database connection for one command, plus the local cluster when this

@@ -45,6 +45,9 @@ pub struct Tenant {
     pub role: RoleName,
     pub status: OrgStatus,
     pub template_version: i32,
+    /// The BEGIN message of its transactions (role, search path,
+    /// timeouts), built once when the tenant is resolved.
+    begin: Box<str>,
 }
 
 /// How tenant SQL is sent, decided in [`TenantTx`] so that no handler has
@@ -308,13 +311,16 @@ impl TenantRouter {
         })
         .await?;
         Ok(org.map(|o| {
+            let role = RoleName::for_org(&o.id);
+            let begin = self.begin_sql(&role, &o.schema_name).into();
             Arc::new(Tenant {
-                role: RoleName::for_org(&o.id),
+                role,
                 id: o.id,
                 slug: o.slug,
                 schema: o.schema_name,
                 status: o.status,
                 template_version: o.template_version,
+                begin,
             })
         }))
     }
@@ -390,7 +396,7 @@ impl TenantRouter {
     }
 
     async fn begin_once(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
-        let sql = self.begin_sql(tenant);
+        let sql = String::from(&*tenant.begin);
         // Waiting for a connection can be abandoned safely; the BEGIN on it
         // cannot (see above).
         let waiting = std::time::Instant::now();
@@ -429,16 +435,16 @@ impl TenantRouter {
         }
     }
 
-    /// The BEGIN message of a tenant transaction.
-    pub fn begin_sql(&self, tenant: &Tenant) -> String {
+    /// The BEGIN message of a tenant transaction as `role` in `schema`.
+    fn begin_sql(&self, role: &RoleName, schema: &SchemaName) -> String {
         let role = if self.set_role {
-            format!(" SET LOCAL ROLE {};", tenant.role.quoted())
+            format!(" SET LOCAL ROLE {};", role.quoted())
         } else {
             String::new()
         };
         format!(
             "BEGIN;{role} SET LOCAL search_path TO {}; {}",
-            tenant.schema.quoted(),
+            schema.quoted(),
             self.settings
         )
     }
