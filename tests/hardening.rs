@@ -321,6 +321,91 @@ async fn a_serving_role_registered_later_may_serve_orgs_from_warm_schemas() {
     assert_eq!(body["items"].as_array().unwrap().len(), 3);
 }
 
+/// The login role of tenant connections reads no registry table: SQL that
+/// leaves the tenant role (RESET ROLE on its connection) cannot list orgs,
+/// users' emails or tokens, nor write them; it can only call the lookup
+/// functions servers use (one org by slug or id, one token by digest),
+/// which the tenant role itself cannot. The server still authenticates,
+/// routes and records token use through them.
+#[tokio::test]
+async fn a_tenant_connection_that_resets_its_role_reads_no_registry_table() {
+    let db = TestDb::new().await;
+    let role = format!("app_{}", &db.name["tenantry_test_".len()..]);
+    let app = common::spawn_app_serving_as(db, &role, "reset-secret").await;
+    let token = app.org_with_token("mine").await;
+    app.org_with_token("theirs").await;
+    let (s, body) = app
+        .call(Method::GET, "/v1/orgs/mine/statuses", &token, None)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    // the org's token and the superuser's (which made the org)
+    assert_eq!(app.state.tenancy.auth().flush_usage().await.unwrap(), 2);
+    let used = app
+        .db
+        .count(
+            "SELECT count(*) FROM tenantry.api_tokens \
+             WHERE organization_id IS NOT NULL AND last_used_at IS NOT NULL",
+        )
+        .await;
+    assert_eq!(used, 1, "token use is recorded through the function");
+
+    let router = app.state.tenancy.router();
+    let tenant = router
+        .resolve(&tenantry::base::ident::Slug::parse("mine").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    // the tenant role cannot even call the lookup functions
+    let mut tx = router.begin(&tenant).await.unwrap();
+    let err = sqlx::raw_sql("SELECT tenantry.serving_token_key()")
+        .execute(tx.conn())
+        .await
+        .expect_err("a tenant role calls no registry function");
+    assert_eq!(
+        tenantry::base::error::sqlstate(&err).as_deref(),
+        Some("42501"),
+        "{err}"
+    );
+    tx.rollback().await.unwrap();
+
+    for sql in [
+        "SELECT * FROM tenantry.api_tokens",
+        "SELECT email FROM tenantry.users",
+        "SELECT slug FROM tenantry.organizations",
+        "SELECT token_key FROM tenantry.settings",
+        "UPDATE tenantry.api_tokens SET revoked_at = NULL",
+        "UPDATE tenantry.organizations SET status = 'active'",
+        "SELECT * FROM tenantry.serving_roles",
+    ] {
+        let mut tx = router.begin(&tenant).await.unwrap();
+        let err = sqlx::raw_sql(&format!("RESET ROLE; {sql}"))
+            .execute(tx.conn())
+            .await
+            .expect_err(&format!("{sql} must be refused to the login role"));
+        assert_eq!(
+            tenantry::base::error::sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{sql}: {err}"
+        );
+        tx.rollback().await.unwrap();
+    }
+    // what is left is a lookup by exact key: no listing
+    let mut tx = router.begin(&tenant).await.unwrap();
+    let found: Vec<(String,)> =
+        sqlx::query_as("SELECT slug FROM tenantry.serving_org_by_slug('theirs')")
+            .fetch_all(&mut *{
+                sqlx::raw_sql("RESET ROLE")
+                    .execute(tx.conn())
+                    .await
+                    .unwrap();
+                tx.conn()
+            })
+            .await
+            .unwrap();
+    assert_eq!(found.len(), 1);
+    tx.rollback().await.unwrap();
+}
+
 /// Invariant 7, through the tenant handle itself: schema-qualified SQL that
 /// names another tenant, the registry or `public` fails with a permission
 /// error, while the tenant's own tables work. Run through a server whose

@@ -40,12 +40,14 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<String>, Error> {
         .bind(REGISTRY_MIGRATION_LOCK)
         .execute(&mut *tx)
         .await?;
-    // On a Citus coordinator the registry stays local to it, whatever the
-    // server's default for new schemas (see `engine`).
+    // On a Citus coordinator the registry, its functions included, stays
+    // local to it, whatever the server's default for new schemas (see
+    // `engine`).
     if Engine::detect(&mut tx).await?.is_citus() {
         simple_query(
             &mut tx,
-            "SET LOCAL citus.enable_schema_based_sharding = off",
+            "SET LOCAL citus.enable_schema_based_sharding = off; \
+             SET LOCAL citus.enable_ddl_propagation = off",
         )
         .await?;
     }
@@ -171,7 +173,7 @@ pub async fn find_org_sent(
     let row: Option<OrgRow> = sqlx::query_as(concat!(
         "SELECT ",
         org_columns!(),
-        " FROM tenantry.organizations WHERE slug = $1"
+        " FROM tenantry.serving_org_by_slug($1)"
     ))
     .bind(slug.as_str())
     .persistent(persistent)
@@ -189,7 +191,7 @@ pub async fn find_org_by_id_sent(
     let row: Option<OrgRow> = sqlx::query_as(concat!(
         "SELECT ",
         org_columns!(),
-        " FROM tenantry.organizations WHERE id = $1"
+        " FROM tenantry.serving_org_by_id($1)"
     ))
     .bind(id)
     .persistent(persistent)
@@ -338,12 +340,10 @@ pub async fn token_key(conn: &mut PgConnection) -> Result<Vec<u8>, Error> {
 
 /// [`token_key`] with a named (`persistent`) or unnamed statement.
 pub async fn token_key_sent(conn: &mut PgConnection, persistent: bool) -> Result<Vec<u8>, Error> {
-    Ok(
-        sqlx::query_scalar("SELECT token_key FROM tenantry.settings")
-            .persistent(persistent)
-            .fetch_one(conn)
-            .await?,
-    )
+    Ok(sqlx::query_scalar("SELECT tenantry.serving_token_key()")
+        .persistent(persistent)
+        .fetch_one(conn)
+        .await?)
 }
 
 /// A token just created: the plaintext secret is available this once.
@@ -412,10 +412,8 @@ pub async fn authenticate_hash(
     persistent: bool,
 ) -> Result<Option<Principal>, Error> {
     Ok(sqlx::query_as(
-        "SELECT t.id AS token_id, u.id AS user_id, u.organization_id, u.is_superuser, t.expires_at \
-         FROM tenantry.api_tokens t JOIN tenantry.users u ON u.id = t.user_id \
-         WHERE t.secret_hash = $1 AND t.revoked_at IS NULL \
-           AND (t.expires_at IS NULL OR t.expires_at > now())",
+        "SELECT token_id, user_id, organization_id, is_superuser, expires_at \
+         FROM tenantry.serving_principal($1)",
     )
     .bind(&hash[..])
     .persistent(persistent)
@@ -429,7 +427,7 @@ pub async fn record_token_use(
     token_ids: &[Uuid],
     persistent: bool,
 ) -> Result<(), Error> {
-    sqlx::query("UPDATE tenantry.api_tokens SET last_used_at = now() WHERE id = ANY($1)")
+    sqlx::query("SELECT tenantry.serving_record_token_use($1)")
         .bind(token_ids)
         .persistent(persistent)
         .execute(conn)
@@ -443,12 +441,12 @@ pub async fn legacy_token_prefixes(
     conn: &mut PgConnection,
     persistent: bool,
 ) -> Result<Vec<String>, Error> {
-    Ok(sqlx::query_scalar(
-        "SELECT prefix FROM tenantry.api_tokens WHERE format = 1 AND revoked_at IS NULL",
+    Ok(
+        sqlx::query_scalar("SELECT prefix FROM tenantry.serving_legacy_token_prefixes() AS prefix")
+            .persistent(persistent)
+            .fetch_all(conn)
+            .await?,
     )
-    .persistent(persistent)
-    .fetch_all(conn)
-    .await?)
 }
 
 /// Revokes a token inside the caller's transaction; returns its digest, or

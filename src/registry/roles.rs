@@ -11,7 +11,9 @@
 //!   recorded in `tenantry.serving_roles`; each is `NOINHERIT`, not a
 //!   superuser, a member of every tenant role (so it may `SET ROLE` to them,
 //!   but holds none of their privileges outside a tenant transaction) and
-//!   may read the registry tables that authentication and routing need.
+//!   may call the registry functions that authentication and routing need
+//!   (one org by slug or id, one token by digest), but read no registry
+//!   table: SQL that resets the role on a tenant connection lists nothing.
 //! - The admin role (DATABASE_URL) creates and drops tenant roles, so it
 //!   needs `CREATEROLE` or to be a superuser; when it is not a superuser it
 //!   is made a member of each tenant role too, to manage their objects.
@@ -29,6 +31,14 @@ use crate::base::ident::{quote_ident, RoleName, SchemaName};
 use crate::pg::statements::{hand_over_schema, simple_query};
 
 const DUPLICATE_OBJECT: &str = "42710";
+
+/// The registry functions a serving role may call, and all it may do in the
+/// registry: it reads no registry table itself (migration V6), so neither
+/// can SQL that leaves a tenant role on a tenant connection.
+const SERVING_FUNCTIONS: &str = "tenantry.serving_org_by_slug(text), \
+    tenantry.serving_org_by_id(uuid), tenantry.serving_principal(bytea), \
+    tenantry.serving_record_token_use(uuid[]), tenantry.serving_token_key(), \
+    tenantry.serving_legacy_token_prefixes()";
 
 /// The roles a new tenant role is granted to: every registered serving role
 /// that exists, and the admin itself unless it is a superuser.
@@ -205,9 +215,9 @@ pub async fn ensure_serving_role(
         &mut tx,
         &format!(
             "GRANT USAGE ON SCHEMA tenantry TO {q}; \
-             GRANT SELECT ON tenantry.organizations, tenantry.users, tenantry.api_tokens, \
-                             tenantry.settings TO {q}; \
-             GRANT UPDATE (last_used_at) ON tenantry.api_tokens TO {q}"
+             REVOKE ALL ON tenantry.organizations, tenantry.users, tenantry.api_tokens, \
+                           tenantry.settings FROM {q}; \
+             GRANT EXECUTE ON FUNCTION {SERVING_FUNCTIONS} TO {q}"
         ),
     )
     .await?;
