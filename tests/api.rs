@@ -1206,12 +1206,6 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200, "data and token survive a restart");
-    let metrics = http.get(format!("{addr}/metrics")).send().await.unwrap();
-    let metrics = metrics.text().await.unwrap();
-    assert!(
-        metrics.contains("tenantry_log_lines_dropped_total 0"),
-        "{metrics}"
-    );
     let res = http
         .get(format!("{addr}/v1/orgs/kept/tests"))
         .header("x-request-id", "logged-42")
@@ -1221,8 +1215,7 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
         .unwrap();
     assert_eq!(res.status(), 200);
     stop(second).await;
-    // the request log is written off the request path, and nothing
-    // buffered is lost on a graceful stop
+    // the request log: one JSON line per request, its fields once
     let written = std::fs::read_to_string(&log).unwrap();
     let line = written
         .lines()

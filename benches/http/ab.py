@@ -4,11 +4,13 @@
     python3 benches/http/ab.py OLD_BINARY NEW_BINARY [--orgs 100] [--rounds 3]
         [--seconds 10] [--warmup 3] [--data-dir /tmp/tenantry-ab] [--port 28080]
 
-Both builds serve the same zero-config local cluster (`serve --data-dir`),
-one at a time, with `--pool-size 16 --log-format json` (the request log
-on, to /dev/null). The first build's first start creates the orgs (one
-token and one test each); then, round after round, each build is started
-on fresh connections and driven by wrk (-t2 -c32) with
+Each build serves a zero-config local cluster of its own (`serve
+--data-dir DIR/old`, `DIR/new`: a newer build may have migrated the
+registry further than the older one accepts), one at a time, with
+`--pool-size 16 --log-format json` (the request log on, to a file). Each
+build's first start creates the same orgs (one token and one test each);
+then, round after round, each build is started on fresh connections and
+driven by wrk (-t2 -c32) with
 `GET /v1/orgs/{slug}/tests/{id}` and bearer auth, round robin over the
 orgs: a warm-up, then the measured run. Prints each run and the ratios of
 the medians (new / old). Needs wrk.
@@ -34,22 +36,27 @@ def call(method, path, token, body=None):
     with urllib.request.urlopen(req) as r:
         return json.loads(r.read() or b"null")
 
-def start(binary):
+def start(binary, data_dir):
     env = dict(os.environ); env.pop("DATABASE_URL", None)
-    out = tempfile.TemporaryFile()
-    proc = subprocess.Popen([binary, "serve", "--data-dir", a.data_dir, "--bind", f"127.0.0.1:{a.port}",
+    out, err = tempfile.TemporaryFile(), tempfile.NamedTemporaryFile(mode="w+")
+    # the request log goes to a file (as to a log collector), read only on failure
+    proc = subprocess.Popen([binary, "serve", "--data-dir", data_dir, "--bind", f"127.0.0.1:{a.port}",
                              "--pool-size", "16", "--log-format", "json", *a.extra.split()],
-                            stdout=out, stderr=subprocess.DEVNULL, env=env)
+                            stdout=out, stderr=err, env=env)
+    def failed(why):
+        err.seek(0)
+        tail = [l for l in err.read().splitlines() if "request done" not in l][-5:]
+        sys.exit(f"{binary} serve {why}:\n" + "\n".join(tail))
     for _ in range(600):
         if proc.poll() is not None:
-            sys.exit(f"{binary} serve exited with {proc.returncode} (is port {a.port} taken?)")
+            failed(f"exited with {proc.returncode}")
         try:
             urllib.request.urlopen(base + "/readyz").read(); break
         except Exception:
             time.sleep(0.1)
     time.sleep(0.2)
     if proc.poll() is not None:
-        sys.exit(f"{binary} serve exited with {proc.returncode}: another server answers on port {a.port}")
+        failed(f"exited with {proc.returncode}: another server answers on port {a.port}?")
     running.append(proc)
     out.seek(0)
     return proc, out.read().decode()
@@ -67,33 +74,39 @@ def stop_all():
 import atexit
 atexit.register(stop_all)
 
-targets = os.path.join(a.data_dir, "ab-targets.json")
-if not os.path.exists(targets):
-    proc, printed = start(a.old)
-    m = re.search(r"^(tny_\S+)$", printed, re.M)
-    if not m:
-        sys.exit(f"no bootstrap token printed (reuse of a data dir without {targets}?)")
-    su = m.group(1)
-    rows = []
-    for i in range(a.orgs):
-        slug = f"ab-{i:04}"
-        call("POST", "/v1/admin/orgs", su, {"slug": slug, "name": slug, "owner_email": f"o@{slug}.test"})
-        token = call("POST", f"/v1/admin/orgs/{slug}/tokens", su, {"email": f"o@{slug}.test"})["token"]["token"]
-        beh = call("GET", f"/v1/orgs/{slug}/behaviors", token)["items"][0]["id"]
-        st = call("GET", f"/v1/orgs/{slug}/statuses", token)["items"][0]["id"]
-        t = call("POST", f"/v1/orgs/{slug}/tests", token,
-                 {"prompt": "p", "expected_outcome": "e", "behavior_id": beh, "status_id": st})
-        rows.append([f"/v1/orgs/{slug}/tests/{t['id']}", token])
-    stop(proc)
-    json.dump(rows, open(targets, "w"))
-rows = json.load(open(targets))[: a.orgs]
-lua = os.path.join(a.data_dir, "ab.lua")
-with open(lua, "w") as f:
-    f.write("local t = {\n" + "".join(f'{{"{p}", "Bearer {tok}"}},\n' for p, tok in rows) + "}\n")
-    f.write("local i = 0\nrequest = function()\n  i = i % #t + 1\n"
-            "  return wrk.format('GET', t[i][1], {Authorization = t[i][2]})\nend\n")
+def prepare(binary, data_dir):
+    """The orgs of one build's cluster, made at its first start: [(path, token)]."""
+    targets = os.path.join(data_dir, "ab-targets.json")
+    if not os.path.exists(targets):
+        proc, printed = start(binary, data_dir)
+        m = re.search(r"^(tny_\S+)$", printed, re.M)
+        if not m:
+            sys.exit(f"no bootstrap token printed (reuse of {data_dir} without {targets}?)")
+        su = m.group(1)
+        rows = []
+        for i in range(a.orgs):
+            slug = f"ab-{i:04}"
+            call("POST", "/v1/admin/orgs", su, {"slug": slug, "name": slug, "owner_email": f"o@{slug}.test"})
+            token = call("POST", f"/v1/admin/orgs/{slug}/tokens", su, {"email": f"o@{slug}.test"})["token"]["token"]
+            beh = call("GET", f"/v1/orgs/{slug}/behaviors", token)["items"][0]["id"]
+            st = call("GET", f"/v1/orgs/{slug}/statuses", token)["items"][0]["id"]
+            t = call("POST", f"/v1/orgs/{slug}/tests", token,
+                     {"prompt": "p", "expected_outcome": "e", "behavior_id": beh, "status_id": st})
+            rows.append([f"/v1/orgs/{slug}/tests/{t['id']}", token])
+        stop(proc)
+        json.dump(rows, open(targets, "w"))
+    rows = json.load(open(targets))[: a.orgs]
+    lua = os.path.join(data_dir, "ab.lua")
+    with open(lua, "w") as f:
+        f.write("local t = {\n" + "".join(f'{{"{p}", "Bearer {tok}"}},\n' for p, tok in rows) + "}\n")
+        f.write("local i = 0\nrequest = function()\n  i = i % #t + 1\n"
+                "  return wrk.format('GET', t[i][1], {Authorization = t[i][2]})\nend\n")
+    return lua
 
-def wrk(seconds):
+builds = {name: (getattr(a, name), os.path.join(a.data_dir, name)) for name in ("old", "new")}
+scripts = {name: prepare(binary, d) for name, (binary, d) in builds.items()}
+
+def wrk(seconds, lua):
     out = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-s", lua, base],
                          capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -106,9 +119,9 @@ def wrk(seconds):
 res = {"old": [], "new": []}
 for r in range(a.rounds):
     for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
-        proc, _ = start(getattr(a, name))
-        wrk(a.warmup)
-        rps, p50, p99, bad = wrk(a.seconds)
+        proc, _ = start(*builds[name])
+        wrk(a.warmup, scripts[name])
+        rps, p50, p99, bad = wrk(a.seconds, scripts[name])
         stop(proc)
         res[name].append((rps, p50, p99))
         print(f"round {r+1} {name}: {rps:8.0f} req/s  p50 {p50:5.2f} ms  p99 {p99:6.2f} ms  non-2xx {bad}", flush=True)

@@ -27,11 +27,10 @@ use crate::registry;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // lines still buffered are written when the guard goes, at exit
-    let _log_guard = match &cli.command {
+    match &cli.command {
         Command::Serve(args) => init_tracing("info", args.log_format),
         _ => init_tracing("warn", LogFormat::Text),
-    };
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,28 +41,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Lines the log may hold before it drops new ones (counted in
-/// `tenantry_log_lines_dropped_total`) rather than make requests wait.
-pub const LOG_BUFFER_LINES: usize = 64 * 1024;
-
-/// Logs to stderr through a writer thread: a request formats its line and
-/// hands it over; the write happens off the request path. The returned
-/// guard flushes what is left when dropped.
-pub fn init_tracing(
-    default_level: &str,
-    format: LogFormat,
-) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs to stderr; the request log's JSON lines carry the request's span
+/// once (`span`), without repeating it in a span list.
+pub fn init_tracing(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_BUFFER_LINES)
-        .lossy(true)
-        .thread_name("tenantry-log")
-        .finish(std::io::stderr());
-    crate::telemetry::count_dropped_log_lines(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
@@ -74,7 +59,6 @@ pub fn init_tracing(
             .with_span_list(false)
             .try_init(),
     };
-    guard
 }
 
 /// A database connection for one command, plus the local cluster when this

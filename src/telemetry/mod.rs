@@ -42,10 +42,6 @@ pub const TENANT_LIMIT: &str = "tenantry_tenant_limit_total";
 /// (see `warm`) or by building one.
 pub const ORG_CREATES: &str = "tenantry_org_creates_total";
 
-/// Log lines dropped because the log writer fell behind (its buffer was
-/// full): the request log never makes a request wait.
-pub const LOG_DROPPED: &str = "tenantry_log_lines_dropped_total";
-
 /// `org`: tenant transactions since the server started, of the N orgs
 /// with the most (`--metrics-top-tenants N`; off by default). A gauge: orgs
 /// enter and leave the top N, and one that left disappears from the
@@ -105,14 +101,6 @@ impl PoolSample {
     }
 }
 
-static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
-
-/// Reports the log writer's dropped lines in [`LOG_DROPPED`] at each
-/// scrape (the first writer registered counts).
-pub fn count_dropped_log_lines(counter: tracing_appender::non_blocking::ErrorCounter) {
-    let _ = LOG_DROPS.set(counter);
-}
-
 /// The Prometheus text of every family, with `pools` and the top tenants
 /// (when counted) set first.
 pub fn render(pools: &[PoolSample], top: Option<&TopTenants>) -> String {
@@ -124,9 +112,6 @@ pub fn render(pools: &[PoolSample], top: Option<&TopTenants>) -> String {
         metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "idle")
             .set(sample.idle as f64);
         metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "max").set(sample.max as f64);
-    }
-    if let Some(drops) = LOG_DROPS.get() {
-        metrics::counter!(LOG_DROPPED).absolute(drops.dropped_lines() as u64);
     }
     if let Some(top) = top {
         for (slug, n) in top.top() {
