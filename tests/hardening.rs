@@ -900,3 +900,63 @@ async fn reads_survive_killed_backends_and_a_restart() {
     );
     assert!(ok > 500);
 }
+
+/// The admin role need not be a superuser: one with CREATEROLE that owns
+/// its database migrates the registry, provisions orgs (their roles and
+/// schemas), makes a serving role and serves through it, and deletes
+/// orgs. PostgreSQL 16 changed what CREATEROLE may grant (ADMIN, SET and
+/// INHERIT options), so this runs on every version the suite runs on.
+#[tokio::test]
+async fn an_admin_with_createrole_and_no_superuser_runs_everything() {
+    let db = TestDb::empty().await;
+    let suffix = &db.name["tenantry_test_".len()..];
+    let admin = format!("adm_{suffix}");
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {admin} LOGIN CREATEROLE PASSWORD 'adm-pw'; \
+         ALTER DATABASE {db} OWNER TO {admin}; ALTER SCHEMA public OWNER TO {admin}",
+        db = db.name
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let admin_url = common::with_user(&db.url, &admin, "adm-pw");
+    let admin_pool = sqlx::PgPool::connect(&admin_url).await.unwrap();
+    let is_super: bool =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(&admin_pool)
+            .await
+            .unwrap();
+    assert!(!is_super);
+    tenantry::registry::migrate(&admin_pool)
+        .await
+        .expect("a CREATEROLE admin migrates the registry");
+    let as_admin = TestDb {
+        pool: admin_pool.clone(),
+        url: admin_url,
+        name: db.name.clone(),
+    };
+    let app = common::spawn_app_serving_as(as_admin, &format!("app_{suffix}"), "app-pw").await;
+    let token = app.org_with_token("by-createrole").await;
+    let (s, body) = app
+        .call(Method::GET, "/v1/orgs/by-createrole/statuses", &token, None)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["items"].as_array().unwrap().len(), 3);
+    let (s, body) = app
+        .call(
+            Method::DELETE,
+            "/v1/admin/orgs/by-createrole",
+            &app.superuser,
+            None,
+        )
+        .await;
+    assert!(s == 200 || s == 204, "{s} {body}");
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 't\\_%' \
+         AND nspname NOT IN (SELECT schema_name FROM tenantry.warm_schemas)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the org's schema is dropped");
+}

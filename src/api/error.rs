@@ -96,8 +96,11 @@ impl ApiError {
     }
 
     /// For deletes: a foreign-key violation means the row is still in use.
+    /// PostgreSQL 18 reports a key that `ON DELETE RESTRICT` protects as
+    /// `restrict_violation` (23001); earlier versions as
+    /// `foreign_key_violation` (23503).
     pub fn still_referenced(e: sqlx::Error) -> Self {
-        if sqlstate(&e).as_deref() == Some("23503") {
+        if matches!(sqlstate(&e).as_deref(), Some("23503" | "23001")) {
             return ApiError::conflict("the row is still referenced by other rows");
         }
         ApiError::from(e)

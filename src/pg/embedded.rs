@@ -207,8 +207,15 @@ impl LocalPostgres {
         if durability == Durability::Throwaway {
             opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
             // Tests and benchmarks count statements with pg_stat_statements
-            // where the server has it (PostgreSQL's contrib).
-            if self.bin_dir.join("../lib/pg_stat_statements.so").exists() {
+            // where the server has it (PostgreSQL's contrib), in Debian's
+            // layout (lib/) or a plain installation's (lib/postgresql/).
+            let contrib = ["../lib", "../lib/postgresql"];
+            if contrib.iter().any(|dir| {
+                self.bin_dir
+                    .join(dir)
+                    .join("pg_stat_statements.so")
+                    .exists()
+            }) {
                 opts.push_str(" -c shared_preload_libraries=pg_stat_statements");
             }
         }

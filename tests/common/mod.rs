@@ -177,6 +177,20 @@ impl TestDb {
             .connect(&url)
             .await
             .expect("connect to test database");
+        // a run for one PostgreSQL version must not fall back to another
+        if let Ok(major) = std::env::var("TENANTRY_TEST_PG_MAJOR") {
+            let version: String = sqlx::query_scalar("SHOW server_version_num")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(
+                version.parse::<u32>().unwrap() / 10000,
+                major
+                    .parse::<u32>()
+                    .expect("TENANTRY_TEST_PG_MAJOR is a number"),
+                "TENANTRY_TEST_PG_MAJOR={major} but the test server is PostgreSQL {version}"
+            );
+        }
         TestDb { pool, url, name }
     }
 
