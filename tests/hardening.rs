@@ -960,3 +960,91 @@ async fn an_admin_with_createrole_and_no_superuser_runs_everything() {
     .unwrap();
     assert_eq!(left, 0, "the org's schema is dropped");
 }
+
+/// `doctor --audit` passes on a fresh installation, finds each kind of
+/// grant, membership, attribute and ownership that breaks confinement once
+/// it is made by hand, exits non-zero, and its repair SQL restores a clean
+/// audit.
+#[tokio::test]
+async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it() {
+    let db = TestDb::new().await;
+    let suffix = db.name["tenantry_test_".len()..].to_owned();
+    let serving = format!("app_{suffix}");
+    let app = common::spawn_app_serving_as(db, &serving, "audit-pw").await;
+    app.org_with_token("mine").await;
+    app.org_with_token("theirs").await;
+    let mine = app.db.schema_of("mine").await;
+    let theirs = app.db.schema_of("theirs").await;
+
+    let (ok, out, err) = app.db.cli(&["doctor", "--audit"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("confinement holds"), "{out}");
+
+    let helper = format!("helper_{suffix}");
+    let breaks = [
+        (
+            "tenant_right_outside_schema",
+            format!("GRANT USAGE ON SCHEMA {theirs} TO {mine}; GRANT SELECT ON {theirs}.tests TO {mine}"),
+        ),
+        (
+            "tenant_role_membership",
+            format!("CREATE ROLE {helper}; GRANT {helper} TO {mine}"),
+        ),
+        ("tenant_role_attribute", format!("ALTER ROLE {mine} CREATEDB LOGIN")),
+        ("foreign_owner", format!("ALTER TABLE {mine}.statuses OWNER TO {helper}")),
+        ("foreign_grant", format!("GRANT SELECT ON {mine}.behaviors TO PUBLIC")),
+        (
+            "serving_role_reads_registry",
+            format!("GRANT SELECT ON tenantry.users TO {serving}"),
+        ),
+        ("serving_role_attribute", format!("ALTER ROLE {serving} INHERIT")),
+    ];
+    for (_, sql) in &breaks {
+        sqlx::raw_sql(sql).execute(&app.db.pool).await.unwrap();
+    }
+    let (ok, out, _) = app.db.cli(&["doctor", "--audit", "--json"]);
+    assert!(!ok, "an audit with breaches must fail");
+    let found: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let rules: std::collections::BTreeSet<&str> =
+        found.iter().map(|b| b["rule"].as_str().unwrap()).collect();
+    for (rule, sql) in &breaks {
+        assert!(rules.contains(rule), "{rule} not found after {sql}: {out}");
+    }
+    assert!(
+        found
+            .iter()
+            .any(|b| b["rule"] == "tenant_right_outside_schema"
+                && b["object"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("{theirs}.tests"))),
+        "{out}"
+    );
+    // nothing else was reported: only what was broken
+    assert!(
+        found.iter().all(|b| {
+            let role = b["role"].as_str().unwrap();
+            role == mine || role == serving || role == helper || role == "PUBLIC"
+        }),
+        "{out}"
+    );
+    // the text form names each repair
+    let (ok, text, _) = app.db.cli(&["doctor", "--audit"]);
+    assert!(!ok);
+    assert!(text.contains("repair: REVOKE"), "{text}");
+
+    for breach in &found {
+        sqlx::raw_sql(breach["repair"].as_str().unwrap())
+            .execute(&app.db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("repair of {breach}: {e}"));
+    }
+    let (ok, out, err) = app.db.cli(&["doctor", "--audit"]);
+    assert!(ok, "the repairs leave breaches: {out}{err}");
+    // and the org is served again as before
+    let token = app.org_with_token("after-audit").await;
+    let (s, body) = app
+        .call(Method::GET, "/v1/orgs/after-audit/statuses", &token, None)
+        .await;
+    assert_eq!(s, 200, "{body}");
+}

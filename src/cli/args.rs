@@ -42,10 +42,16 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Run a read-only query in every active tenant.
     Query(QueryArgs),
-    /// Find (and with --repair, fix what is safe) registry/schema drift.
+    /// Find (and with --repair, fix what is safe) registry/schema drift;
+    /// with --audit, every grant, membership, attribute or ownership that
+    /// breaks tenant confinement, with the SQL that repairs it.
     Doctor {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "audit")]
         repair: bool,
+        /// Check that PostgreSQL still confines every tenant (after grants
+        /// changed by hand); exits non-zero when anything breaks it.
+        #[arg(long)]
+        audit: bool,
         #[arg(long)]
         json: bool,
     },

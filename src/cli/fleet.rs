@@ -18,6 +18,7 @@ pub(super) enum Action {
     MigrateStatus(bool),
     Query(QueryArgs),
     Doctor(bool, bool),
+    Audit(bool),
 }
 
 impl Action {
@@ -42,7 +43,10 @@ impl Action {
                 crate::tenants::fleet::prepare_query(&args.sql)?;
                 Action::Query(args)
             }
-            Command::Doctor { repair, json } => Action::Doctor(repair, json),
+            Command::Doctor {
+                audit: true, json, ..
+            } => Action::Audit(json),
+            Command::Doctor { repair, json, .. } => Action::Doctor(repair, json),
             Command::Serve(_)
             | Command::Orgs(_)
             | Command::Tokens(_)
@@ -87,6 +91,29 @@ impl Action {
                 }
             }
             Action::Query(args) => query(pool, args).await?,
+            Action::Audit(json) => {
+                let breaches = fleet::audit::audit(pool).await?;
+                if json {
+                    print_json(&breaches)?;
+                } else if breaches.is_empty() {
+                    println!(
+                        "confinement holds: no grant, membership, attribute or owner breaks it"
+                    );
+                }
+                if !json {
+                    for b in &breaches {
+                        println!("{}: {} {} ({})", b.rule, b.role, b.detail, b.object);
+                        println!("  repair: {};", b.repair);
+                    }
+                }
+                if !breaches.is_empty() {
+                    return Err(PartialFailure(format!(
+                        "{} breach(es) of tenant confinement",
+                        breaches.len()
+                    ))
+                    .into());
+                }
+            }
             Action::Doctor(repair, json) => {
                 let report = fleet::doctor(pool, repair).await?;
                 if json {

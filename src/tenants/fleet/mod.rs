@@ -90,6 +90,7 @@ pub async fn for_each_bounded<T, R, F, Fut>(
     }
 }
 
+pub mod audit;
 mod migrate;
 
 pub use migrate::{

@@ -1,0 +1,246 @@
+//! `doctor --audit`: every grant, membership, attribute or ownership that
+//! breaks the confinement of tenants (invariant 7, `docs/invariants.md`),
+//! read from PostgreSQL's catalogs, each with the SQL that repairs it. For
+//! operators who change grants by hand: the audit is how they check that
+//! PostgreSQL still keeps every tenant in its schema.
+//!
+//! A tenant role is named like its schema (`t_<org id>`), so "its schema"
+//! is the schema of the same name. The rules:
+//! - `tenant_right_outside_schema`: a tenant role holds a right on a
+//!   schema, relation or routine other than its own schema's (another
+//!   tenant's, the registry, `public`);
+//! - `tenant_role_membership`: a tenant role is a member of another role
+//!   (and would inherit or could SET ROLE to its rights);
+//! - `tenant_role_attribute`: a tenant role is a superuser or may create
+//!   roles or databases, replicate or bypass row security; on plain
+//!   PostgreSQL, it may log in (on Citus tenant roles log in to workers,
+//!   see `pg::engine`);
+//! - `foreign_owner`: a tenant schema, or an object in it, is owned by
+//!   another role than the tenant's;
+//! - `foreign_grant`: a tenant schema or relation grants a right to
+//!   another role than its tenant's, PUBLIC included;
+//! - `serving_role_reads_registry`: a serving role (the login role of
+//!   tenant connections) may read or change a registry table itself,
+//!   rather than through the lookup functions;
+//! - `serving_role_attribute`: a serving role is a superuser or inherits
+//!   its tenant roles' rights (`INHERIT`).
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::base::error::Error;
+use crate::base::ident::quote_ident;
+use crate::pg::engine::Engine;
+
+/// One break of confinement and how to repair it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Breach {
+    /// The rule broken (see the module's documentation).
+    pub rule: &'static str,
+    /// The role that holds too much.
+    pub role: String,
+    /// What it concerns (a schema, a relation, a role).
+    pub object: String,
+    pub detail: String,
+    /// SQL that repairs it, to run as the admin role.
+    pub repair: String,
+}
+
+/// Tenant roles: `t_` roles of an org or of a warm schema.
+const TENANT_ROLES: &str = "SELECT r.oid, r.rolname FROM pg_roles r \
+     WHERE r.rolname IN (SELECT 't_' || replace(id::text, '-', '') FROM tenantry.organizations \
+                         UNION SELECT 't_' || replace(org_id::text, '-', '') FROM tenantry.warm_schemas)";
+
+/// The schemas of tenant roles (same name).
+const TENANT_SCHEMAS: &str = "SELECT n.oid, n.nspname, n.nspowner, n.nspacl FROM pg_namespace n \
+     WHERE n.nspname IN (SELECT rolname FROM tenant_roles)";
+
+type Row = (String, String, String, String);
+
+/// Reads the catalogs and lists every breach, most serious first.
+#[tracing::instrument(skip(pool))]
+pub async fn audit(pool: &PgPool) -> Result<Vec<Breach>, Error> {
+    let citus = Engine::detect(&mut *pool.acquire().await?)
+        .await?
+        .is_citus();
+    let mut breaches = vec![];
+    let mut add = |rule: &'static str, rows: Vec<Row>, repair: &dyn Fn(&Row) -> String| {
+        for row in rows {
+            breaches.push(Breach {
+                rule,
+                repair: repair(&row),
+                role: row.0,
+                object: row.1,
+                detail: row.3,
+            });
+        }
+    };
+
+    // Rights of tenant roles on schemas, relations and routines not theirs.
+    let outside: Vec<Row> = sqlx::query_as(&format!(
+        "WITH tenant_roles AS ({TENANT_ROLES}) \
+         SELECT t.rolname::text, quote_ident(n.nspname), 'SCHEMA', 'holds ' || a.privilege_type || ' on schema ' || n.nspname \
+         FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a JOIN tenant_roles t ON t.oid = a.grantee \
+         WHERE n.nspname <> t.rolname \
+         UNION ALL \
+         SELECT t.rolname::text, quote_ident(n.nspname) || '.' || quote_ident(c.relname), 'TABLE', \
+                'holds ' || a.privilege_type || ' on ' || n.nspname || '.' || c.relname \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         CROSS JOIN LATERAL aclexplode(c.relacl) a JOIN tenant_roles t ON t.oid = a.grantee \
+         WHERE n.nspname <> t.rolname \
+         UNION ALL \
+         SELECT t.rolname::text, quote_ident(n.nspname) || '.' || quote_ident(p.proname) || '(' || pg_get_function_identity_arguments(p.oid) || ')', \
+                'ROUTINE', 'holds ' || a.privilege_type || ' on ' || n.nspname || '.' || p.proname \
+         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         CROSS JOIN LATERAL aclexplode(p.proacl) a JOIN tenant_roles t ON t.oid = a.grantee \
+         WHERE n.nspname <> t.rolname \
+         ORDER BY 1, 2"
+    ))
+    .fetch_all(pool)
+    .await?;
+    add("tenant_right_outside_schema", outside, &|(
+        role,
+        object,
+        kind,
+        _,
+    )| {
+        format!("REVOKE ALL ON {kind} {object} FROM {}", quote_ident(role))
+    });
+
+    // Memberships of tenant roles in other roles.
+    let member: Vec<Row> = sqlx::query_as(&format!(
+        "WITH tenant_roles AS ({TENANT_ROLES}) \
+         SELECT t.rolname::text, quote_ident(g.rolname), '', 'is a member of role ' || g.rolname \
+         FROM pg_auth_members m JOIN tenant_roles t ON t.oid = m.member JOIN pg_roles g ON g.oid = m.roleid \
+         ORDER BY 1, 2"
+    ))
+    .fetch_all(pool)
+    .await?;
+    add("tenant_role_membership", member, &|(role, object, _, _)| {
+        format!("REVOKE {object} FROM {}", quote_ident(role))
+    });
+
+    // Attributes no tenant role needs.
+    let login = if citus { "false" } else { "r.rolcanlogin" };
+    let attributes: Vec<Row> = sqlx::query_as(&format!(
+        "WITH tenant_roles AS ({TENANT_ROLES}) \
+         SELECT r.rolname::text, quote_ident(r.rolname), attr, 'has ' || attr \
+         FROM pg_roles r JOIN tenant_roles t ON t.oid = r.oid \
+         CROSS JOIN LATERAL (VALUES ('SUPERUSER', r.rolsuper), ('CREATEROLE', r.rolcreaterole), \
+             ('CREATEDB', r.rolcreatedb), ('REPLICATION', r.rolreplication), \
+             ('BYPASSRLS', r.rolbypassrls), ('LOGIN', {login})) v (attr, has) \
+         WHERE has ORDER BY 1, 3"
+    ))
+    .fetch_all(pool)
+    .await?;
+    add("tenant_role_attribute", attributes, &|(
+        _,
+        object,
+        attr,
+        _,
+    )| {
+        format!("ALTER ROLE {object} NO{attr}")
+    });
+
+    // Tenant schemas and their objects owned by another role.
+    let owners: Vec<Row> = sqlx::query_as(&format!(
+        "WITH tenant_roles AS ({TENANT_ROLES}), tenant_schemas AS ({TENANT_SCHEMAS}) \
+         SELECT pg_get_userbyid(s.nspowner)::text, quote_ident(s.nspname), 'SCHEMA', \
+                'owns schema ' || s.nspname || ' of ' || s.nspname \
+         FROM tenant_schemas s WHERE pg_get_userbyid(s.nspowner) <> s.nspname \
+         UNION ALL \
+         SELECT pg_get_userbyid(c.relowner)::text, quote_ident(s.nspname) || '.' || quote_ident(c.relname), \
+                CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' \
+                     WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, \
+                'owns ' || s.nspname || '.' || c.relname \
+         FROM pg_class c JOIN tenant_schemas s ON s.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND pg_get_userbyid(c.relowner) <> s.nspname \
+           AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'a')) \
+         UNION ALL \
+         SELECT pg_get_userbyid(p.proowner)::text, \
+                quote_ident(s.nspname) || '.' || quote_ident(p.proname) || '(' || pg_get_function_identity_arguments(p.oid) || ')', \
+                'ROUTINE', 'owns ' || s.nspname || '.' || p.proname \
+         FROM pg_proc p JOIN tenant_schemas s ON s.oid = p.pronamespace \
+         WHERE pg_get_userbyid(p.proowner) <> s.nspname \
+         ORDER BY 2"
+    ))
+    .fetch_all(pool)
+    .await?;
+    add("foreign_owner", owners, &|(_, object, kind, _)| {
+        let schema = object.split('.').next().unwrap_or(object);
+        format!("ALTER {kind} {object} OWNER TO {schema}")
+    });
+
+    // Rights on tenant schemas and relations granted to other roles.
+    let grants: Vec<Row> = sqlx::query_as(&format!(
+        "WITH tenant_roles AS ({TENANT_ROLES}), tenant_schemas AS ({TENANT_SCHEMAS}) \
+         SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END, \
+                quote_ident(s.nspname), 'SCHEMA', a.privilege_type || ' on schema ' || s.nspname \
+         FROM tenant_schemas s CROSS JOIN LATERAL aclexplode(s.nspacl) a \
+         WHERE a.grantee <> s.nspowner \
+         UNION ALL \
+         SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END, \
+                quote_ident(s.nspname) || '.' || quote_ident(c.relname), 'TABLE', \
+                a.privilege_type || ' on ' || s.nspname || '.' || c.relname \
+         FROM pg_class c JOIN tenant_schemas s ON s.oid = c.relnamespace \
+         CROSS JOIN LATERAL aclexplode(c.relacl) a WHERE a.grantee <> c.relowner \
+         ORDER BY 2, 1"
+    ))
+    .fetch_all(pool)
+    .await?;
+    // a tenant role's rights on other tenants were reported above
+    let tenant_grantee = |role: &str| role.starts_with(crate::base::ident::TENANT_SCHEMA_PREFIX);
+    let grants = grants
+        .into_iter()
+        .filter(|r| !tenant_grantee(&r.0))
+        .collect();
+    add("foreign_grant", grants, &|(role, object, kind, _)| {
+        let grantee = if role == "PUBLIC" {
+            "PUBLIC".to_owned()
+        } else {
+            quote_ident(role)
+        };
+        format!("REVOKE ALL ON {kind} {object} FROM {grantee}")
+    });
+
+    // Serving roles: the registry only through its functions.
+    let serving: Vec<Row> = sqlx::query_as(
+        "SELECT s.role, 'tenantry.' || t.name, '', \
+                'may ' || string_agg(p.privilege, ', ' ORDER BY p.privilege) || ' tenantry.' || t.name \
+         FROM tenantry.serving_roles s JOIN pg_roles r ON r.rolname = s.role \
+         CROSS JOIN (VALUES ('organizations'), ('users'), ('api_tokens'), ('settings'), \
+                            ('serving_roles'), ('warm_schemas')) t (name) \
+         CROSS JOIN (VALUES ('SELECT'), ('INSERT'), ('UPDATE'), ('DELETE')) p (privilege) \
+         WHERE NOT r.rolsuper \
+           AND to_regclass('tenantry.' || t.name) IS NOT NULL \
+           AND has_table_privilege(r.oid, ('tenantry.' || t.name)::regclass, p.privilege) \
+         GROUP BY s.role, t.name ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await?;
+    add("serving_role_reads_registry", serving, &|(
+        role,
+        object,
+        _,
+        _,
+    )| {
+        format!("REVOKE ALL ON TABLE {object} FROM {}", quote_ident(role))
+    });
+    let serving_attributes: Vec<Row> = sqlx::query_as(
+        "SELECT s.role, quote_ident(s.role), attr, 'has ' || attr \
+         FROM tenantry.serving_roles s JOIN pg_roles r ON r.rolname = s.role \
+         CROSS JOIN LATERAL (VALUES ('SUPERUSER', r.rolsuper), ('INHERIT', r.rolinherit)) v (attr, has) \
+         WHERE has ORDER BY 1, 3",
+    )
+    .fetch_all(pool)
+    .await?;
+    add("serving_role_attribute", serving_attributes, &|(
+        _,
+        object,
+        attr,
+        _,
+    )| {
+        format!("ALTER ROLE {object} NO{attr}")
+    });
+    Ok(breaches)
+}
