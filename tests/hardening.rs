@@ -1048,3 +1048,185 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
         .await;
     assert_eq!(s, 200, "{body}");
 }
+
+/// The resident memory of process `pid`, in bytes.
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// Junk traffic does not grow the server: tens of thousands of requests
+/// with made-up methods, paths, headers, request ids, slugs and tokens
+/// (well-formed and not), and a real org token probing made-up slugs, leave
+/// `/metrics` and the process's memory within a fixed bound of where a
+/// first round of the same junk left them. Every cache, map and label set
+/// keyed by client input is bounded or not filled at all.
+#[tokio::test]
+async fn a_flood_of_junk_requests_leaves_metrics_and_memory_bounded() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let data = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path().join("tenantry"))
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut token, mut addr) = (None, None);
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line.starts_with("tny_") {
+            token = Some(line);
+        } else if let Some(a) = line.strip_prefix("tenantry listening on ") {
+            addr = Some(a.to_owned());
+            break;
+        }
+    }
+    let (superuser, addr) = (token.expect("bootstrap token"), addr.expect("listening"));
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{addr}/v1/admin/orgs"))
+        .bearer_auth(&superuser)
+        .json(&json!({"slug": "flooded", "name": "F", "owner_email": "o@flooded.test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let issued: Value = http
+        .post(format!("{addr}/v1/admin/orgs/flooded/tokens"))
+        .bearer_auth(&superuser)
+        .json(&json!({"email": "o@flooded.test"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let org_token = issued["token"]["token"].as_str().unwrap().to_owned();
+
+    // one junk request, varied by n
+    let junk = |n: u64| {
+        let r = uuid::Uuid::new_v4().simple().to_string();
+        let method = ["GET", "POST", "PATCH", "DELETE"][(n % 4) as usize];
+        let (method, path, token) = match n % 6 {
+            0 => (
+                format!("X{}", &r[..8]).to_uppercase(),
+                format!("/{r}"),
+                String::new(),
+            ),
+            1 => (
+                method.to_owned(),
+                format!("/v1/orgs/s-{}/tests", &r[..12]),
+                org_token.clone(),
+            ),
+            2 => (
+                method.to_owned(),
+                format!("/v1/orgs/{}/statuses", &r[..10]),
+                format!("tny_{}_{r}{r}", &r[..8]),
+            ),
+            3 => (
+                method.to_owned(),
+                format!("/v1/{r}/{}", n),
+                format!("not-a-token-{r}"),
+            ),
+            4 => (
+                "GET".to_owned(),
+                format!("/v1/orgs/flooded/tests/{r}"),
+                org_token.clone(),
+            ),
+            _ => (
+                method.to_owned(),
+                format!("/v1/admin/orgs/{}", &r[..20]),
+                r.clone(),
+            ),
+        };
+        let req = http
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{addr}{path}"),
+            )
+            .header("x-request-id", &r[..(n % 32) as usize])
+            .header(format!("x-junk-{}", &r[..6]), r.clone())
+            .bearer_auth(token);
+        async move {
+            let status = req.send().await.unwrap().status();
+            assert!(!status.is_server_error(), "{method} {path}: {status}");
+        }
+    };
+    let flood = |from: u64, to: u64| {
+        futures_util::stream::iter(from..to)
+            .map(junk)
+            .buffer_unordered(32)
+            .collect::<Vec<()>>()
+    };
+    // (bytes, series): counts grow by digits; label sets must not grow
+    let metrics_size = || async {
+        let text = http
+            .get(format!("{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let series: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.rsplit_once(' ').map_or(l, |(name, _)| name).to_owned())
+            .collect();
+        (text.len(), series)
+    };
+    use futures_util::StreamExt;
+    let pid = child.id().unwrap();
+    flood(0, 6_000).await;
+    metrics_size().await; // the scrape counts itself from the next one on
+    let (metrics_before, rss_before) = (metrics_size().await, rss_of(pid));
+    flood(6_000, 30_000).await;
+    let (metrics_after, rss_after) = (metrics_size().await, rss_of(pid));
+    eprintln!(
+        "after 6,000 junk requests: /metrics {} B in {} series, RSS {} KiB; \
+         after 30,000: /metrics {} B in {} series, RSS {} KiB",
+        metrics_before.0,
+        metrics_before.1.len(),
+        rss_before >> 10,
+        metrics_after.0,
+        metrics_after.1.len(),
+        rss_after >> 10
+    );
+    // four times the junk of the first round: no new label sets, and the
+    // memory of a few caches' worth, not of 24,000 requests' keys
+    let new: Vec<&String> = metrics_after.1.difference(&metrics_before.1).collect();
+    assert!(new.is_empty(), "new series after the first round: {new:#?}");
+    assert!(
+        metrics_after.0 <= metrics_before.0 + 16 * 1024,
+        "/metrics grew from {} to {} bytes",
+        metrics_before.0,
+        metrics_after.0
+    );
+    assert!(
+        rss_after <= rss_before + 16 * 1024 * 1024,
+        "the server grew from {} to {} MiB",
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    // and it still serves
+    let res = http
+        .get(format!("{addr}/v1/orgs/flooded/statuses"))
+        .bearer_auth(&org_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let pid = pid as i32;
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(child.wait().await.unwrap().success());
+}
