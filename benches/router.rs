@@ -326,9 +326,10 @@ async fn main() {
     for i in 0..m {
         let t = Instant::now();
         let mut tx = router.begin(&tenants_arc[0]).await.unwrap();
-        let _: Option<TestCase> = sqlx::query_as(&tx.sql(get_sql))
+        let _: Option<TestCase> = tx
+            .query_as(get_sql)
             .bind(ids[0])
-            .fetch_optional(tx.conn())
+            .fetch_optional()
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -337,9 +338,10 @@ async fn main() {
         let k = i % tenants_arc.len();
         let t = Instant::now();
         let mut tx = router.begin(&tenants_arc[k]).await.unwrap();
-        let _: Option<TestCase> = sqlx::query_as(&tx.sql(get_sql))
+        let _: Option<TestCase> = tx
+            .query_as(get_sql)
             .bind(ids[k])
-            .fetch_optional(tx.conn())
+            .fetch_optional()
             .await
             .unwrap();
         tx.commit().await.unwrap();

@@ -357,8 +357,9 @@ async fn a_tenant_connection_that_resets_its_role_reads_no_registry_table() {
         .unwrap();
     // the tenant role cannot even call the lookup functions
     let mut tx = router.begin(&tenant).await.unwrap();
-    let err = sqlx::raw_sql("SELECT tenantry.serving_token_key()")
-        .execute(tx.conn())
+    let err = tx
+        .query("SELECT tenantry.serving_token_key()")
+        .execute()
         .await
         .expect_err("a tenant role calls no registry function");
     assert_eq!(
@@ -378,8 +379,10 @@ async fn a_tenant_connection_that_resets_its_role_reads_no_registry_table() {
         "SELECT * FROM tenantry.serving_roles",
     ] {
         let mut tx = router.begin(&tenant).await.unwrap();
-        let err = sqlx::raw_sql(&format!("RESET ROLE; {sql}"))
-            .execute(tx.conn())
+        tx.query("RESET ROLE").execute().await.unwrap();
+        let err = tx
+            .query(sql)
+            .execute()
             .await
             .expect_err(&format!("{sql} must be refused to the login role"));
         assert_eq!(
@@ -391,17 +394,12 @@ async fn a_tenant_connection_that_resets_its_role_reads_no_registry_table() {
     }
     // what is left is a lookup by exact key: no listing
     let mut tx = router.begin(&tenant).await.unwrap();
-    let found: Vec<(String,)> =
-        sqlx::query_as("SELECT slug FROM tenantry.serving_org_by_slug('theirs')")
-            .fetch_all(&mut *{
-                sqlx::raw_sql("RESET ROLE")
-                    .execute(tx.conn())
-                    .await
-                    .unwrap();
-                tx.conn()
-            })
-            .await
-            .unwrap();
+    tx.query("RESET ROLE").execute().await.unwrap();
+    let found: Vec<(String,)> = tx
+        .query_as("SELECT slug FROM tenantry.serving_org_by_slug('theirs')")
+        .fetch_all()
+        .await
+        .unwrap();
     assert_eq!(found.len(), 1);
     tx.rollback().await.unwrap();
 }
@@ -434,28 +432,31 @@ async fn a_tenant_transaction_cannot_reach_other_schemas() {
         .unwrap();
     let mut tx = router.begin(&tenant).await.unwrap();
     // who we are inside
-    let (current, session, is_super): (String, String, bool) = sqlx::query_as(
-        "SELECT current_user::text, session_user::text, (SELECT rolsuper FROM pg_roles WHERE rolname = session_user)",
-    )
-    .fetch_one(tx.conn())
-    .await
-    .unwrap();
+    let (current, session, is_super): (String, String, bool) = tx
+        .query_as(
+            "SELECT current_user::text, session_user::text, (SELECT rolsuper FROM pg_roles WHERE rolname = session_user)",
+        )
+        .fetch_one()
+        .await
+        .unwrap();
     assert_eq!(current, tenant.role.as_str());
     assert_eq!(session, role);
     assert!(!is_super, "the serving login role must not be a superuser");
     // own tables work
-    let own: i64 = sqlx::query_scalar("SELECT count(*) FROM statuses")
-        .fetch_one(tx.conn())
+    let (own,): (i64,) = tx
+        .query_as("SELECT count(*) FROM statuses")
+        .fetch_one()
         .await
         .unwrap();
     assert_eq!(own, 3);
-    let own_qualified: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {}.behaviors",
-        tenant.schema.quoted()
-    ))
-    .fetch_one(tx.conn())
-    .await
-    .unwrap();
+    let (own_qualified,): (i64,) = tx
+        .query_as(leak(format!(
+            "SELECT count(*) FROM {}.behaviors",
+            tenant.schema.quoted()
+        )))
+        .fetch_one()
+        .await
+        .unwrap();
     assert_eq!(own_qualified, 3);
     tx.commit().await.unwrap();
 
@@ -474,8 +475,9 @@ async fn a_tenant_transaction_cannot_reach_other_schemas() {
         "CREATE TABLE public.planted (v int)".to_string(),
     ] {
         let mut tx = router.begin(&tenant).await.unwrap();
-        let err = sqlx::raw_sql(&sql)
-            .execute(tx.conn())
+        let err = tx
+            .query(leak(sql.clone()))
+            .execute()
             .await
             .expect_err(&format!("{sql} must be refused"));
         assert_eq!(
@@ -612,8 +614,9 @@ async fn migrate_gives_orgs_of_an_earlier_version_their_roles() {
         .unwrap()
         .unwrap();
     let mut tx = app.state.tenancy.router().begin(&tenant).await.unwrap();
-    let err = sqlx::raw_sql("SELECT * FROM t_old_b.statuses")
-        .execute(tx.conn())
+    let err = tx
+        .query("SELECT * FROM t_old_b.statuses")
+        .execute()
         .await
         .unwrap_err();
     assert_eq!(
@@ -1047,6 +1050,12 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
         .call(Method::GET, "/v1/orgs/after-audit/statuses", &token, None)
         .await;
     assert_eq!(s, 200, "{body}");
+}
+
+/// SQL made at run time as the `'static` text tenant transactions take
+/// (tenant code's SQL is fixed text; these tests build hostile SQL).
+fn leak(sql: String) -> &'static str {
+    Box::leak(sql.into_boxed_str())
 }
 
 /// The resident memory of process `pid`, in bytes.

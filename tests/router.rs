@@ -71,11 +71,10 @@ async fn tenant_transaction_search_path_is_exactly_the_schema() {
     let router = TenantRouter::single(pool.clone(), &RouterConfig::default());
     let (path, schemas): (String, Vec<String>) = router
         .with_tenant(&slug("exact"), async move |tx| {
-            Ok(sqlx::query_as(
-                "SELECT current_setting('search_path'), current_schemas(false)::text[]",
-            )
-            .fetch_one(tx.conn())
-            .await?)
+            Ok(tx
+                .query_as("SELECT current_setting('search_path'), current_schemas(false)::text[]")
+                .fetch_one()
+                .await?)
         })
         .await
         .unwrap();
@@ -142,9 +141,7 @@ async fn vanished_schema_fails_cleanly_and_never_reads_public() {
         .tenancy
         .router()
         .with_tenant(&slug("vanish"), async move |tx| {
-            let rows: Vec<String> = sqlx::query_scalar("SELECT prompt FROM tests")
-                .fetch_all(tx.conn())
-                .await?;
+            let rows: Vec<(String,)> = tx.query_as("SELECT prompt FROM tests").fetch_all().await?;
             Ok(rows)
         })
         .await
@@ -536,7 +533,11 @@ async fn tenant_sql_tags_are_inert_comments() {
         sql,
         format!("SELECT count(*) FROM statuses /* {} */", tenant.schema)
     );
-    let n: i64 = sqlx::query_scalar(&sql).fetch_one(tx.conn()).await.unwrap();
+    let (n,): (i64,) = tx
+        .query_as("SELECT count(*) FROM statuses")
+        .fetch_one()
+        .await
+        .unwrap();
     assert_eq!(n, 3);
     tx.commit().await.unwrap();
 }
@@ -577,8 +578,9 @@ async fn create(db: &TestDb, prefix: &str, n: usize) -> Vec<Slug> {
 async fn backend_pid(router: &TenantRouter, s: &Slug) -> i32 {
     let tenant = router.resolve(s).await.unwrap().unwrap();
     let mut tx = router.begin(&tenant).await.unwrap();
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(tx.conn())
+    let (pid,): (i32,) = tx
+        .query_as("SELECT pg_backend_pid()")
+        .fetch_one()
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -634,8 +636,9 @@ async fn a_tenant_whose_home_is_held_busy_is_still_served() {
     assert_ne!(home, alt);
     // the same task holds a transaction on the tenant's home connection...
     let mut held = router.begin(&tenant).await.unwrap();
-    let held_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(held.conn())
+    let (held_pid,): (i32,) = held
+        .query_as("SELECT pg_backend_pid()")
+        .fetch_one()
         .await
         .unwrap();
     // ...and asks for more: each is served at once by another connection

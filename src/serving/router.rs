@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use moka::future::Cache;
 use moka::Expiry;
 use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
-use sqlx::{Arguments, Encode, FromRow, PgConnection, PgPool, Postgres, Transaction, Type};
+use sqlx::{Arguments, Encode, FromRow, PgPool, Postgres, Transaction, Type};
 use uuid::Uuid;
 
 use crate::base::error::Error;
@@ -555,6 +555,16 @@ impl StatementRule {
 /// A transaction confined to one tenant's schema. Dropping it without
 /// [`TenantTx::commit`] rolls back. The only database access tenant handlers
 /// get; its query methods apply the statement rule ([`StatementMode`]).
+///
+/// It never hands out its connection, so tenant code cannot end the
+/// transaction behind the router's back or send SQL outside the statement
+/// rule:
+///
+/// ```compile_fail
+/// fn raw(tx: &mut tenantry::serving::router::TenantTx) -> &mut sqlx::PgConnection {
+///     tx.conn()
+/// }
+/// ```
 pub struct TenantTx {
     tx: Transaction<'static, Postgres>,
     // dropped after `tx`: the sub-pool counts the transaction until then
@@ -572,13 +582,6 @@ pub struct TenantTx {
 impl TenantTx {
     pub fn tenant(&self) -> &Tenant {
         &self.tenant
-    }
-
-    /// The connection, inside this tenant's transaction, for what the query
-    /// methods do not cover (e.g. COPY). SQL sent here bypasses the
-    /// statement rule.
-    pub fn conn(&mut self) -> &mut PgConnection {
-        &mut self.tx
     }
 
     /// A query whose rows map to `O`, sent by the statement rule.
