@@ -1239,3 +1239,75 @@ async fn a_flood_of_junk_requests_leaves_metrics_and_memory_bounded() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     assert!(child.wait().await.unwrap().success());
 }
+
+/// Calls of one statement text in the test database, by pg_stat_statements.
+async fn calls_of(db: &TestDb, statement: &str) -> i64 {
+    statements_executed(db).await; // makes sure the extension is there
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::int8 /* stat-probe */ FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND query = $1",
+    )
+    .bind(statement)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Reads (`GET` routes, `OrgScope::read`) run in read-only transactions,
+/// so a write in one fails, and end without a COMMIT round trip: their
+/// ROLLBACK goes out with the connection's release. Writes still commit.
+#[tokio::test]
+async fn reads_are_read_only_and_cost_no_commit() {
+    let app = spawn_app().await;
+    let token = app.org_with_token("reader").await;
+    let path = "/v1/orgs/reader/statuses";
+    let (s, _) = app.call(Method::GET, path, &token, None).await;
+    assert_eq!(s, 200);
+    let commits = calls_of(&app.db, "COMMIT").await;
+    for _ in 0..50 {
+        let (s, body) = app.call(Method::GET, path, &token, None).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    assert_eq!(
+        calls_of(&app.db, "COMMIT").await,
+        commits,
+        "a read committed"
+    );
+    let (s, body) = app
+        .call(Method::POST, path, &token, Some(json!({"name": "written"})))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(
+        calls_of(&app.db, "COMMIT").await,
+        commits + 1,
+        "a write commits"
+    );
+
+    // a write inside a read is refused by PostgreSQL
+    let router = app.state.tenancy.router();
+    let tenant = router
+        .resolve(&tenantry::base::ident::Slug::parse("reader").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = router
+        .read(&tenant, async |tx| {
+            tx.query("INSERT INTO statuses (name, created_by, updated_by) VALUES ('sneaky', gen_random_uuid(), gen_random_uuid())")
+                .execute()
+                .await?;
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    match err {
+        tenantry::Error::Database(e) => assert_eq!(
+            tenantry::base::error::sqlstate(&e).as_deref(),
+            Some("25006"),
+            "{e}"
+        ),
+        other => panic!("{other}"),
+    }
+    let (_, page) = app.call(Method::GET, path, &token, None).await;
+    assert!(!page.to_string().contains("sneaky"), "{page}");
+}

@@ -224,17 +224,32 @@ async fn chaos_step(
     pools: &[sqlx::PgPool],
     slugs: &[Slug],
     rng: &mut Rng,
-    c: &Counters,
+    c: &Arc<Counters>,
     n: u64,
 ) {
     let slug = &slugs[rng.below(slugs.len() as u64) as usize];
     let tenant = router.resolve(slug).await.unwrap().unwrap();
     match rng.below(6) {
         // a read that runs to the end and checks everything it sees
-        0 | 1 => {
+        0 => {
             let mut tx = router.begin(&tenant).await.unwrap();
             checked_read(&mut tx, c).await;
             tx.commit().await.unwrap();
+        }
+        // the same as a read-only read, which ends without a COMMIT: its
+        // ROLLBACK goes out with the connection's release
+        1 => {
+            router
+                .read(&tenant, {
+                    // the closure owns what it uses (see TenantRouter::read)
+                    let c = c.clone();
+                    async move |tx| {
+                        checked_read(tx, &c).await;
+                        Ok(())
+                    }
+                })
+                .await
+                .unwrap();
         }
         // cancelled at a random point: during BEGIN, a query, or COMMIT
         2 => {

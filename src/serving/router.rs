@@ -30,11 +30,6 @@ use crate::pg::pools::{Placement, TenantPool};
 use crate::registry::{self, OrgStatus, Principal};
 use crate::serving::fairness::{FairnessConfig, TenantLimiter, TenantSlot};
 
-/// What a [`TenantRouter::with_tenant`] closure returns: a boxed future
-/// borrowing the tenant transaction.
-pub type TenantFuture<'t, T> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Error>> + Send + 't>>;
-
 /// What the router knows about an org.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
@@ -45,9 +40,11 @@ pub struct Tenant {
     pub role: RoleName,
     pub status: OrgStatus,
     pub template_version: i32,
-    /// The BEGIN message of its transactions (role, search path,
-    /// timeouts), built once when the tenant is resolved.
+    /// The BEGIN messages of its transactions (role, search path,
+    /// timeouts), read-write and read-only, built once when the tenant is
+    /// resolved.
     begin: Box<str>,
+    begin_read: Box<str>,
 }
 
 /// How tenant SQL is sent, decided in [`TenantTx`] so that no handler has
@@ -120,6 +117,13 @@ impl Default for RouterConfig {
 }
 
 type Entry = Option<Arc<Tenant>>;
+
+/// What a tenant transaction may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    ReadWrite,
+    ReadOnly,
+}
 
 /// How a cache miss finds its org.
 #[derive(Clone, Copy)]
@@ -312,9 +316,15 @@ impl TenantRouter {
         .await?;
         Ok(org.map(|o| {
             let role = RoleName::for_org(&o.id);
-            let begin = self.begin_sql(&role, &o.schema_name).into();
+            let begin = self
+                .begin_sql(Access::ReadWrite, &role, &o.schema_name)
+                .into();
+            let begin_read = self
+                .begin_sql(Access::ReadOnly, &role, &o.schema_name)
+                .into();
             Arc::new(Tenant {
                 role,
+                begin_read,
                 id: o.id,
                 slug: o.slug,
                 schema: o.schema_name,
@@ -348,14 +358,19 @@ impl TenantRouter {
     /// waits here, before taking a connection, and may be refused with
     /// [`Error::TenantBusy`].
     pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
+        self.begin_as(tenant, Access::ReadWrite).await
+    }
+
+    async fn begin_as(&self, tenant: &Arc<Tenant>, access: Access) -> Result<TenantTx, Error> {
         if let Some(top) = &self.top_tenants {
             top.count(&tenant.slug);
         }
         let slot = self.limiter.admit(&tenant.id).await?;
         let attempts = self.tenants.max_connections() as usize + 2;
-        let mut tx =
-            crate::base::error::retry_dead_connections(attempts, || self.begin_once(tenant))
-                .await?;
+        let mut tx = crate::base::error::retry_dead_connections(attempts, || {
+            self.begin_once(tenant, access)
+        })
+        .await?;
         tx._slot = slot;
         Ok(tx)
     }
@@ -370,33 +385,44 @@ impl TenantRouter {
         self.limiter.config()
     }
 
-    /// Runs the read-only work `f` in a transaction of `tenant` and commits.
-    /// If the connection dies under it (a backend killed, the server
-    /// restarting), the work runs again on another connection: reads see no
-    /// error. One kill of every backend (a failover, an operator's
-    /// `pg_terminate_backend` sweep) can reach a pooled connection after the
-    /// retry took it, so, as for BEGIN, the work is tried up to once per
-    /// connection of the pool (plus two): by then it runs on a connection
-    /// opened after the faults. Only for work that writes nothing.
+    /// Runs the read-only work `f` in a read-only transaction of `tenant`
+    /// (PostgreSQL refuses any write in it). If the connection dies under
+    /// it (a backend killed, the server restarting), the work runs again on
+    /// another connection: reads see no error. One kill of every backend (a
+    /// failover, an operator's `pg_terminate_backend` sweep) can reach a
+    /// pooled connection after the retry took it, so, as for BEGIN, the
+    /// work is tried up to once per connection of the pool (plus two): by
+    /// then it runs on a connection opened after the faults.
     ///
-    /// `f` is an async closure (`async |tx| ..`), or a closure that returns
-    /// a boxed future borrowing `tx` ([`TenantFuture`]).
+    /// A read-only transaction has nothing to commit: it ends with a
+    /// ROLLBACK queued on the connection, sent with its release, before
+    /// anyone else uses it (see [`TenantTx::end_read`]). So a read costs
+    /// the BEGIN and its statements, not a COMMIT round trip as well.
+    ///
+    /// `f` is an async closure: `async move |tx| ..` when it uses values of
+    /// the caller, which it must own (clone them, or an `Arc`): rustc cannot
+    /// yet prove the caller's future `Send` when an async closure holds a
+    /// reference into the caller. (Before async closures this took
+    /// `|tx| Box::pin(async move { .. })`; that form no longer infers.)
     pub async fn read<T, F>(&self, tenant: &Arc<Tenant>, f: F) -> Result<T, Error>
     where
         F: AsyncFn(&mut TenantTx) -> Result<T, Error>,
     {
         let attempts = self.tenants.max_connections() as usize + 2;
         crate::base::error::retry_dead_connections(attempts, || async {
-            let mut tx = self.begin(tenant).await?;
+            let mut tx = self.begin_as(tenant, Access::ReadOnly).await?;
             let out = f(&mut tx).await?;
-            tx.commit().await?;
+            tx.end_read();
             Ok(out)
         })
         .await
     }
 
-    async fn begin_once(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
-        let sql = String::from(&*tenant.begin);
+    async fn begin_once(&self, tenant: &Arc<Tenant>, access: Access) -> Result<TenantTx, Error> {
+        let sql = String::from(match access {
+            Access::ReadWrite => &*tenant.begin,
+            Access::ReadOnly => &*tenant.begin_read,
+        });
         // Waiting for a connection can be abandoned safely; the BEGIN on it
         // cannot (see above).
         let waiting = std::time::Instant::now();
@@ -436,14 +462,18 @@ impl TenantRouter {
     }
 
     /// The BEGIN message of a tenant transaction as `role` in `schema`.
-    fn begin_sql(&self, role: &RoleName, schema: &SchemaName) -> String {
+    fn begin_sql(&self, access: Access, role: &RoleName, schema: &SchemaName) -> String {
+        let begin = match access {
+            Access::ReadWrite => "BEGIN",
+            Access::ReadOnly => "BEGIN READ ONLY",
+        };
         let role = if self.set_role {
             format!(" SET LOCAL ROLE {};", role.quoted())
         } else {
             String::new()
         };
         format!(
-            "BEGIN;{role} SET LOCAL search_path TO {}; {}",
+            "{begin};{role} SET LOCAL search_path TO {}; {}",
             schema.quoted(),
             self.settings
         )
@@ -623,6 +653,22 @@ impl TenantTx {
         tx.commit().await?;
         outcome.committed();
         Ok(())
+    }
+
+    /// Ends a read-only transaction without a round trip: dropping the
+    /// transaction queues its ROLLBACK, which sqlx sends with the
+    /// connection's release and before the connection serves anyone else,
+    /// so the tenant's role and search path end with it (invariant 2).
+    /// Counted as committed: the read succeeded and had nothing to write.
+    fn end_read(self) {
+        let TenantTx {
+            tx,
+            outcome,
+            _placement,
+            ..
+        } = self;
+        drop(tx);
+        outcome.committed();
     }
 
     pub async fn rollback(self) -> Result<(), Error> {
