@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
-    #[error("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin; install them (e.g. `apt-get install postgresql`) or set DATABASE_URL")]
+    #[error("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH, under /usr/lib/postgresql/*/bin or in {}: `scripts/serve` installs them (Debian's postgresql package, or a pinned build through npm), or run `apt-get install postgresql`, or set DATABASE_URL", pg_cache_dir().display())]
     BinariesNotFound,
     #[error("running as root but there is no `postgres` user to run PostgreSQL as; create one or set DATABASE_URL")]
     NoPostgresUser,
@@ -364,7 +364,8 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// The directory holding `initdb` and `pg_ctl`: PATH first, then the newest
-/// `/usr/lib/postgresql/<version>/bin` (Debian's layout, not on PATH).
+/// `/usr/lib/postgresql/<version>/bin` (Debian's layout, not on PATH), then
+/// the newest build `scripts/serve` fetched into [`pg_cache_dir`].
 pub fn find_bin_dir() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
@@ -379,7 +380,13 @@ pub fn find_bin_dir() -> Option<PathBuf> {
             }
         }
     }
-    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+    newest_version_bin(Path::new("/usr/lib/postgresql"))
+        .or_else(|| newest_version_bin(&pg_cache_dir()))
+}
+
+/// `<dir>/<major>/bin` of the highest major version that has `initdb`.
+fn newest_version_bin(dir: &Path) -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
@@ -390,6 +397,25 @@ pub fn find_bin_dir() -> Option<PathBuf> {
         .collect();
     versions.sort();
     versions.pop().map(|(_, bin)| bin)
+}
+
+/// Where `scripts/serve` and `scripts/install-postgres-versions` keep the
+/// PostgreSQL builds they fetch: `TENANTRY_PG_CACHE`; as root
+/// `/var/cache/tenantry/postgres` (the `postgres` user runs them);
+/// otherwise `$XDG_CACHE_HOME/tenantry/postgres` or
+/// `~/.cache/tenantry/postgres`.
+pub fn pg_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TENANTRY_PG_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if is_root() {
+        return PathBuf::from("/var/cache/tenantry/postgres");
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("tenantry").join("postgres")
 }
 
 fn is_root() -> bool {
