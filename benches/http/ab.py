@@ -26,6 +26,8 @@ p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--data-dir", default="/tmp/tenantry-ab")
 p.add_argument("--port", type=int, default=28080)
 p.add_argument("--extra", default="", help="more serve flags for both builds")
+p.add_argument("--old-extra", default="", help="more serve flags for the old build only")
+p.add_argument("--new-extra", default="", help="more serve flags for the new build only")
 a = p.parse_args()
 base = f"http://127.0.0.1:{a.port}"
 
@@ -36,12 +38,12 @@ def call(method, path, token, body=None):
     with urllib.request.urlopen(req) as r:
         return json.loads(r.read() or b"null")
 
-def start(binary, data_dir):
+def start(binary, data_dir, extra=""):
     env = dict(os.environ); env.pop("DATABASE_URL", None)
     out, err = tempfile.TemporaryFile(), tempfile.NamedTemporaryFile(mode="w+")
     # the request log goes to a file (as to a log collector), read only on failure
     proc = subprocess.Popen([binary, "serve", "--data-dir", data_dir, "--bind", f"127.0.0.1:{a.port}",
-                             "--pool-size", "16", "--log-format", "json", *a.extra.split()],
+                             "--pool-size", "16", "--log-format", "json", *a.extra.split(), *extra.split()],
                             stdout=out, stderr=err, env=env)
     def failed(why):
         err.seek(0)
@@ -119,7 +121,7 @@ def wrk(seconds, lua):
 res = {"old": [], "new": []}
 for r in range(a.rounds):
     for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
-        proc, _ = start(*builds[name])
+        proc, _ = start(*builds[name], getattr(a, f"{name}_extra"))
         wrk(a.warmup, scripts[name])
         rps, p50, p99, bad = wrk(a.seconds, scripts[name])
         stop(proc)
