@@ -378,19 +378,7 @@ async fn a_tenant_connection_that_resets_its_role_reads_no_registry_table() {
         "UPDATE tenantry.organizations SET status = 'active'",
         "SELECT * FROM tenantry.serving_roles",
     ] {
-        let mut tx = router.begin(&tenant).await.unwrap();
-        tx.query("RESET ROLE").execute().await.unwrap();
-        let err = tx
-            .query(sql)
-            .execute()
-            .await
-            .expect_err(&format!("{sql} must be refused to the login role"));
-        assert_eq!(
-            tenantry::base::error::sqlstate(&err).as_deref(),
-            Some("42501"),
-            "{sql}: {err}"
-        );
-        tx.rollback().await.unwrap();
+        assert_refused(router, &tenant, true, sql).await;
     }
     // what is left is a lookup by exact key: no listing
     let mut tx = router.begin(&tenant).await.unwrap();
@@ -474,18 +462,7 @@ async fn a_tenant_transaction_cannot_reach_other_schemas() {
         "INSERT INTO public.marker VALUES ('from a tenant')".to_string(),
         "CREATE TABLE public.planted (v int)".to_string(),
     ] {
-        let mut tx = router.begin(&tenant).await.unwrap();
-        let err = tx
-            .query(leak(sql.clone()))
-            .execute()
-            .await
-            .expect_err(&format!("{sql} must be refused"));
-        assert_eq!(
-            tenantry::base::error::sqlstate(&err).as_deref(),
-            Some("42501"),
-            "{sql}: {err}"
-        );
-        tx.rollback().await.unwrap();
+        assert_refused(router, &tenant, false, leak(sql)).await;
     }
     // nothing changed anywhere
     assert_eq!(
@@ -1050,6 +1027,31 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
         .call(Method::GET, "/v1/orgs/after-audit/statuses", &token, None)
         .await;
     assert_eq!(s, 200, "{body}");
+}
+
+/// Runs `sql` in a transaction of `tenant`, as the login role underneath
+/// when `reset_role`, and expects PostgreSQL to refuse it (42501).
+async fn assert_refused(
+    router: &tenantry::serving::router::TenantRouter,
+    tenant: &std::sync::Arc<tenantry::serving::router::Tenant>,
+    reset_role: bool,
+    sql: &'static str,
+) {
+    let mut tx = router.begin(tenant).await.unwrap();
+    if reset_role {
+        tx.query("RESET ROLE").execute().await.unwrap();
+    }
+    let err = tx
+        .query(sql)
+        .execute()
+        .await
+        .expect_err(&format!("{sql} must be refused"));
+    assert_eq!(
+        tenantry::base::error::sqlstate(&err).as_deref(),
+        Some("42501"),
+        "{sql}: {err}"
+    );
+    tx.rollback().await.unwrap();
 }
 
 /// SQL made at run time as the `'static` text tenant transactions take
