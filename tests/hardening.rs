@@ -368,11 +368,7 @@ async fn a_tenant_connection_that_resets_its_role_reads_no_registry_table() {
     assert_eq!(used, 1, "token use is recorded through the function");
 
     let router = app.state.tenancy.router();
-    let tenant = router
-        .resolve(&tenantry::base::ident::Slug::parse("mine").unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let tenant = app.tenant("mine").await;
     // the tenant role cannot even call the lookup functions
     let mut tx = router.begin(&tenant).await.unwrap();
     let err = tx
@@ -431,11 +427,7 @@ async fn a_tenant_transaction_cannot_reach_other_schemas() {
     .unwrap();
     let theirs = app.db.schema_of("theirs").await;
     let router = app.state.tenancy.router();
-    let tenant = router
-        .resolve(&tenantry::base::ident::Slug::parse("mine").unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let tenant = app.tenant("mine").await;
     let mut tx = router.begin(&tenant).await.unwrap();
     // who we are inside
     let (current, session, is_super): (String, String, bool) = tx
@@ -600,14 +592,7 @@ async fn migrate_gives_orgs_of_an_earlier_version_their_roles() {
     let (s, page) = app.call(GET, "/v1/orgs/old-a/statuses", &token, None).await;
     assert_eq!(s, 200, "{page}");
     assert!(page.to_string().contains("Legacy"));
-    let tenant = app
-        .state
-        .tenancy
-        .router()
-        .resolve(&tenantry::base::ident::Slug::parse("old-a").unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let tenant = app.tenant("old-a").await;
     let mut tx = app.state.tenancy.router().begin(&tenant).await.unwrap();
     let err = tx
         .query("SELECT * FROM t_old_b.statuses")
@@ -1306,11 +1291,7 @@ async fn reads_are_read_only_and_cost_no_commit() {
 
     // a write inside a read is refused by PostgreSQL
     let router = app.state.tenancy.router();
-    let tenant = router
-        .resolve(&tenantry::base::ident::Slug::parse("reader").unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let tenant = app.tenant("reader").await;
     let err = router
         .read(&tenant, async |tx| {
             tx.query("INSERT INTO statuses (name, created_by, updated_by) VALUES ('sneaky', gen_random_uuid(), gen_random_uuid())")

@@ -422,6 +422,17 @@ impl TestApp {
         (status, json)
     }
 
+    /// The router's tenant for `slug` (which must exist).
+    pub async fn tenant(&self, slug: &str) -> std::sync::Arc<tenantry::serving::router::Tenant> {
+        self.state
+            .tenancy
+            .router()
+            .resolve(&tenantry::base::ident::Slug::parse(slug).unwrap())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no org {slug}"))
+    }
+
     /// Creates an org through the admin API and a token for one of its users.
     pub async fn org_with_token(&self, slug: &str) -> String {
         let (s, body) = self
