@@ -56,7 +56,7 @@ async fn main() {
         .await
         .unwrap();
     for pool in [&plain, &citus] {
-        tenantry::registry::migrate(pool).await.unwrap();
+        tenantry::tenants::migrate_database(pool).await.unwrap();
     }
 
     // provisioning, alternating

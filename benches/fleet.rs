@@ -164,7 +164,7 @@ async fn main() {
     let tenants: usize = arg("--tenants", 1000);
     let jobs: usize = arg("--jobs", 4);
     let (setup, url) = bench_pool(4).await;
-    tenantry::registry::migrate(&setup).await.unwrap();
+    tenantry::tenants::migrate_database(&setup).await.unwrap();
     let embedded = Arc::new(Template::embedded());
     let started = Instant::now();
     let setup2 = setup.clone();

@@ -192,7 +192,7 @@ async fn main() {
     let writes_every: u64 = arg("--writes-every", 5);
 
     let (setup, url) = common::bench_pool(4).await;
-    tenantry::registry::migrate(&setup).await.unwrap();
+    tenantry::tenants::migrate_database(&setup).await.unwrap();
     let started = Instant::now();
     let targets = Arc::new(create_targets(&setup, tenants).await);
     println!(

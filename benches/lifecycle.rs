@@ -76,7 +76,7 @@ async fn main() {
     let tenants: usize = arg("--tenants", 1000);
     let rows: i64 = arg("--rows", 100_000);
     let (pool, url) = bench_pool(4).await;
-    tenantry::registry::migrate(&pool).await.unwrap();
+    tenantry::tenants::migrate_database(&pool).await.unwrap();
     let template = Template::embedded();
     let started = Instant::now();
     for i in 0..tenants {

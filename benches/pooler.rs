@@ -61,7 +61,9 @@ async fn main() {
     let bouncer_pool: u32 = arg("--bouncer-pool", 16);
 
     let (setup_pool, url) = bench_pool(4).await;
-    tenantry::registry::migrate(&setup_pool).await.unwrap();
+    tenantry::tenants::migrate_database(&setup_pool)
+        .await
+        .unwrap();
     let template = Template::embedded();
     let mut targets = Vec::new();
     for i in 0..tenants {

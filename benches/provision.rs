@@ -21,7 +21,7 @@ use tenantry::tenants::template::{Template, HISTORY_TABLE};
 async fn main() {
     let orgs: usize = arg("--orgs", 200);
     let (pool, _) = bench_pool(4).await;
-    tenantry::registry::migrate(&pool).await.unwrap();
+    tenantry::tenants::migrate_database(&pool).await.unwrap();
     let template = Template::embedded();
     let ddl: String = template
         .migrations()

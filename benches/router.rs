@@ -8,6 +8,12 @@
 //!   SQL); same auth, plain transactions, same concurrency, phases
 //!   alternating. CPU per request of PostgreSQL and of this process is
 //!   printed too: both share the machine's cores;
+//! - HTTP, like with like: the same GET served from one table shared by all
+//!   orgs and filtered by organization id (`WHERE org_id = $1 AND id = $2`,
+//!   one statement, no transaction: the model that passes the org
+//!   explicitly), as an app's own route under tenantry's whole request
+//!   handling (`api::app_with`: request id, log, metrics, timeout, token
+//!   auth, org resolve), against the routed route;
 //! - library: `TenantRouter::resolve` on a cache hit, and `begin` + COMMIT
 //!   against a plain pool transaction.
 //!
@@ -20,10 +26,11 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::routing::get;
+use axum::Extension;
 use axum::{Json, Router};
 use common::{arg, bench_pool, cpu_ticks, load, ms, Stats, Target};
 use tenantry::api::error::ApiError;
-use tenantry::api::extract::{ApiPath, Auth};
+use tenantry::api::extract::{ApiPath, Auth, OrgScope};
 use tenantry::api::resources::TestCase;
 use tenantry::base::ident::{SchemaName, Slug};
 use tenantry::pg::pools::PoolConfig;
@@ -74,6 +81,25 @@ async fn qualified_get(
         .ok_or_else(|| ApiError::not_found("no such test"))
 }
 
+/// The shared-table model: the org comes from the same auth and resolve as
+/// the routed route's, the row from one table of every org's tests.
+async fn shared_table_get(
+    org: OrgScope,
+    Extension(pool): Extension<sqlx::PgPool>,
+    ApiPath((_slug, id)): ApiPath<(String, Uuid)>,
+) -> Result<Json<TestCase>, ApiError> {
+    let row: Option<TestCase> = sqlx::query_as(
+        "SELECT id, prompt, expected_outcome, behavior_id, status_id, created_by, updated_by, created_at, updated_at \
+         FROM bench_shared.tests WHERE org_id = $1 AND id = $2",
+    )
+    .bind(org.tenant.id)
+    .bind(id)
+    .fetch_optional(&pool)
+    .await?;
+    row.map(Json)
+        .ok_or_else(|| ApiError::not_found("no such test"))
+}
+
 #[tokio::main]
 async fn main() {
     let tenants: usize = arg("--tenants", 100);
@@ -83,11 +109,14 @@ async fn main() {
     let pool_size: u32 = arg("--pool", 16);
 
     let (setup_pool, url) = bench_pool(4).await;
-    tenantry::registry::migrate(&setup_pool).await.unwrap();
+    tenantry::tenants::migrate_database(&setup_pool)
+        .await
+        .unwrap();
     let template = Template::embedded();
     let mut targets = Vec::new();
     let mut baseline_targets = Vec::new();
     let mut qualified_targets = Vec::new();
+    let mut shared_targets = Vec::new();
     let mut slugs = Vec::new();
     for i in 0..tenants {
         let common::BenchTenant {
@@ -104,7 +133,29 @@ async fn main() {
             path: format!("/qualified/{schema}/tests/{id}"),
             token: token.clone(),
         });
+        shared_targets.push(Target {
+            path: format!("/v1/shared-table/orgs/{slug}/tests/{id}"),
+            token: token.clone(),
+        });
         slugs.push(Slug::parse(&slug).unwrap());
+        if i == 0 {
+            // one table of every org's tests, keyed by org
+            sqlx::raw_sql(&format!(
+                "CREATE SCHEMA bench_shared; \
+                 CREATE TABLE bench_shared.tests (org_id uuid NOT NULL, LIKE {schema}.tests); \
+                 ALTER TABLE bench_shared.tests ADD PRIMARY KEY (org_id, id);"
+            ))
+            .execute(&setup_pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query(&format!(
+            "INSERT INTO bench_shared.tests SELECT o.id, t.* FROM {schema}.tests t, tenantry.organizations o WHERE o.slug = $1"
+        ))
+        .bind(&slug)
+        .execute(&setup_pool)
+        .await
+        .unwrap();
         if i == 0 {
             // the baseline schema: a copy of one tenant's rows
             sqlx::raw_sql(&format!(
@@ -148,11 +199,17 @@ async fn main() {
     let state = server::state(pools, &ServerConfig::default())
         .await
         .unwrap();
+    let shared_table = Router::new()
+        .route(
+            "/v1/shared-table/orgs/{slug}/tests/{id}",
+            get(shared_table_get),
+        )
+        .layer(Extension(pool.clone()));
     let app = Router::new()
         .route("/baseline/tests/{id}", get(baseline_get))
         .route("/qualified/{schema}/tests/{id}", get(qualified_get))
         .with_state(state.clone())
-        .merge(tenantry::api::app(state.clone()));
+        .merge(tenantry::api::app_with(state.clone(), shared_table));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -186,7 +243,9 @@ async fn main() {
     let routed_targets = Arc::new(targets);
     let baseline_targets = Arc::new(baseline_targets);
     let qualified_targets = Arc::new(qualified_targets);
+    let shared_targets = Arc::new(shared_targets);
     // warm-up: caches, prepared statements, connections
+    load(&client, &base, &shared_targets, concurrency, 1.0).await;
     load(&client, &base, &routed_targets, concurrency, 1.0).await;
     load(&client, &base, &baseline_targets, concurrency, 1.0).await;
     load(&client, &base, &qualified_targets, concurrency, 1.0).await;
@@ -202,6 +261,7 @@ async fn main() {
         (0.0, Vec::new()),
         (0.0, Vec::new()),
         (0.0, Vec::new()),
+        (0.0, Vec::new()),
     ];
     for round in 0..rounds {
         let sides = [
@@ -209,6 +269,7 @@ async fn main() {
             ("qualified", &base, &qualified_targets),
             ("routed", &base, &routed_targets),
             ("no-roles", &base_no_roles, &routed_targets),
+            ("shared-tbl", &base, &shared_targets),
         ];
         for (side, (name, base, t)) in sides.into_iter().enumerate() {
             let before = cpu_ticks();
@@ -243,7 +304,15 @@ async fn main() {
     println!("mean baseline:  {b_rps:.0} req/s, p50 {b_p50:.2} ms, p99 {b_p99:.2} ms");
     println!("mean qualified: {q_rps:.0} req/s, p50 {q_p50:.2} ms, p99 {q_p99:.2} ms");
     println!("mean routed:    {r_rps:.0} req/s, p50 {r_p50:.2} ms, p99 {r_p99:.2} ms");
+    let (s_rps, s_p50, s_p99) = avg(4);
     println!("mean no-roles:  {n_rps:.0} req/s, p50 {n_p50:.2} ms, p99 {n_p99:.2} ms");
+    println!("mean shared-table: {s_rps:.0} req/s, p50 {s_p50:.2} ms, p99 {s_p99:.2} ms");
+    println!(
+        "ratio routed/shared-table (one table filtered by org id, same request handling; target >= 0.95x req/s, p99 <= 1.1x): throughput {:.3}x, p50 {:.3}x, p99 {:.3}x",
+        r_rps / s_rps,
+        r_p50 / s_p50,
+        r_p99 / s_p99
+    );
     println!(
         "ratio routed/no-roles (the tenant role's cost): throughput {:.3}x, p50 {:.3}x, p99 {:.3}x",
         r_rps / n_rps,

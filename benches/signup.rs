@@ -25,7 +25,7 @@ async fn main() {
     let warm: usize = arg("--warm", 50);
     let interval = Duration::from_millis(arg("--interval-ms", 25));
     let (pool, _) = bench_pool(4).await;
-    tenantry::registry::migrate(&pool).await.unwrap();
+    tenantry::tenants::migrate_database(&pool).await.unwrap();
     let template = Arc::new(Template::embedded());
     let started = Instant::now();
     for i in 0..tenants {

@@ -47,4 +47,5 @@ fn futures_are_send(
     is_send(orgs.rename(slug, slug));
     is_send(orgs.delete(slug));
     is_send(registry::migrate(pool));
+    is_send(tenants::migrate_database(pool));
 }

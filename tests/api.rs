@@ -1103,8 +1103,6 @@ async fn every_status_an_operation_answers_is_documented() {
 /// next start.
 #[tokio::test]
 async fn zero_config_serve_bootstraps_serves_and_restarts() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
     let data = tempfile::tempdir().unwrap();
     let log = data.path().join("serve.log");
     let start = |bind: &str| {
@@ -1126,24 +1124,6 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
             .spawn()
             .unwrap()
     };
-    // Reads stdout until the listening line; returns (address, lines before).
-    async fn until_listening(child: &mut tokio::process::Child) -> (String, Vec<String>) {
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut seen = vec![];
-        let read = async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(addr) = line.strip_prefix("tenantry listening on ") {
-                    return addr.to_owned();
-                }
-                seen.push(line);
-            }
-            panic!("serve exited before listening: {seen:?}");
-        };
-        let addr = tokio::time::timeout(Duration::from_secs(120), read)
-            .await
-            .expect("serve did not start within 120 s");
-        (addr, seen)
-    }
     async fn stop(mut child: tokio::process::Child) {
         let pid = child.id().unwrap() as i32;
         // SAFETY: sending a signal to our own child process.
@@ -1156,12 +1136,8 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
     }
 
     let mut first = start("127.0.0.1:0");
-    let (addr, printed) = until_listening(&mut first).await;
-    let token = printed
-        .iter()
-        .find(|l| l.starts_with("tny_"))
-        .unwrap_or_else(|| panic!("no bootstrap token printed: {printed:?}"))
-        .clone();
+    let (addr, printed) = common::until_listening(&mut first).await;
+    let token = common::bootstrap_token(&printed);
     let http = reqwest::Client::new();
     assert_eq!(
         http.get(format!("{addr}/healthz"))
@@ -1194,7 +1170,7 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
     );
 
     let mut second = start("127.0.0.1:0");
-    let (addr, printed) = until_listening(&mut second).await;
+    let (addr, printed) = common::until_listening(&mut second).await;
     assert!(
         !printed.iter().any(|l| l.starts_with("tny_")),
         "token printed twice: {printed:?}"
@@ -1804,7 +1780,10 @@ async fn an_embedding_app_starts_in_one_call_and_its_routes_see_only_their_org()
         // tenantry's request handling wraps the app's route too
         assert!(res.headers().contains_key("x-request-id"));
         let schema = db.schema_of(slug).await;
-        assert_eq!(res.text().await.unwrap(), format!("{schema} x{slug}"));
+        assert_eq!(
+            res.text().await.unwrap(),
+            format!("{schema}, shared x{slug}")
+        );
         // tenantry's own API on the same router
         let res = get(format!("/v1/orgs/{slug}/tests"), token).await.unwrap();
         assert_eq!(res.status(), 200);
@@ -1933,4 +1912,337 @@ async fn made_up_methods_and_paths_fold_into_one_label_each() {
     }
     assert!(seen_other, "{text}");
     assert!(!text.contains("JUNK"), "a made-up method became a label");
+}
+
+/// Runs `sql` in a tenant transaction of `slug` and returns its SQLSTATE
+/// (None when it succeeded).
+async fn sqlstate_in_tenant(
+    app: &common::TestApp,
+    slug: &str,
+    sql: &'static str,
+) -> Option<String> {
+    let slug = tenantry::base::ident::Slug::parse(slug).unwrap();
+    let result = app
+        .state
+        .tenancy
+        .router()
+        .with_tenant(&slug, async move |tx| {
+            tx.query(sql).execute().await?;
+            Ok(())
+        })
+        .await;
+    match result {
+        Ok(()) => None,
+        Err(tenantry::Error::Database(e)) => tenantry::base::error::sqlstate(&e),
+        Err(other) => panic!("{sql}: {other}"),
+    }
+}
+
+/// Invariant 1 with the shared schema: a tenant transaction reads shared
+/// tables by their plain names, may not change them in any way, and still
+/// reaches no other tenant; on Citus a join of a tenant table with a shared
+/// (reference) table runs on one node. The suite runs directly, through
+/// PgBouncer and on Citus.
+#[tokio::test]
+async fn tenants_read_the_shared_schema_but_never_write_it_or_reach_each_other() {
+    let app = spawn_app().await;
+    let alpha = app.org_with_token("sh-alpha").await;
+    app.org_with_token("sh-beta").await;
+    let beta_schema = app.db.schema_of("sh-beta").await;
+
+    let slug = tenantry::base::ident::Slug::parse("sh-alpha").unwrap();
+    let (presets, joined): (i64, i64) = app
+        .state
+        .tenancy
+        .router()
+        .with_tenant(&slug, async move |tx| {
+            Ok(tx
+                .query_as(
+                    "SELECT (SELECT count(*) FROM catalog_behaviors), \
+                            (SELECT count(*) FROM behaviors b JOIN catalog_behaviors c \
+                             ON lower(c.name) = lower(b.name))",
+                )
+                .fetch_one()
+                .await?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(presets, 3, "the shared template's presets");
+    assert_eq!(
+        joined, 3,
+        "the org started with a copy of each initial preset"
+    );
+
+    for sql in [
+        "INSERT INTO catalog_behaviors (name) VALUES ('mine')",
+        "INSERT INTO shared.catalog_statuses (name) VALUES ('mine')",
+        "UPDATE catalog_behaviors SET name = name || '!'",
+        "DELETE FROM shared.catalog_statuses",
+        "TRUNCATE shared.catalog_behaviors",
+        "CREATE TABLE shared.planted (id int)",
+        "CREATE VIEW shared.planted AS SELECT 1",
+        "ALTER TABLE shared.catalog_behaviors ADD COLUMN planted int",
+        "DROP TABLE shared.catalog_behaviors",
+        "SELECT * FROM shared.refinery_schema_history",
+        "SELECT * FROM tenantry.organizations",
+    ] {
+        let state = sqlstate_in_tenant(&app, "sh-alpha", sql).await;
+        assert_eq!(state.as_deref(), Some("42501"), "{sql} must be refused");
+    }
+    // the other tenant stays out of reach; its name only reaches SQL through
+    // the test's own format, never through tenantry
+    let other = Box::leak(format!("SELECT * FROM \"{beta_schema}\".tests").into_boxed_str());
+    assert_eq!(
+        sqlstate_in_tenant(&app, "sh-alpha", other).await.as_deref(),
+        Some("42501")
+    );
+    // the catalog is intact
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) FROM shared.catalog_behaviors")
+            .await,
+        3
+    );
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) FROM shared.catalog_statuses")
+            .await,
+        3
+    );
+
+    // and through the API, in the org's own transaction
+    let (s, body) = app
+        .call(GET, "/v1/orgs/sh-alpha/catalog/behaviors", &alpha, None)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["items"].as_array().unwrap().len(), 3);
+
+    if common::citus_run() {
+        let plan: Vec<(String,)> = app
+            .state
+            .tenancy
+            .router()
+            .with_tenant(&slug, async move |tx| {
+                Ok(tx
+                    .query_as(
+                        "EXPLAIN SELECT b.name, c.description FROM behaviors b \
+                         JOIN catalog_behaviors c ON lower(c.name) = lower(b.name)",
+                    )
+                    .fetch_all()
+                    .await?)
+            })
+            .await
+            .unwrap();
+        let plan: Vec<String> = plan.into_iter().map(|(l,)| l).collect();
+        assert!(
+            plan.iter().any(|l| l.trim() == "Task Count: 1"),
+            "a join with a reference table runs on the tenant's node alone: {plan:#?}"
+        );
+        let reference: i64 = app
+            .db
+            .count(
+                "SELECT count(*) FROM pg_dist_partition \
+                 WHERE logicalrelid IN ('shared.catalog_behaviors'::regclass, 'shared.catalog_statuses'::regclass) \
+                   AND partmethod = 'n' AND repmodel = 't'",
+            )
+            .await;
+        assert_eq!(reference, 2, "the shared tables are reference tables");
+    }
+}
+
+/// The catalog: superusers manage presets, every org reads them and adopts
+/// copies, new orgs start from the initial ones; bad input gets a clear
+/// error and changes nothing.
+#[tokio::test]
+async fn the_catalog_is_managed_by_superusers_read_by_orgs_and_adopted_as_copies() {
+    let app = spawn_app().await;
+    let alpha = app.org_with_token("cat-alpha").await;
+    let beta = app.org_with_token("cat-beta").await;
+    let su = app.superuser.clone();
+
+    let (s, preset) = app
+        .call(
+            POST,
+            "/v1/admin/catalog/behaviors",
+            &su,
+            Some(
+                json!({"name": "Fairness", "description": "treats groups alike", "initial": true}),
+            ),
+        )
+        .await;
+    assert_eq!(s, 201, "{preset}");
+    assert_eq!(preset["initial"], true);
+    let id = preset["id"].as_str().unwrap().to_owned();
+
+    // only superusers change it
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/catalog/behaviors",
+            &alpha,
+            Some(json!({"name": "Mine"})),
+        )
+        .await;
+    assert_error(s, &b, 403, "forbidden");
+    let (s, b) = app
+        .call(
+            DELETE,
+            &format!("/v1/admin/catalog/behaviors/{id}"),
+            &alpha,
+            None,
+        )
+        .await;
+    assert_error(s, &b, 403, "forbidden");
+
+    // bad input
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/catalog/behaviors",
+            &su,
+            Some(json!({"name": "fairness"})),
+        )
+        .await;
+    assert_error(s, &b, 409, "conflict");
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/catalog/behaviors",
+            &su,
+            Some(json!({"name": ""})),
+        )
+        .await;
+    assert_eq!(s, 422, "{b}");
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/catalog/behaviors",
+            &su,
+            Some(json!({"name": "X", "colour": 1})),
+        )
+        .await;
+    assert!(s == 400 || s == 422, "{s} {b}");
+    let (s, b) = app
+        .call(
+            POST,
+            "/v1/admin/catalog/plans",
+            &su,
+            Some(json!({"name": "X"})),
+        )
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    let (s, b) = app
+        .call(GET, "/v1/orgs/cat-alpha/catalog/plans", &alpha, None)
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    let unknown = uuid::Uuid::new_v4();
+    let (s, b) = app
+        .call(
+            PATCH,
+            &format!("/v1/admin/catalog/statuses/{unknown}"),
+            &su,
+            Some(json!({"name": "Y"})),
+        )
+        .await;
+    assert_error(s, &b, 404, "not_found");
+
+    // every org reads it
+    for (slug, token) in [("cat-alpha", &alpha), ("cat-beta", &beta)] {
+        let (s, body) = app
+            .call(
+                GET,
+                &format!("/v1/orgs/{slug}/catalog/behaviors?limit=2"),
+                token,
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(body["items"].as_array().unwrap().len(), 2);
+        let cursor = body["next_cursor"].as_str().unwrap().to_owned();
+        let (_, rest) = app
+            .call(
+                GET,
+                &format!("/v1/orgs/{slug}/catalog/behaviors?limit=2&cursor={cursor}"),
+                token,
+                None,
+            )
+            .await;
+        assert_eq!(rest["items"].as_array().unwrap().len(), 2);
+    }
+
+    // adopting makes a copy in that org alone
+    let adopt = format!("/v1/orgs/cat-alpha/catalog/behaviors/{id}/adopt");
+    let (s, copy) = app.call(POST, &adopt, &alpha, None).await;
+    assert_eq!(s, 201, "{copy}");
+    assert_eq!(copy["name"], "Fairness");
+    assert_eq!(copy["description"], "treats groups alike");
+    let (s, b) = app.call(POST, &adopt, &alpha, None).await;
+    assert_error(s, &b, 409, "conflict");
+    let names = |body: &Value| -> Vec<String> {
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, own) = app
+        .call(GET, "/v1/orgs/cat-alpha/behaviors", &alpha, None)
+        .await;
+    assert!(names(&own).contains(&"Fairness".to_owned()));
+    let (_, own) = app
+        .call(GET, "/v1/orgs/cat-beta/behaviors", &beta, None)
+        .await;
+    assert!(!names(&own).contains(&"Fairness".to_owned()));
+    // another org's slug is not found, as everywhere
+    let (s, _) = app
+        .call(
+            POST,
+            &format!("/v1/orgs/cat-alpha/catalog/behaviors/{id}/adopt"),
+            &beta,
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+
+    // a new org starts with every initial preset
+    let gamma = app.org_with_token("cat-gamma").await;
+    let (_, own) = app
+        .call(GET, "/v1/orgs/cat-gamma/behaviors", &gamma, None)
+        .await;
+    assert!(names(&own).contains(&"Fairness".to_owned()), "{own}");
+
+    // changing or removing the preset leaves the copies as they were
+    let (s, b) = app
+        .call(
+            PATCH,
+            &format!("/v1/admin/catalog/behaviors/{id}"),
+            &su,
+            Some(json!({"name": "Equity", "description": null, "initial": false})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["name"], "Equity");
+    assert_eq!(b["description"], Value::Null);
+    assert_eq!(b["initial"], false);
+    let (s, _) = app
+        .call(
+            DELETE,
+            &format!("/v1/admin/catalog/behaviors/{id}"),
+            &su,
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, b) = app.call(POST, &adopt, &alpha, None).await;
+    assert_error(s, &b, 404, "not_found");
+    let (_, own) = app
+        .call(GET, "/v1/orgs/cat-alpha/behaviors", &alpha, None)
+        .await;
+    assert!(names(&own).contains(&"Fairness".to_owned()));
+    let (s, b) = app
+        .call(GET, "/v1/admin/catalog/behaviors", &su, None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(b["items"].as_array().unwrap().len(), 3);
 }

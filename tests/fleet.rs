@@ -992,3 +992,112 @@ async fn doctor_finds_a_lost_warm_schema_and_signups_skip_it() {
         .findings
         .is_empty());
 }
+
+/// One release changing a shared table and a tenant table: `migrate`
+/// applies the shared migration first, then the tenant one that needs it
+/// (and copies from it); a tenant migration needing a shared version the
+/// database lacks is refused before any tenant changes. `query --all` reads
+/// the shared schema too.
+#[tokio::test]
+async fn a_release_changing_shared_and_tenant_tables_migrates_in_order() {
+    let db = TestDb::new().await;
+    let slugs = create_orgs(&db, "rel", 3).await;
+    let shared_dir = tempfile::tempdir().unwrap();
+    for m in tenantry::tenants::shared::embedded_template().migrations() {
+        std::fs::write(shared_dir.path().join(format!("{m}.sql")), m.sql().unwrap()).unwrap();
+    }
+    std::fs::write(
+        shared_dir.path().join("V2__severity.sql"),
+        "ALTER TABLE catalog_behaviors ADD COLUMN severity integer NOT NULL DEFAULT 2;\n\
+         UPDATE catalog_behaviors SET severity = 5 WHERE name = 'Compliance';\n",
+    )
+    .unwrap();
+    let copy = "-- tenantry:requires-shared 2\n\
+                ALTER TABLE behaviors ADD COLUMN severity integer NOT NULL DEFAULT 2;\n\
+                UPDATE behaviors b SET severity = c.severity FROM shared.catalog_behaviors c \
+                WHERE lower(c.name) = lower(b.name);\n";
+
+    // first without the shared change: refused, nothing touched
+    let (tenant_dir, _) = template_dir(&[("V2__severity.sql", copy)]);
+    let (ok, out, err) = db.cli(&[
+        "migrate",
+        "--template-dir",
+        tenant_dir.path().to_str().unwrap(),
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("V2__severity") && err.contains("requires shared version 2"),
+        "{err}"
+    );
+    for s in &slugs {
+        assert_eq!(version_of(&db, s).await, 1);
+    }
+
+    // this release's `migrate`, with `extra` flags
+    let migrate = |extra: &[&str]| {
+        let mut args = vec!["migrate", "--json"];
+        args.extend_from_slice(extra);
+        args.extend([
+            "--template-dir",
+            tenant_dir.path().to_str().unwrap(),
+            "--shared-template-dir",
+            shared_dir.path().to_str().unwrap(),
+        ]);
+        db.cli(&args)
+    };
+    // the plan names both, changes nothing
+    let (ok, out, err) = migrate(&["--plan"]);
+    assert!(ok, "{out}{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["shared_pending"], serde_json::json!(["V2__severity"]));
+    assert_eq!(plan["behind"].as_array().unwrap().len(), 3);
+
+    // then the whole release
+    let (ok, out, err) = migrate(&[]);
+    assert!(ok, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report["shared"]["applied"],
+        serde_json::json!(["V2__severity"])
+    );
+    assert_eq!(report["shared"]["version"], 2);
+    assert_eq!(report["migrated"], 3);
+    for s in &slugs {
+        assert_eq!(version_of(&db, s).await, 2);
+        assert_eq!(
+            db.count(&format!(
+                "SELECT severity::bigint FROM {}.behaviors WHERE name = 'Compliance'",
+                schema(&db, s).await
+            ))
+            .await,
+            5
+        );
+    }
+    let (ok, out, _) = db.cli(&["migrate", "status", "--json"]);
+    assert!(ok);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["shared_version"], 2, "{out}");
+    // the tenant roles read the new shared column through query --all
+    let (ok, out, err) = db.cli(&[
+        "query",
+        "--all",
+        "SELECT max(severity) AS top FROM catalog_behaviors",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{out}{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    assert!(rows.iter().all(|r| r["top"] == 5), "{out}");
+    // and a server of this release (whose shared template is older) starts
+    // on the newer database and leaves it as it is
+    tenantry::tenants::migrate_database(&db.pool).await.unwrap();
+    assert_eq!(
+        db.count("SELECT max(version)::bigint FROM shared.refinery_schema_history")
+            .await,
+        2
+    );
+}

@@ -617,7 +617,8 @@ fn percentile(mut v: Vec<Duration>, q: f64) -> Duration {
 /// One tenant's table is locked by another transaction: that tenant's
 /// requests give up after the lock timeout with 503 `tenant_busy` (and
 /// `Retry-After`) instead of holding connections, while every other tenant
-/// keeps answering 200 quickly.
+/// keeps answering 200 quickly, one whose two sub-pools are the locked
+/// tenant's among them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_locked_tenant_fails_fast_and_others_keep_answering() {
     let _serial = LOAD.lock().await;
@@ -630,8 +631,13 @@ async fn a_locked_tenant_fails_fast_and_others_keep_answering() {
     };
     let app = common::spawn_app_with(config).await;
     let locked_token = app.org_with_token("locked").await;
-    let mut others = vec![];
-    for i in 0..6 {
+    // one of them shares both of the locked tenant's sub-pools
+    let mut others: Vec<_> = app
+        .org_sharing_sub_pools_with("locked", "twin")
+        .await
+        .into_iter()
+        .collect();
+    for i in others.len()..6 {
         let slug = format!("free-{i}");
         let token = app.org_with_token(&slug).await;
         others.push((slug, token));
@@ -666,7 +672,7 @@ async fn a_locked_tenant_fails_fast_and_others_keep_answering() {
                 assert_eq!(res.status(), 200, "{slug}: {}", res.text().await.unwrap());
                 lat.push(t.elapsed());
             }
-            (lat, vec![])
+            (Some((slug.clone(), lat)), vec![])
         });
     }
     for _ in 0..3 {
@@ -687,28 +693,38 @@ async fn a_locked_tenant_fails_fast_and_others_keep_answering() {
                 assert_eq!(body["error"]["code"], "tenant_busy", "{body}");
                 waits.push(t.elapsed());
             }
-            (vec![], waits)
+            (None, waits)
         });
     }
-    let (mut lat, mut waits) = (vec![], vec![]);
+    let (mut lat, mut per_org, mut waits) = (vec![], vec![], vec![]);
     while let Some(r) = tasks.join_next().await {
-        let (l, w) = r.unwrap();
-        lat.extend(l);
+        let (org, w) = r.unwrap();
+        if let Some((slug, l)) = org {
+            per_org.push((slug, percentile(l.clone(), 0.99)));
+            lat.extend(l);
+        }
         waits.extend(w);
     }
     holder.rollback().await.unwrap();
     let p99 = percentile(lat.clone(), 0.99);
     let slowest_busy = *waits.iter().max().unwrap();
     println!(
-        "others: {} requests, p99 {p99:?}; locked tenant: {} x 503 tenant_busy, slowest {slowest_busy:?}",
+        "others: {} requests, p99 {p99:?} (per org: {per_org:?}); locked tenant: {} x 503 tenant_busy, slowest {slowest_busy:?}",
         lat.len(),
         waits.len()
     );
     assert!(lat.len() > 200, "too few requests to measure");
-    assert!(
-        p99 < Duration::from_millis(50),
-        "p99 of the other tenants {p99:?}"
-    );
+    // Queueing behind the locked tenant costs a request up to the lock
+    // timeout (300 ms), and would hit one org (one whose two sub-pools
+    // the locked tenant holds) far more than the others: so each org's own
+    // p99 must stay well under it. A third of it leaves room for a loaded
+    // machine (a CI run at a fifth of the usual throughput saw 53 ms).
+    for (slug, org_p99) in &per_org {
+        assert!(
+            *org_p99 < Duration::from_millis(100),
+            "p99 of {slug}: {org_p99:?} (all other tenants: {p99:?})"
+        );
+    }
     assert!(
         slowest_busy < Duration::from_millis(1500),
         "a locked tenant's request waited {slowest_busy:?}"
@@ -745,7 +761,7 @@ async fn reads_survive_killed_backends_and_a_restart() {
         .connect(&url)
         .await
         .unwrap();
-    tenantry::registry::migrate(&pool).await.unwrap();
+    tenantry::tenants::migrate_database(&pool).await.unwrap();
     let db = TestDb {
         pool,
         url: url.clone(),
@@ -910,7 +926,7 @@ async fn an_admin_with_createrole_and_no_superuser_runs_everything() {
             .await
             .unwrap();
     assert!(!is_super);
-    tenantry::registry::migrate(&admin_pool)
+    tenantry::tenants::migrate_database(&admin_pool)
         .await
         .expect("a CREATEROLE admin migrates the registry");
     let as_admin = TestDb {
@@ -964,6 +980,12 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
     assert!(out.contains("confinement holds"), "{out}");
 
     let helper = format!("helper_{suffix}");
+    let reader: String = sqlx::query_scalar(
+        "SELECT 'tenantry_shared_' || oid FROM pg_database WHERE datname = current_database()",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
     let breaks = [
         (
             "tenant_right_outside_schema",
@@ -981,6 +1003,18 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
             format!("GRANT SELECT ON tenantry.users TO {serving}"),
         ),
         ("serving_role_attribute", format!("ALTER ROLE {serving} INHERIT")),
+        (
+            "shared_reader_right",
+            format!("GRANT INSERT ON shared.catalog_behaviors TO {reader}"),
+        ),
+        (
+            "shared_owner",
+            format!("ALTER TABLE shared.catalog_statuses OWNER TO {helper}"),
+        ),
+        (
+            "shared_foreign_grant",
+            format!("GRANT CREATE ON SCHEMA shared TO {serving}; GRANT SELECT ON shared.catalog_behaviors TO PUBLIC"),
+        ),
     ];
     for (_, sql) in &breaks {
         sqlx::raw_sql(sql).execute(&app.db.pool).await.unwrap();
@@ -1007,7 +1041,7 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
     assert!(
         found.iter().all(|b| {
             let role = b["role"].as_str().unwrap();
-            role == mine || role == serving || role == helper || role == "PUBLIC"
+            role == mine || role == serving || role == helper || role == "PUBLIC" || role == reader
         }),
         "{out}"
     );
@@ -1082,8 +1116,6 @@ fn rss_of(pid: u32) -> u64 {
 /// keyed by client input is bounded or not filled at all.
 #[tokio::test]
 async fn a_flood_of_junk_requests_leaves_metrics_and_memory_bounded() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
     let data = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
@@ -1094,17 +1126,8 @@ async fn a_flood_of_junk_requests_leaves_metrics_and_memory_bounded() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut token, mut addr) = (None, None);
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if line.starts_with("tny_") {
-            token = Some(line);
-        } else if let Some(a) = line.strip_prefix("tenantry listening on ") {
-            addr = Some(a.to_owned());
-            break;
-        }
-    }
-    let (superuser, addr) = (token.expect("bootstrap token"), addr.expect("listening"));
+    let (addr, printed) = common::until_listening(&mut child).await;
+    let superuser = common::bootstrap_token(&printed);
     let http = reqwest::Client::new();
     let res = http
         .post(format!("{addr}/v1/admin/orgs"))
@@ -1259,6 +1282,62 @@ async fn calls_of(db: &TestDb, statement: &str) -> i64 {
     .unwrap()
 }
 
+/// What a tenant GET costs on the wire, counted by a proxy between the
+/// tenant pool and PostgreSQL: the client's turns (writes after PostgreSQL
+/// answered). Today three: BEGIN with the tenant's context, then the
+/// statement, then, at release, the queued ROLLBACK with sqlx's ping. sqlx
+/// waits for each answer before it sends on, so one in all (issue 19's
+/// target) needs a pipelining driver, which `benches/wire.rs` measures. A
+/// change that adds a round trip to the request path fails here.
+#[tokio::test]
+async fn a_tenant_get_costs_three_round_trips_one_of_them_at_release() {
+    use common::wire_proxy::{upstream_of, WireProxy};
+    let db = TestDb::new().await;
+    let proxy = WireProxy::start(upstream_of(&db.url), Duration::ZERO);
+    let tenant_url = proxy.url(&db.url);
+    let app = common::spawn_app_with_tenant_url(db, &tenant_url).await;
+    let token = app.org_with_token("wire").await;
+    let tenants = app.state.tenancy.router().tenant_pool().clone();
+    let (s, body) = app
+        .call(
+            Method::POST,
+            "/v1/orgs/wire/statuses",
+            &token,
+            Some(json!({"name": "s"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let path = format!("/v1/orgs/wire/statuses/{}", body["id"].as_str().unwrap());
+    // every connection back in the pool: its release has been sent
+    let released = async || {
+        while tenants.num_idle() < tenants.size() as usize {
+            tokio::task::yield_now().await;
+        }
+    };
+    // warm: the statement prepared on the connections the org uses
+    for _ in 0..10 {
+        let (s, body) = app.call(Method::GET, &path, &token, None).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    tokio::time::timeout(Duration::from_secs(10), released())
+        .await
+        .expect("connections released");
+    let mut per_get = vec![];
+    for _ in 0..20 {
+        let before = proxy.turns();
+        let (s, body) = app.call(Method::GET, &path, &token, None).await;
+        assert_eq!(s, 200, "{body}");
+        tokio::time::timeout(Duration::from_secs(10), released())
+            .await
+            .expect("connection released");
+        per_get.push(proxy.turns() - before);
+    }
+    assert!(
+        per_get.iter().all(|t| *t == 3),
+        "round trips per GET: {per_get:?}"
+    );
+}
+
 /// Reads (`GET` routes, `OrgScope::read`) run in read-only transactions,
 /// so a write in one fails, and end without a COMMIT round trip: their
 /// ROLLBACK goes out with the connection's release. Writes still commit.
@@ -1311,4 +1390,152 @@ async fn reads_are_read_only_and_cost_no_commit() {
     }
     let (_, page) = app.call(Method::GET, path, &token, None).await;
     assert!(!page.to_string().contains("sneaky"), "{page}");
+}
+
+/// Tenant roles made by a release before the shared schema (NOINHERIT, no
+/// reader membership) cannot read it; migrating the database makes them
+/// readers, and they still write nothing there. The serving role itself,
+/// outside a tenant transaction, gets no shared rights from its tenants.
+#[tokio::test]
+async fn tenant_roles_of_an_earlier_release_become_shared_readers_on_migrate() {
+    let db = TestDb::new().await;
+    let serving = format!("app_{}", &db.name["tenantry_test_".len()..]);
+    let app = common::spawn_app_serving_as(db, &serving, "upgrade-pw").await;
+    app.org_with_token("old").await;
+    let role = app.tenant("old").await.role.as_str().to_owned();
+    let reader: String = sqlx::query_scalar(
+        "SELECT 'tenantry_shared_' || oid FROM pg_database WHERE datname = current_database()",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(&format!(
+        "REVOKE {reader} FROM {role}; ALTER ROLE {role} NOINHERIT"
+    ))
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let router = app.state.tenancy.router();
+    let read = async || {
+        let tenant = app.tenant("old").await;
+        let mut tx = router.begin(&tenant).await.unwrap();
+        tx.query_as::<(i64,)>("SELECT count(*) FROM catalog_statuses")
+            .fetch_one()
+            .await
+            .map(|(n,)| n)
+    };
+    // without USAGE on the schema, the search path skips it
+    let refused = read().await.unwrap_err();
+    assert_eq!(
+        tenantry::base::error::sqlstate(&refused).as_deref(),
+        Some("42P01"),
+        "{refused}"
+    );
+
+    let migrated = tenantry::tenants::migrate_database(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(migrated.readers_added, 1);
+    assert_eq!(read().await.unwrap(), 3);
+    let (inherit, member): (bool, bool) = sqlx::query_as(
+        "SELECT rolinherit, pg_has_role($1, $2, 'USAGE') FROM pg_roles WHERE rolname = $1",
+    )
+    .bind(&role)
+    .bind(&reader)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(inherit && member);
+    // a second run changes nothing
+    let again = tenantry::tenants::migrate_database(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(again.readers_added, 0);
+    assert!(again.applied.is_empty());
+
+    // the serving role (NOINHERIT) reads nothing shared outside a tenant
+    // transaction
+    let serving_url = common::with_user(&app.db.url, &serving, "upgrade-pw");
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&serving_url)
+        .await
+        .unwrap();
+    let err = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM shared.catalog_statuses")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        tenantry::base::error::sqlstate(&err).as_deref(),
+        Some("42501"),
+        "{err}"
+    );
+}
+
+/// A reader of stderr that stops reading (a full pipe, a hung log shipper)
+/// never holds up a request: the request log is written by its own thread
+/// through a bounded buffer, and lines beyond it are dropped and counted in
+/// /metrics. Before, the first full pipe stopped every request that logged.
+#[tokio::test]
+async fn a_stalled_log_reader_never_holds_up_a_request() {
+    use tokio::io::AsyncReadExt;
+
+    let db = TestDb::new().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--log-buffer-kib", "16"])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        // a pipe nobody reads until the end: about 64 KiB fit in it
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (addr, printed) = common::until_listening(&mut child).await;
+    let superuser = common::bootstrap_token(&printed);
+    let http = reqwest::Client::new();
+    // each request logs a line of a few hundred bytes: 4,000 of them are
+    // some MB, far beyond the pipe and the buffer
+    let request = |n: usize| {
+        let req = http
+            .get(format!("{addr}/v1/admin/orgs?limit=1"))
+            .header("x-request-id", format!("stalled-log-{n}"))
+            .bearer_auth(&superuser);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    use futures_util::StreamExt;
+    let statuses: Vec<u16> = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::stream::iter(0..4_000)
+            .map(request)
+            .buffer_unordered(16)
+            .collect(),
+    )
+    .await
+    .expect("requests are answered while nobody reads the log");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let metrics = http
+        .get(format!("{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tenantry_log_lines_dropped_total "))
+        .expect("the dropped-lines counter is in /metrics")
+        .parse()
+        .unwrap();
+    assert!(dropped > 0.0, "{dropped}");
+    assert!(dropped < 4_000.0, "every line dropped: {dropped}");
+    // once read again, the log flows: the lines kept are request lines
+    let mut stderr = child.stderr.take().unwrap();
+    let mut head = vec![0u8; 64 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), stderr.read(&mut head))
+        .await
+        .expect("the log is written")
+        .unwrap();
+    let text = String::from_utf8_lossy(&head[..n]);
+    assert!(text.contains("request done"), "{text}");
+    child.kill().await.unwrap();
 }

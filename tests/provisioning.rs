@@ -7,8 +7,12 @@ use tenantry::base::error::Error;
 use tenantry::base::ident::Slug;
 use tenantry::registry::{self, OrgStatus};
 use tenantry::tenants::archive::RowFormat;
-use tenantry::tenants::provision::{self, NewOrg, DEFAULT_BEHAVIORS, DEFAULT_STATUSES};
+use tenantry::tenants::provision::{self, NewOrg};
 use tenantry::tenants::template::{Template, TemplateError, HISTORY_TABLE};
+
+/// What the shared template's catalog gives every new org.
+const DEFAULT_STATUSES: &[&str] = &["New", "Active", "Archived"];
+const DEFAULT_BEHAVIORS: &[&str] = &["Reliability", "Compliance", "Robustness"];
 
 fn new_org(slug: &str) -> NewOrg {
     NewOrg::parse(
@@ -43,7 +47,8 @@ async fn create_builds_schema_template_history_and_initial_data() {
         db.tables(schema).await,
         ["behaviors", HISTORY_TABLE, "statuses", "tests"]
     );
-    // refinery's history lives in the tenant schema, nowhere else
+    // refinery's history lives in each schema it migrates: the tenant's,
+    // the shared schema and the registry
     let history_schemas: Vec<String> = sqlx::query_scalar(
         "SELECT schemaname::text FROM pg_tables WHERE tablename = $1 ORDER BY 1",
     )
@@ -51,7 +56,7 @@ async fn create_builds_schema_template_history_and_initial_data() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(history_schemas, [schema, "tenantry"]);
+    assert_eq!(history_schemas, ["shared", schema, "tenantry"]);
     assert!(db.tables("public").await.is_empty());
 
     let max_history = db
@@ -860,6 +865,12 @@ async fn bad_archives_are_refused_and_leave_nothing_behind() {
             "template version 99",
         ),
         (
+            "a later shared schema",
+            text.replacen("\"shared_version\":1", "\"shared_version\":7", 1)
+                .into_bytes(),
+            "shared schema version 7",
+        ),
+        (
             "not an archive",
             b"PGDMP\x01\x0e".to_vec(),
             "not a tenantry archive",
@@ -1352,4 +1363,153 @@ async fn drain_drops_warm_schemas_and_their_roles_and_the_cli_reports_the_pool()
     assert!(!ok);
     assert!(err.contains("--warm-schemas"), "{err}");
     assert_eq!(warm_ids(&db).await, [warm[2]]);
+}
+
+/// A tenant template naming a relation or routine like the shared schema
+/// is refused with the clashing names, whatever the SQL's spelling (a
+/// quoted name, a view, a rename), and so is a shared migration that would
+/// clash with the tenant template: its transaction rolls back, leaving the
+/// shared schema as it was. The real templates pass.
+#[tokio::test]
+async fn a_tenant_template_that_shadows_a_shared_table_is_refused() {
+    use tenantry::tenants::shared::{embedded_template, migrate};
+    let db = TestDb::new().await;
+    let shared = embedded_template();
+    migrate(&db.pool, &shared, &Template::embedded())
+        .await
+        .expect("the real templates do not clash");
+    let v1 = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tenant_template/V1__initial.sql"),
+    )
+    .unwrap();
+    for (later, clash) in [
+        (
+            "CREATE TABLE \"catalog_statuses\" (id int);",
+            "catalog_statuses",
+        ),
+        (
+            "CREATE VIEW catalog_behaviors AS SELECT * FROM behaviors;",
+            "catalog_behaviors",
+        ),
+        (
+            "ALTER TABLE tests RENAME TO catalog_behaviors;",
+            "catalog_behaviors",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("V1__initial.sql"), &v1).unwrap();
+        std::fs::write(dir.path().join("V2__clash.sql"), later).unwrap();
+        let tenant = Template::from_dir(dir.path()).unwrap();
+        let err = migrate(&db.pool, &shared, &tenant)
+            .await
+            .expect_err(later)
+            .to_string();
+        assert!(
+            err.contains(clash) && err.contains("shared"),
+            "{later}: {err}"
+        );
+    }
+    // a shared migration that grows a name a tenant has
+    let dir = tempfile::tempdir().unwrap();
+    for m in shared.migrations() {
+        std::fs::write(dir.path().join(format!("{m}.sql")), m.sql().unwrap()).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("V2__plans.sql"),
+        "CREATE TABLE plans (id int); CREATE FUNCTION tests() RETURNS int LANGUAGE sql AS 'SELECT 1';",
+    )
+    .unwrap();
+    let grown = Template::from_dir(dir.path()).unwrap();
+    let err = migrate(&db.pool, &grown, &Template::embedded())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tests"), "{err}");
+    // rolled back: no new table, no history row, no scratch schema
+    assert_eq!(
+        db.tables("shared").await,
+        ["catalog_behaviors", "catalog_statuses", HISTORY_TABLE]
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM shared.refinery_schema_history")
+            .await,
+        1
+    );
+    assert!(!db.schema_exists("tenantry_check_tenant").await);
+}
+
+/// A new org's initial statuses and behaviors are the catalog's initial
+/// presets at its signup, also when it takes a schema from the warm pool
+/// that was built before the catalog changed.
+#[tokio::test]
+async fn new_orgs_start_from_the_catalog_as_it_is_at_signup() {
+    use tenantry::tenants::catalog::{self, CatalogKind};
+    let db = TestDb::new().await;
+    let template = Template::embedded();
+    tenantry::tenants::warm::fill(&db.pool, &template, 1)
+        .await
+        .unwrap();
+    catalog::create(
+        &db.pool,
+        CatalogKind::Statuses,
+        "Triage",
+        Some("first look"),
+        true,
+    )
+    .await
+    .unwrap();
+    catalog::create(&db.pool, CatalogKind::Statuses, "Optional", None, false)
+        .await
+        .unwrap();
+    let warm = provision::create_org(&db.pool, &template, &new_org("from-warm"))
+        .await
+        .unwrap();
+    assert!(warm.from_warm_pool);
+    let fresh = provision::create_org(&db.pool, &template, &new_org("built-now"))
+        .await
+        .unwrap();
+    assert!(!fresh.from_warm_pool);
+    for org in [&warm.organization, &fresh.organization] {
+        let names: Vec<(String, Option<String>)> = sqlx::query_as(&format!(
+            "SELECT name, description FROM {}.statuses ORDER BY name",
+            org.schema_name.quoted()
+        ))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            names,
+            [
+                ("Active".to_owned(), None),
+                ("Archived".to_owned(), None),
+                ("New".to_owned(), None),
+                ("Triage".to_owned(), Some("first look".to_owned())),
+            ],
+            "{}",
+            org.slug
+        );
+    }
+    // a schema built after the change carries it already: the signup
+    // keeps the rows written at the build
+    tenantry::tenants::warm::fill(&db.pool, &template, 1)
+        .await
+        .unwrap();
+    let again = provision::create_org(&db.pool, &template, &new_org("warm-again"))
+        .await
+        .unwrap();
+    assert!(again.from_warm_pool);
+    let schema = again.organization.schema_name.quoted();
+    let (names, built_before): (Vec<String>, bool) = sqlx::query_as(&format!(
+        "SELECT array_agg(s.name ORDER BY s.name), \
+                max(s.created_at) < (SELECT created_at FROM tenantry.organizations WHERE slug = 'warm-again') \
+         FROM {schema}.statuses s"
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(names, ["Active", "Archived", "New", "Triage"]);
+    assert!(
+        built_before,
+        "the initial data was written when the schema was built"
+    );
 }

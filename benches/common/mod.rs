@@ -2,6 +2,8 @@
 //! server in the benchmark's process, and latency statistics.
 #![allow(dead_code)]
 
+pub mod wire_proxy;
+
 use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;

@@ -6,6 +6,7 @@
 //! the database except through a tenant transaction (invariant 5).
 
 pub mod admin;
+pub mod catalog;
 pub mod error;
 pub mod extract;
 pub mod openapi;
@@ -92,8 +93,14 @@ pub fn app_with(state: AppState, routes: Router<TenantApi>) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics_text))
         .merge(admin::router())
+        .merge(catalog::admin_router())
         .with_state(state)
-        .merge(resources::router().merge(routes).with_state(tenant_api))
+        .merge(
+            resources::router()
+                .merge(catalog::org_router())
+                .merge(routes)
+                .with_state(tenant_api),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(count_request))

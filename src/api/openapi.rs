@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, resources};
+use super::{admin, catalog, resources};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -45,10 +45,17 @@ use super::{admin, resources};
         admin::create_token,
         admin::revoke_token,
         admin::stats,
+        catalog::admin_list,
+        catalog::create,
+        catalog::update,
+        catalog::delete,
+        catalog::org_list,
+        catalog::adopt,
     ),
     modifiers(&BearerAuth, &StandardErrors),
     tags(
         (name = "statuses"), (name = "behaviors"), (name = "tests"),
+        (name = "catalog", description = "presets in the shared schema: every org reads and adopts them, superusers change them"),
         (name = "admin", description = "superuser tokens only"),
         (name = "health")
     )

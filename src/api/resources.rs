@@ -76,7 +76,7 @@ fn check_text(
 }
 
 /// Distinguishes an absent field (leave unchanged) from `null` (clear it).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+pub(crate) fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     d: D,
 ) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
@@ -93,7 +93,7 @@ pub struct PageQuery {
 }
 
 impl PageQuery {
-    fn parse(&self) -> Result<(i64, Option<Uuid>), ApiError> {
+    pub(crate) fn parse(&self) -> Result<(i64, Option<Uuid>), ApiError> {
         let limit = self.limit.unwrap_or(DEFAULT_PAGE);
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(ApiError::bad_request(
@@ -171,7 +171,7 @@ pub struct NamedPatch {
     pub description: Option<Option<String>>,
 }
 
-fn check_named(name: Option<&str>, description: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn check_named(name: Option<&str>, description: Option<&str>) -> Result<(), ApiError> {
     if let Some(name) = name {
         if name.trim() != name {
             return Err(ApiError::invalid_field(
@@ -316,7 +316,7 @@ fn not_found<T: NamedTable>(id: Uuid) -> ApiError {
 }
 
 /// Duplicate names are a conflict on the `name` field.
-fn name_taken(e: sqlx::Error) -> ApiError {
+pub(crate) fn name_taken(e: sqlx::Error) -> ApiError {
     let api = ApiError::from(e);
     if api.status == StatusCode::CONFLICT {
         ApiError::conflict("name is already taken in this organization")

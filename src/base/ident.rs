@@ -17,6 +17,10 @@ pub const IDENT_MAX_BYTES: usize = 63;
 /// apart from everything else in the database (doctor relies on it).
 pub const TENANT_SCHEMA_PREFIX: &str = "t_";
 
+/// The schema of data every org reads (`tenants::shared`): a tenant
+/// transaction searches it after the tenant's own schema.
+pub const SHARED_SCHEMA: &str = "shared";
+
 /// Slugs that would be confusing or dangerous as org names: they collide with
 /// routes, PostgreSQL's own schemas or our registry.
 const RESERVED_SLUGS: &[&str] = &[
@@ -136,6 +140,13 @@ pub enum SchemaNameError {
 pub struct SchemaName(String);
 
 impl SchemaName {
+    /// The search path of a tenant transaction in this schema (invariant
+    /// 1): this schema, then the shared one, quoted, for `SET LOCAL
+    /// search_path TO ...`.
+    pub fn tenant_search_path(&self) -> String {
+        format!("{}, {}", self.quoted(), quote_ident(SHARED_SCHEMA))
+    }
+
     pub fn parse(input: &str) -> Result<Self, SchemaNameError> {
         if input.is_empty() {
             return Err(SchemaNameError::Empty);

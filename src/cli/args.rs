@@ -169,6 +169,14 @@ pub struct ServeArgs {
     pub metrics_bind: Option<std::net::SocketAddr>,
     #[arg(long, env = "TENANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// KiB of log lines waiting for stderr at most. The log is written by
+    /// a thread of its own, so a slow reader of stderr never holds up a
+    /// request; beyond this, new lines are dropped and counted
+    /// (tenantry_log_lines_dropped_total).
+    #[arg(long, env = "TENANTRY_LOG_BUFFER_KIB",
+          default_value_t = crate::telemetry::logging::DEFAULT_BUFFER_KIB as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub log_buffer_kib: u32,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -221,6 +229,10 @@ pub struct MigrateArgs {
     /// into this binary (V{n}__{name}.sql files).
     #[arg(long)]
     pub template_dir: Option<PathBuf>,
+    /// Apply the shared schema's migrations from this directory instead of
+    /// the shared template built into this binary. They run first.
+    #[arg(long)]
+    pub shared_template_dir: Option<PathBuf>,
     /// Print a JSON summary instead of progress and a table.
     #[arg(long)]
     pub json: bool,

@@ -12,9 +12,17 @@ use crate::base::ident::Slug;
 use crate::tenants::fleet;
 use crate::tenants::template::Template;
 
+/// `migrate` with its templates loaded.
+pub(super) struct MigrateJob {
+    args: MigrateArgs,
+    tenant: Template,
+    shared: Template,
+    only: Vec<Slug>,
+}
+
 /// A fleet command with its arguments already validated.
 pub(super) enum Action {
-    Migrate(MigrateArgs, Template, Vec<Slug>),
+    Migrate(Box<MigrateJob>),
     MigrateStatus(bool),
     Query(QueryArgs),
     Doctor(bool, bool),
@@ -31,12 +39,21 @@ impl Action {
                         Some(dir) => Template::from_dir(dir)?,
                         None => Template::embedded(),
                     };
+                    let shared = match &args.shared_template_dir {
+                        Some(dir) => Template::from_dir(dir)?,
+                        None => crate::tenants::shared::embedded_template(),
+                    };
                     let only = args
                         .only
                         .iter()
                         .map(|s| Slug::parse(s))
                         .collect::<Result<Vec<_>, _>>()?;
-                    Action::Migrate(args, template, only)
+                    Action::Migrate(Box::new(MigrateJob {
+                        args,
+                        tenant: template,
+                        shared,
+                        only,
+                    }))
                 }
             },
             Command::Query(args) => {
@@ -60,7 +77,15 @@ impl Action {
 
     pub(super) async fn run(self, pool: &PgPool) -> anyhow::Result<()> {
         match self {
-            Action::Migrate(args, template, only) => migrate(pool, args, template, only).await?,
+            Action::Migrate(job) => {
+                let MigrateJob {
+                    args,
+                    tenant,
+                    shared,
+                    only,
+                } = *job;
+                migrate(pool, args, tenant, shared, only).await?
+            }
             Action::MigrateStatus(json) => {
                 let status = fleet::status(pool).await?;
                 if json {
@@ -71,6 +96,7 @@ impl Action {
                         .iter()
                         .map(|(v, n)| [v.to_string(), n.to_string()])
                         .collect();
+                    println!("shared schema at version {}", status.shared_version);
                     print_table(&["TEMPLATE VERSION", "TENANTS"], &rows);
                     if !status.failed.is_empty() {
                         println!();
@@ -150,8 +176,24 @@ async fn migrate(
     pool: &PgPool,
     args: MigrateArgs,
     template: Template,
+    shared_template: Template,
     only: Vec<Slug>,
 ) -> anyhow::Result<()> {
+    // The shared schema first: tenant migrations may read it. Its
+    // transaction also checks the tenant template against it.
+    let shared = if args.plan {
+        None
+    } else {
+        let shared = crate::tenants::shared::migrate(pool, &shared_template, &template).await?;
+        if !shared.applied.is_empty() && !args.json {
+            println!(
+                "shared schema: applied {} (now at version {})",
+                shared.applied.join(", "),
+                shared.version
+            );
+        }
+        Some(shared)
+    };
     let opts = fleet::MigrateOptions {
         jobs: args.jobs,
         only,
@@ -181,6 +223,7 @@ async fn migrate(
     }
     let plan = fleet::plan(pool, &template, &opts).await?;
     if args.plan {
+        let shared_pending = crate::tenants::shared::pending(pool, &shared_template).await?;
         let rows: Vec<[String; 3]> = plan
             .behind
             .iter()
@@ -206,9 +249,13 @@ async fn migrate(
                 })
                 .collect();
             print_json(&serde_json::json!({
+                "shared_pending": shared_pending,
                 "target": plan.target, "up_to_date": plan.up_to_date, "behind": behind
             }))?;
         } else {
+            if !shared_pending.is_empty() {
+                println!("shared schema: would apply {}", shared_pending.join(", "));
+            }
             println!(
                 "{} tenant(s) behind version {}, {} up to date",
                 plan.behind.len(),
@@ -259,7 +306,14 @@ async fn migrate(
         bar.finish_and_clear();
     }
     if json {
-        print_json(&report)?;
+        let mut value = serde_json::to_value(&report)?;
+        if let (Some(map), Some(shared)) = (value.as_object_mut(), &shared) {
+            map.insert(
+                "shared".into(),
+                serde_json::json!({ "applied": shared.applied, "version": shared.version }),
+            );
+        }
+        print_json(&value)?;
     } else {
         println!(
             "version {}: {} migrated, {} skipped, {} failed, {} already up to date, in {:.2} s",

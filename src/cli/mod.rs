@@ -23,42 +23,34 @@ pub use render::print_table;
 
 use crate::pg::embedded::{Durability, LocalPostgres};
 use crate::pg::pools::PoolConfig;
-use crate::registry;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match &cli.command {
-        Command::Serve(args) => init_tracing("info", args.log_format),
-        _ => init_tracing("warn", LogFormat::Text),
-    }
+    // dropping it writes out the buffered log
+    let log = match &cli.command {
+        Command::Serve(args) => crate::telemetry::logging::init(
+            "info",
+            args.log_format == LogFormat::Json,
+            args.log_buffer_kib as usize,
+        ),
+        _ => crate::telemetry::logging::init(
+            "warn",
+            false,
+            crate::telemetry::logging::DEFAULT_BUFFER_KIB,
+        ),
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    drop(runtime);
+    // the log first, so that the error below is the last line
+    drop(log);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", crate::base::error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs to stderr; the request log's JSON lines carry the request's span
-/// once (`span`), without repeating it in a span list.
-pub fn init_tracing(default_level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            // the current span holds the request's fields already
-            .with_span_list(false)
-            .try_init(),
-    };
 }
 
 /// A database connection for one command, plus the local cluster when this
@@ -86,7 +78,7 @@ impl Database {
         let pool = crate::pg::pools::connect(&url, pool_config)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
-        registry::migrate(&pool).await?;
+        crate::tenants::migrate_database(&pool).await?;
         Ok(Database { pool, url, local })
     }
 

@@ -19,7 +19,7 @@
 //! BEGIN message), statements are unnamed, and registry SQL of the serving
 //! side runs inside explicit transactions ([`ServingConn`]).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -198,6 +198,15 @@ struct SubPool {
     /// microseconds: when it is above [`SPILL_AFTER`], waiting for this
     /// sub-pool is pointless (e.g. a noisy tenant's slow requests hold it).
     hold_us: AtomicU64,
+    /// Transactions holding one of its connections now, and the sum of the
+    /// times they took it (microseconds since `epoch`): how long the current
+    /// holds have lasted, before any of them ends and reaches the average.
+    holding: AtomicUsize,
+    held_since_sum: AtomicU64,
+    epoch: Instant,
+    /// A background task is opening a connection for it (see
+    /// [`SubPool::connect_in_background`]).
+    connecting: Arc<AtomicBool>,
 }
 
 impl SubPool {
@@ -206,17 +215,61 @@ impl SubPool {
             pool,
             load: AtomicUsize::new(0),
             hold_us: AtomicU64::new(0),
+            holding: AtomicUsize::new(0),
+            held_since_sum: AtomicU64::new(0),
+            epoch: Instant::now(),
+            connecting: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Opens a connection in a task of its own when this sub-pool has room
+    /// for one and none idle. A transaction's wait for a sub-pool can be
+    /// abandoned (its other choice frees first, or [`SPILL_AFTER`]
+    /// passes), and a connection being opened inside that wait is dropped
+    /// with it: when opening one takes longer than the other choice takes
+    /// to free (a busy database, a remote one), a sub-pool could stay
+    /// without a connection for good, each try paying a backend's start
+    /// and authentication for nothing. Opened here, the connection joins
+    /// the sub-pool whoever waits. One such task at a time.
+    fn connect_in_background(&self) {
+        let room = self.pool.size() < self.pool.options().get_max_connections();
+        if !room || self.pool.num_idle() > 0 || self.connecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (pool, connecting) = (self.pool.clone(), self.connecting.clone());
+        tokio::spawn(async move {
+            // dropped at once: back to the sub-pool, idle
+            let _ = pool.acquire().await;
+            connecting.store(false, Ordering::Release);
+        });
     }
 
     fn holds_slowly(&self) -> bool {
         self.hold_us.load(Ordering::Relaxed) > SPILL_AFTER.as_micros() as u64
     }
 
-    /// Folds one hold into the average (weight 1/8; concurrent updates may
-    /// lose a sample, which an average can afford).
-    fn record_hold(&self, held: Duration) {
-        let sample = held.as_micros().min(u64::MAX as u128) as u64;
+    /// The transactions holding its connections now have held them longer
+    /// than [`SPILL_AFTER`] on average: slow holds that have not ended yet,
+    /// so the average does not know them.
+    fn held_long_now(&self) -> bool {
+        // The two counters are read apart: a hold starting or ending in
+        // between skews one reading, which a heuristic can afford.
+        let holding = self.holding.load(Ordering::Relaxed) as u64;
+        if holding == 0 {
+            return false;
+        }
+        let mean_since = self.held_since_sum.load(Ordering::Relaxed) / holding;
+        self.micros_now().saturating_sub(mean_since) > SPILL_AFTER.as_micros() as u64
+    }
+
+    fn micros_now(&self) -> u64 {
+        self.epoch.elapsed().as_micros().min(u64::MAX as u128) as u64
+    }
+
+    /// Folds one hold of `sample` microseconds into the average (weight
+    /// 1/8; concurrent updates may lose a sample, which an average can
+    /// afford).
+    fn record_hold(&self, sample: u64) {
         let old = self.hold_us.load(Ordering::Relaxed);
         let new = if sample >= old {
             old + (sample - old) / 8
@@ -232,8 +285,9 @@ impl SubPool {
 pub struct Placement {
     subs: Arc<[SubPool]>,
     index: usize,
-    /// When it got its connection (`None` while waiting).
-    held_since: Option<Instant>,
+    /// When it got its connection, in microseconds since its sub-pool's
+    /// epoch (`None` while waiting).
+    held_since: Option<u64>,
 }
 
 impl Placement {
@@ -248,7 +302,11 @@ impl Placement {
 
 impl Placement {
     fn holding(mut self) -> Self {
-        self.held_since = Some(Instant::now());
+        let sub = &self.subs[self.index];
+        let micros = sub.micros_now();
+        sub.held_since_sum.fetch_add(micros, Ordering::Relaxed);
+        sub.holding.fetch_add(1, Ordering::Relaxed);
+        self.held_since = Some(micros);
         self
     }
 }
@@ -258,7 +316,9 @@ impl Drop for Placement {
         let sub = &self.subs[self.index];
         sub.load.fetch_sub(1, Ordering::Relaxed);
         if let Some(since) = self.held_since {
-            sub.record_hold(since.elapsed());
+            sub.holding.fetch_sub(1, Ordering::Relaxed);
+            sub.held_since_sum.fetch_sub(since, Ordering::Relaxed);
+            sub.record_hold(sub.micros_now().saturating_sub(since));
         }
     }
 }
@@ -326,10 +386,19 @@ impl TenantPool {
     /// than connections (and the second choice fewer), or when home's
     /// transactions have lately held their connections longer than
     /// [`SPILL_AFTER`] (a noisy tenant's slow requests, lock waits); else
-    /// after waiting [`SPILL_AFTER`] at home. Waiting is cancel-safe.
+    /// after waiting [`SPILL_AFTER`] at home.
+    ///
+    /// When both choices are held slowly (on average, or by current holders
+    /// that have lasted longer than [`SPILL_AFTER`]), the least
+    /// loaded other sub-pool serves too, unless the tenant's own transactions in flight
+    /// (`in_flight`, this one included; 0 when nothing counts them)
+    /// outnumber its two choices' connections: then it is what fills them,
+    /// and it waits for them instead of spreading to its neighbours' homes.
+    /// Waiting is cancel-safe.
     pub async fn acquire(
         &self,
         tenant: &Uuid,
+        in_flight: usize,
     ) -> Result<(PoolConnection<Postgres>, Placement), sqlx::Error> {
         let (home, alt) = self.candidates(tenant);
         let sub = |i: usize| &self.subs[i];
@@ -337,12 +406,13 @@ impl TenantPool {
             return Ok((conn, self.placement(home).holding()));
         }
         let waiting = self.placement(home);
+        sub(home).connect_in_background();
         if home == alt {
             return Ok((sub(home).pool.acquire().await?, waiting.holding()));
         }
         let load = |i: usize| sub(i).load.load(Ordering::Relaxed);
-        let capacity = sub(home).pool.options().get_max_connections() as usize;
-        let congested = (load(home) > capacity + self.spill_margin && load(alt) < load(home))
+        let capacity = |i: usize| sub(i).pool.options().get_max_connections() as usize;
+        let congested = (load(home) > capacity(home) + self.spill_margin && load(alt) < load(home))
             || sub(home).holds_slowly();
         if !congested {
             if let Ok(conn) = tokio::time::timeout(SPILL_AFTER, sub(home).pool.acquire()).await {
@@ -350,10 +420,56 @@ impl TenantPool {
             }
         }
         let also = self.placement(alt);
+        sub(alt).connect_in_background();
+        // Another tenant may hold both of this tenant's choices with slow
+        // transactions: its own two choices are the same pair about once in
+        // k(k-1)/2 tenants, and without a third choice those neighbours
+        // would queue behind it. Only slow holds open the third: under
+        // quick traffic a tenant stays on its two, which is what keeps each
+        // backend's tenant set small.
+        let may_escape = self.subs.len() >= 3 && in_flight <= capacity(home) + capacity(alt);
+        // Slow on average, or held by transactions that have lasted long
+        // already: quick neighbours homed on the pair dilute its average
+        // while a slow tenant holds it.
+        let slow = |i: usize| sub(i).holds_slowly() || sub(i).held_long_now();
+        if !(may_escape && slow(home) && slow(alt)) {
+            let pair = async {
+                tokio::select! {
+                    conn = sub(home).pool.acquire() => Ok::<_, sqlx::Error>((conn?, true)),
+                    conn = sub(alt).pool.acquire() => Ok((conn?, false)),
+                }
+            };
+            tokio::pin!(pair);
+            // holds that were young then may have lasted long by now
+            let got = match tokio::time::timeout(SPILL_AFTER, &mut pair).await {
+                Ok(got) => Some(got?),
+                Err(_) if may_escape && slow(home) && slow(alt) => None,
+                Err(_) => Some(pair.await?),
+            };
+            if let Some((conn, at_home)) = got {
+                return Ok((conn, if at_home { waiting } else { also }.holding()));
+            }
+        }
+        let third = self.least_loaded_except(home, alt);
+        let spilled = self.placement(third);
+        sub(third).connect_in_background();
+        // in order: the third only when neither of the pair is free, so a
+        // stale average never moves a tenant off a pair with room
         tokio::select! {
+            biased;
             conn = sub(home).pool.acquire() => Ok((conn?, waiting.holding())),
             conn = sub(alt).pool.acquire() => Ok((conn?, also.holding())),
+            conn = sub(third).pool.acquire() => Ok((conn?, spilled.holding())),
         }
+    }
+
+    /// The sub-pool with the fewest transactions holding or waiting, other
+    /// than `a` and `b` (there are at least three).
+    fn least_loaded_except(&self, a: usize, b: usize) -> usize {
+        (0..self.subs.len())
+            .filter(|i| *i != a && *i != b)
+            .min_by_key(|i| self.subs[*i].load.load(Ordering::Relaxed))
+            .expect("at least three sub-pools")
     }
 
     pub fn pooler(&self) -> Pooler {

@@ -7,6 +7,11 @@
 //!   else. A tenant transaction runs as that role (`SET LOCAL ROLE` in its
 //!   BEGIN message), so SQL that names the registry, `public` or another
 //!   tenant's schema fails with a permission error whatever our code sends.
+//! - Each database has a shared reader role (`tenantry_shared_<database
+//!   oid>`, `NOLOGIN`): USAGE on the shared schema and SELECT on its tables
+//!   (`tenants::shared`). Every tenant role is a member of it, and `INHERIT`
+//!   so that its rights apply in tenant transactions; it is the only role a
+//!   tenant role is a member of.
 //! - Serving roles (the login role of the server's tenant connections) are
 //!   recorded in `tenantry.serving_roles`; each is `NOINHERIT`, not a
 //!   superuser, a member of every tenant role (so it may `SET ROLE` to them,
@@ -80,7 +85,11 @@ pub(crate) async fn create_tenant_role(
     } else {
         "NOLOGIN"
     };
-    let mut sql = format!("CREATE ROLE {} {login} NOINHERIT", role.quoted());
+    // INHERIT, for the shared reader role's rights, its one membership.
+    let mut sql = format!("CREATE ROLE {} {login} INHERIT", role.quoted());
+    if let Some(reader) = shared_reader(conn).await? {
+        sql.push_str(&format!("; GRANT {} TO {}", reader.quoted(), role.quoted()));
+    }
     if !grantees.is_empty() {
         sql.push_str(&format!(
             "; GRANT {} TO {}",
@@ -97,6 +106,86 @@ pub(crate) async fn create_tenant_role(
             _ => Error::Database(e),
         })?;
     Ok(role)
+}
+
+/// The tenant roles that exist (orgs' and warm schemas'), as `r` joined
+/// to `pg_roles`: the FROM clause of queries over every tenant role.
+const TENANT_ROLES_FROM: &str =
+    "(SELECT id FROM tenantry.organizations UNION ALL SELECT org_id FROM tenantry.warm_schemas) o \
+     JOIN pg_roles r ON r.rolname = 't_' || replace(o.id::text, '-', '')";
+
+/// The name of this database's shared reader role: per database, because
+/// roles are cluster-wide and a tenant of one database must read no other
+/// database's shared schema.
+pub(crate) const SHARED_READER_NAME: &str =
+    "SELECT 'tenantry_shared_' || d.oid::text FROM pg_database d \
+     WHERE d.datname = current_database()";
+
+/// This database's shared reader role, if it exists yet (the shared schema
+/// is migrated at startup, before any org is created).
+pub(crate) async fn shared_reader(conn: &mut PgConnection) -> Result<Option<RoleName>, Error> {
+    let name: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT r.rolname::text FROM pg_roles r WHERE r.rolname = ({SHARED_READER_NAME})"
+    ))
+    .fetch_optional(&mut *conn)
+    .await?;
+    name.map(|n| RoleName::parse(&n).map_err(|e| Error::Corrupt(format!("role {n:?}: {e}"))))
+        .transpose()
+}
+
+/// Creates this database's shared reader role (`NOLOGIN NOINHERIT`) if it
+/// does not exist, inside the caller's transaction.
+pub(crate) async fn ensure_shared_reader(conn: &mut PgConnection) -> Result<RoleName, Error> {
+    if let Some(reader) = shared_reader(conn).await? {
+        return Ok(reader);
+    }
+    let name: String = sqlx::query_scalar(SHARED_READER_NAME)
+        .fetch_one(&mut *conn)
+        .await?;
+    let reader =
+        RoleName::parse(&name).map_err(|e| Error::Corrupt(format!("role {name:?}: {e}")))?;
+    simple_query(
+        conn,
+        &format!("CREATE ROLE {} NOLOGIN NOINHERIT", reader.quoted()),
+    )
+    .await?;
+    Ok(reader)
+}
+
+/// Makes every tenant role (orgs' and warm schemas') that does not yet
+/// have `reader`'s rights a member of it, and `INHERIT` (roles made by
+/// releases before the shared schema were `NOINHERIT`); returns how many it
+/// changed. The attribute comes first: from PostgreSQL 16 a grant records
+/// whether it is inherited when it is made (from the member's attribute
+/// then), and `WITH INHERIT TRUE` corrects a grant made without.
+pub(crate) async fn make_tenant_roles_readers(
+    conn: &mut PgConnection,
+    reader: &RoleName,
+) -> Result<usize, Error> {
+    let (missing, per_grant): (Vec<String>, bool) = sqlx::query_as(&format!(
+        "SELECT coalesce(array_agg(r.rolname::text ORDER BY r.rolname), '{{}}'), \
+                current_setting('server_version_num')::int >= 160000 \
+         FROM {TENANT_ROLES_FROM} \
+         WHERE NOT pg_has_role(r.oid, (SELECT oid FROM pg_roles WHERE rolname = $1), 'USAGE')"
+    ))
+    .bind(reader.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    let inherit = if per_grant { " WITH INHERIT TRUE" } else { "" };
+    for batch in missing.chunks(500) {
+        let names: Vec<String> = batch.iter().map(|n| quote_ident(n)).collect();
+        let mut sql = String::new();
+        for name in &names {
+            sql.push_str(&format!("ALTER ROLE {name} INHERIT; "));
+        }
+        sql.push_str(&format!(
+            "GRANT {} TO {}{inherit}",
+            reader.quoted(),
+            names.join(", ")
+        ));
+        simple_query(&mut *conn, &sql).await?;
+    }
+    Ok(missing.len())
 }
 
 /// Drops the role of org `org_id` (after its schema), if it exists.
@@ -221,12 +310,9 @@ pub async fn ensure_serving_role(
         ),
     )
     .await?;
-    let missing: Vec<String> = sqlx::query_scalar(
-        "SELECT r.rolname::text \
-         FROM (SELECT id FROM tenantry.organizations UNION ALL SELECT org_id FROM tenantry.warm_schemas) o \
-         JOIN pg_roles r ON r.rolname = 't_' || replace(o.id::text, '-', '') \
-         WHERE NOT pg_has_role($1, r.oid, 'MEMBER')",
-    )
+    let missing: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT r.rolname::text FROM {TENANT_ROLES_FROM} WHERE NOT pg_has_role($1, r.oid, 'MEMBER')"
+    ))
     .bind(role.as_str())
     .fetch_all(&mut *tx)
     .await?;

@@ -130,7 +130,7 @@ impl TenantryBuilder {
             ..small_pool_config(&self.pool)
         };
         let admin = crate::pg::pools::connect(&self.database_url, &admin_config).await?;
-        crate::registry::migrate(&admin).await?;
+        crate::tenants::migrate_database(&admin).await?;
         let serving_url = self.serving_url.as_deref().unwrap_or(&self.database_url);
         let password = url_password(serving_url);
         for note in

@@ -128,9 +128,12 @@ impl Pools {
     }
 }
 
-/// The state of a server on `pools`, whose registry must be migrated.
+/// The state of a server on `pools`, whose registry and shared schema must
+/// be migrated (`tenants::migrate_database`, which also refuses a tenant
+/// template that clashes with the shared schema).
 pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Error> {
     config.check()?;
+    let template = Template::embedded();
     // the recorder first, so that everything from here on is counted
     crate::telemetry::handle();
     let auth_config = AuthConfig {
@@ -140,7 +143,7 @@ pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Erro
     let router = TenantRouter::new(pools.control.clone(), pools.tenants, &config.router);
     let auth = Authenticator::load(pools.control, &auth_config).await?;
     Ok(AppState {
-        tenancy: Tenancy::new(pools.admin, router, auth, Arc::new(Template::embedded())),
+        tenancy: Tenancy::new(pools.admin, router, auth, Arc::new(template)),
         request_timeout: config.request_timeout,
         metrics_on_api: config.metrics_bind.is_none(),
     })

@@ -115,6 +115,15 @@ impl TenantLimiter {
     }
 }
 
+impl TenantSlot {
+    /// The tenant's transactions holding or waiting for a place, this one
+    /// included.
+    pub fn in_flight(&self) -> usize {
+        // every slot of the tenant holds a clone, and the map one more
+        Arc::strong_count(&self.semaphore).saturating_sub(1).max(1)
+    }
+}
+
 impl Drop for TenantSlot {
     fn drop(&mut self) {
         let mut map = self.limiter.in_flight.lock().expect("tenant limiter");

@@ -1,11 +1,13 @@
 //! The tenant router: resolves an org slug to its tenant through a moka cache
 //! and opens tenant transactions that run as the tenant's role with a
-//! `search_path` of exactly the tenant's schema, both set transaction-locally
-//! in the same message as BEGIN.
+//! `search_path` of exactly the tenant's schema then the shared schema,
+//! both set transaction-locally in the same message as BEGIN.
 //!
 //! Invariants this module carries (`docs/invariants.md`):
-//! 1. a tenant transaction's search_path is the tenant schema alone: if the
-//!    schema vanished, queries fail instead of falling through to `public`;
+//! 1. a tenant transaction's search_path is the tenant schema, then the
+//!    read-only shared schema: if the tenant schema vanished, queries fail
+//!    instead of falling through to `public` (no tenant table is named like
+//!    a shared one, checked when the templates load);
 //! 2. no tenant state outlives the transaction: `SET LOCAL` ends with COMMIT
 //!    or ROLLBACK, and [`TenantRouter::begin`] survives cancellation;
 //! 7. the transaction runs as the tenant's role: PostgreSQL refuses the
@@ -45,6 +47,14 @@ pub struct Tenant {
     /// resolved.
     begin: Box<str>,
     begin_read: Box<str>,
+}
+
+impl Tenant {
+    /// The message that opens its read-only transactions (BEGIN READ ONLY,
+    /// role, search path, timeouts): for tools that measure the wire.
+    pub fn read_begin(&self) -> &str {
+        &self.begin_read
+    }
 }
 
 /// How tenant SQL is sent, decided in [`TenantTx`] so that no handler has
@@ -366,9 +376,10 @@ impl TenantRouter {
             top.count(&tenant.slug);
         }
         let slot = self.limiter.admit(&tenant.id).await?;
+        let in_flight = slot.as_ref().map_or(0, |s| s.in_flight());
         let attempts = self.tenants.max_connections() as usize + 2;
         let mut tx = crate::base::error::retry_dead_connections(attempts, || {
-            self.begin_once(tenant, access)
+            self.begin_once(tenant, access, in_flight)
         })
         .await?;
         tx._slot = slot;
@@ -418,7 +429,12 @@ impl TenantRouter {
         .await
     }
 
-    async fn begin_once(&self, tenant: &Arc<Tenant>, access: Access) -> Result<TenantTx, Error> {
+    async fn begin_once(
+        &self,
+        tenant: &Arc<Tenant>,
+        access: Access,
+        in_flight: usize,
+    ) -> Result<TenantTx, Error> {
         let sql = String::from(match access {
             Access::ReadWrite => &*tenant.begin,
             Access::ReadOnly => &*tenant.begin_read,
@@ -426,7 +442,7 @@ impl TenantRouter {
         // Waiting for a connection can be abandoned safely; the BEGIN on it
         // cannot (see above).
         let waiting = std::time::Instant::now();
-        let (conn, placement) = self.tenants.acquire(&tenant.id).await?;
+        let (conn, placement) = self.tenants.acquire(&tenant.id, in_flight).await?;
         crate::telemetry::observe_acquire(waiting.elapsed());
         let mut begin = DetachOnDrop(Some(Box::pin(async move {
             let tx = Transaction::begin(conn, Some(sql.into())).await?;
@@ -474,7 +490,7 @@ impl TenantRouter {
         };
         format!(
             "{begin};{role} SET LOCAL search_path TO {}; {}",
-            schema.quoted(),
+            schema.tenant_search_path(),
             self.settings
         )
     }

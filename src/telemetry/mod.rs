@@ -8,6 +8,8 @@
 //! exception is opt-in and bounded: [`TOP_TENANTS`], the N orgs with the
 //! most tenant transactions, chosen anew at each scrape.
 
+pub mod logging;
+
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
@@ -112,6 +114,9 @@ pub fn render(pools: &[PoolSample], top: Option<&TopTenants>) -> String {
         metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "idle")
             .set(sample.idle as f64);
         metrics::gauge!(POOL_CONNECTIONS, "pool" => pool, "state" => "max").set(sample.max as f64);
+    }
+    if let Some(dropped) = logging::dropped_lines() {
+        metrics::counter!(logging::LOG_LINES_DROPPED).absolute(dropped);
     }
     if let Some(top) = top {
         for (slug, n) in top.top() {

@@ -99,6 +99,11 @@ pub struct Header {
     pub format: u32,
     pub tenantry: String,
     pub template_version: i32,
+    /// The shared schema's version when the org was exported: an import
+    /// needs at least this one. The shared data itself is never archived.
+    /// 0 in archives of releases before the shared schema.
+    #[serde(default)]
+    pub shared_version: i32,
     pub org: ArchivedOrg,
     pub tables: Vec<ArchivedTable>,
 }
@@ -219,6 +224,7 @@ pub async fn export_as(
     }
     sqlx::Executor::execute(&mut *tx, "SET LOCAL synchronize_seqscans = off").await?;
     let org = crate::registry::get_org(&mut tx, slug).await?;
+    let shared_version = crate::tenants::shared::version(&mut tx).await?;
     let schema = org.schema_name.clone();
     let tables = tables(&mut tx, &schema).await?;
     // pass 1: counts and checksums
@@ -250,6 +256,7 @@ pub async fn export_as(
         format: format.number(),
         tenantry: env!("CARGO_PKG_VERSION").to_owned(),
         template_version: org.template_version,
+        shared_version,
         org: ArchivedOrg {
             slug: org.slug.to_string(),
             name: org.name.clone(),
@@ -537,6 +544,13 @@ pub async fn import(
             ))
         })?;
     let mut tx = OwnTx::begin(pool, "BEGIN").await?;
+    let shared_version = crate::tenants::shared::version(&mut tx).await?;
+    if header.shared_version > shared_version {
+        return Err(bad(format!(
+            "the archive was exported with shared schema version {}, and this database's is at {shared_version}: run `tenantry migrate` first",
+            header.shared_version
+        )));
+    }
     let engine = Engine::detect(&mut tx).await?;
     let created =
         crate::tenants::provision::create_org_in(&mut tx, &at_version, new, None, false).await?;

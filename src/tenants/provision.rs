@@ -14,10 +14,6 @@ use crate::registry::changes::{announce, Change, REGISTRY_CHANNEL};
 use crate::registry::{self, org_columns, OrgRow, OrgStatus, Organization, User};
 use crate::tenants::template::{Template, TemplateError};
 
-/// Statuses and behaviors every new organization starts with.
-pub const DEFAULT_STATUSES: &[&str] = &["New", "Active", "Archived"];
-pub const DEFAULT_BEHAVIORS: &[&str] = &["Reliability", "Compliance", "Robustness"];
-
 /// Recorded as `created_by` for initial data of an org created without an
 /// owner user.
 pub const SYSTEM_USER_ID: Uuid = Uuid::nil();
@@ -149,7 +145,7 @@ macro_rules! claim_org_sql {
                INSERT INTO tenantry.users (id, organization_id, email, display_name) \
                SELECT src.author_id, org.id, $7, $8 FROM org, src WHERE $7::text IS NOT NULL RETURNING id), \
              path AS (SELECT set_config('search_path', quote_ident(src.schema_name), true) AS search_path FROM src) \
-             SELECT org.*, src.author_id, path.search_path, pg_notify($9, $10)::text AS announced \
+             SELECT org.*, src.author_id, src.seed_current, path.search_path, pg_notify($9, $10)::text AS announced \
              FROM org LEFT JOIN owner ON true CROSS JOIN path CROSS JOIN src"
         )
     };
@@ -176,7 +172,7 @@ impl SchemaSource {
 /// A new org's id and schema: the ones chosen for it ($1, $4); its owner
 /// gets id $6.
 const FRESH_SCHEMA: &str =
-    claim_org_sql!("SELECT $1::uuid AS org_id, $4::text AS schema_name, $6::uuid AS author_id");
+    claim_org_sql!("SELECT $1::uuid AS org_id, $4::text AS schema_name, $6::uuid AS author_id, true AS seed_current");
 
 /// A new org's id and schema: a warm one's at the template's version ($5),
 /// whose schema exists, taken for good (see `warm`); its owner gets the id
@@ -187,18 +183,20 @@ const WARM_SCHEMA: &str = claim_org_sql!(
         WHERE w.template_version = $5 \
           AND to_regnamespace(quote_ident(w.schema_name)) IS NOT NULL \
         ORDER BY w.created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
-     RETURNING org_id, schema_name, author_id"
+     RETURNING org_id, schema_name, author_id, \
+               seed IS NOT DISTINCT FROM (SELECT initial_data_seed FROM tenantry.settings) AS seed_current"
 );
 
 /// Inserts the registry row and the owner user of `new`, with the id and
 /// schema from `source`, and announces it; `None` when it had none (no
-/// warm schema). Also returns the author id it chose.
+/// warm schema). Also returns the author id it chose, and whether the
+/// schema's initial data is the catalog's as it is now.
 async fn claim_org(
     tx: &mut PgConnection,
     template: &Template,
     new: &NewOrg,
     source: SchemaSource,
-) -> Result<Option<(Created, Option<Uuid>)>, Error> {
+) -> Result<Option<(Created, Option<Uuid>, bool)>, Error> {
     let conflict = || {
         Error::Conflict(format!(
             "organization {:?} already exists",
@@ -230,6 +228,7 @@ async fn claim_org(
         return Ok(None);
     };
     let author: Option<Uuid> = sqlx::Row::try_get(&row, "author_id")?;
+    let seed_current: bool = sqlx::Row::try_get(&row, "seed_current")?;
     let organization = Organization::try_from(<OrgRow as sqlx::FromRow<_>>::from_row(&row)?)?;
     let owner = owner.map(|u| User {
         id: author.unwrap_or(u.id),
@@ -243,28 +242,37 @@ async fn claim_org(
             from_warm_pool: source == SchemaSource::Warm,
         },
         author,
+        seed_current,
     )))
 }
 
 /// [`create_org_in`] from a warm schema: claims one with the registry row
 /// and the owner in one statement. The schema comes with its initial data,
 /// recorded as written by the owner the signup gets (see `warm`); without
-/// an owner it is handed to the nil system user. `None` (and nothing done)
-/// when no warm schema is ready at the template's version.
+/// an owner it is handed to the nil system user. A schema built before the
+/// catalog's initial presets last changed gets them reloaded. `None` (and
+/// nothing done) when no warm schema is ready at the template's version.
 async fn create_from_warm_in(
     tx: &mut PgConnection,
     template: &Template,
     new: &NewOrg,
     hook: Option<FaultHook>,
 ) -> Result<Option<Created>, Error> {
-    let Some((created, author)) = claim_org(tx, template, new, SchemaSource::Warm).await? else {
+    let Some((created, author, seed_current)) =
+        claim_org(tx, template, new, SchemaSource::Warm).await?
+    else {
         return Ok(None);
     };
     if let Some(hook) = hook {
         hook()?;
     }
-    if created.owner.is_none() {
-        // the claim set the search path
+    // the claim set the search path
+    if !seed_current {
+        // no test refers to them yet: the schema was never served
+        simple_query(&mut *tx, "DELETE FROM statuses; DELETE FROM behaviors").await?;
+        let owner = created.owner.as_ref().map(|u| u.id);
+        seed_initial_data(&mut *tx, owner.unwrap_or(SYSTEM_USER_ID)).await?;
+    } else if created.owner.is_none() {
         sqlx::query(
             "WITH s AS (UPDATE statuses SET created_by = $2, updated_by = $2 WHERE created_by = $1) \
              UPDATE behaviors SET created_by = $2, updated_by = $2 WHERE created_by = $1",
@@ -296,6 +304,7 @@ pub(crate) async fn create_org_in(
             owner,
             ..
         },
+        _,
         _,
     ) = claim_org(tx, template, new, SchemaSource::Fresh)
         .await?
@@ -331,17 +340,18 @@ pub(crate) async fn create_org_in(
     })
 }
 
-/// Loads the default statuses and behaviors, recorded as written by
-/// `author`, in one round trip. Runs with search_path set to the new
-/// tenant's schema.
+/// Loads the catalog's initial statuses and behaviors (see
+/// `tenants::shared`), recorded as written by `author`, in one round trip.
+/// Runs with search_path set to the new tenant's schema.
 pub(crate) async fn seed_initial_data(conn: &mut PgConnection, author: Uuid) -> Result<(), Error> {
     sqlx::query(
-        "WITH s AS (INSERT INTO statuses (name, created_by, updated_by) \
-                    SELECT unnest($1::text[]), $3, $3) \
-         INSERT INTO behaviors (name, created_by, updated_by) SELECT unnest($2::text[]), $3, $3",
+        "WITH s AS (INSERT INTO statuses (name, description, created_by, updated_by) \
+                    SELECT name, description, $1, $1 FROM shared.catalog_statuses \
+                    WHERE initial ORDER BY created_at, name) \
+         INSERT INTO behaviors (name, description, created_by, updated_by) \
+         SELECT name, description, $1, $1 FROM shared.catalog_behaviors \
+         WHERE initial ORDER BY created_at, name",
     )
-    .bind(DEFAULT_STATUSES)
-    .bind(DEFAULT_BEHAVIORS)
     .bind(author)
     .execute(conn)
     .await?;

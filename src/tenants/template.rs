@@ -23,12 +23,19 @@ mod embedded_template {
 /// transaction (e.g. `CREATE INDEX CONCURRENTLY`).
 pub const NO_TRANSACTION_MARKER: &str = "-- tenantry:no-transaction";
 
+/// A comment line of a tenant migration that needs the shared schema at a
+/// version or later: `-- tenantry:requires-shared 3`.
+pub const REQUIRES_SHARED_MARKER: &str = "-- tenantry:requires-shared";
+
 /// A set of versioned SQL migrations applied to one schema at a time.
 #[derive(Debug, Clone)]
 pub struct Template {
     migrations: Vec<Migration>,
     /// Versions of the migrations marked [`NO_TRANSACTION_MARKER`].
     no_transaction: std::collections::BTreeSet<i32>,
+    /// The shared version each migration marked [`REQUIRES_SHARED_MARKER`]
+    /// needs, by migration version.
+    requires_shared: std::collections::BTreeMap<i32, i32>,
 }
 
 /// Why a template's history cannot be continued.
@@ -70,8 +77,22 @@ impl Template {
         }
         migrations.sort();
         let mut no_transaction = std::collections::BTreeSet::new();
+        let mut requires_shared = std::collections::BTreeMap::new();
         for m in &migrations {
             let sql = m.sql().unwrap_or_default();
+            for line in sql.lines() {
+                let Some(rest) = line.trim().strip_prefix(REQUIRES_SHARED_MARKER) else {
+                    continue;
+                };
+                let version = rest.trim().parse::<i32>().ok().filter(|v| *v > 0);
+                let version = version.ok_or_else(|| {
+                    TemplateError::Load(format!(
+                        "{m}: {REQUIRES_SHARED_MARKER} must be followed by a shared version (a positive number), got {:?}",
+                        rest.trim()
+                    ))
+                })?;
+                requires_shared.insert(m.version(), version);
+            }
             let marked = sql
                 .lines()
                 .next()
@@ -89,7 +110,19 @@ impl Template {
         Ok(Template {
             migrations,
             no_transaction,
+            requires_shared,
         })
+    }
+
+    /// The highest shared version the migrations up to `target` require,
+    /// with the first migration that requires it.
+    pub fn shared_version_required(&self, target: i32) -> Option<(String, i32)> {
+        let (version, required) = self
+            .requires_shared
+            .range(..=target)
+            .max_by_key(|(v, r)| (**r, -**v))?;
+        let m = self.migrations.iter().find(|m| m.version() == *version)?;
+        Some((m.to_string(), *required))
     }
 
     /// True for a migration marked [`NO_TRANSACTION_MARKER`].

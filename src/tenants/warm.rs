@@ -10,7 +10,11 @@
 //! organization with that id and its owner user in the same statement
 //! (`provision::create_org`). The initial data was recorded as written by
 //! the id that owner then gets (`author_id`), so a signup writes nothing in
-//! the tenant's schema; its rows carry the time the schema was built. Rolled back, or cut
+//! the tenant's schema; its rows carry the time the schema was built. The
+//! initial data comes from the shared catalog's initial presets, whose
+//! fingerprint the row records (`seed`): a signup that takes a schema built
+//! before they changed reloads them (two more statements), so a catalog
+//! change reaches every later signup. Rolled back, or cut
 //! off by a crash, the transaction leaves the row and the schema in the
 //! pool, and no organization.
 //!
@@ -118,15 +122,16 @@ async fn build_in(
     template
         .apply_to_new_schema(&mut *conn, &schema, &role, engine)
         .await?;
-    // the initial data too, as written by the owner the org will get
+    // the initial data too, as written by the owner the org will get, with
+    // the fingerprint of the catalog it came from
     let author = Uuid::new_v4();
     crate::tenants::provision::seed_initial_data(&mut *conn, author).await?;
     // apply_to_new_schema leaves the transaction as the tenant role on
     // plain PostgreSQL; the registry row is the admin's to write.
     simple_query(conn, "RESET ROLE").await?;
     sqlx::query(
-        "INSERT INTO tenantry.warm_schemas (org_id, schema_name, template_version, author_id) \
-         VALUES ($1, $2, $3, $4)",
+        "INSERT INTO tenantry.warm_schemas (org_id, schema_name, template_version, author_id, seed) \
+         VALUES ($1, $2, $3, $4, (SELECT initial_data_seed FROM tenantry.settings))",
     )
     .bind(id)
     .bind(schema.as_str())

@@ -16,9 +16,13 @@
 
 pub mod citus;
 pub mod pgbouncer;
+/// The benchmarks' proxy in front of PostgreSQL: counts round trips.
+#[path = "../../benches/common/wire_proxy.rs"]
+pub mod wire_proxy;
 
 use std::str::FromStr;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -123,7 +127,7 @@ impl TestDb {
     /// A new empty database with the registry migrated.
     pub async fn new() -> TestDb {
         let db = TestDb::empty().await;
-        tenantry::registry::migrate(&db.pool)
+        tenantry::tenants::migrate_database(&db.pool)
             .await
             .expect("registry migrations");
         db
@@ -150,7 +154,7 @@ impl TestDb {
             .connect(&url)
             .await
             .expect("connect to test database");
-        tenantry::registry::migrate(&pool)
+        tenantry::tenants::migrate_database(&pool)
             .await
             .expect("registry migrations");
         Some(TestDb { pool, url, name })
@@ -346,14 +350,6 @@ async fn spawn_app_with_pools(
     pool_config: &tenantry::pg::pools::PoolConfig,
     mut config: tenantry::server::ServerConfig,
 ) -> TestApp {
-    let (_, token) = tenantry::tenants::provision::issue_superuser_token(
-        &pool,
-        "root@tenantry.test",
-        None,
-        None,
-    )
-    .await
-    .expect("superuser");
     let (serving_url, pooler) = {
         let direct = serving_url;
         let (url, pooler) = serving(direct);
@@ -368,6 +364,50 @@ async fn spawn_app_with_pools(
     };
     let pools = tenantry::server::Pools::connect_lazy(pool, &serving_url, pool_config)
         .expect("server pools");
+    serve_app(db, pools, config).await
+}
+
+/// A server whose tenant connections go to `tenant_url` (e.g. a proxy in
+/// front of the database) while its admin and control connections go
+/// straight to the database.
+pub async fn spawn_app_with_tenant_url(db: TestDb, tenant_url: &str) -> TestApp {
+    let config = tenantry::server::ServerConfig::default();
+    let pool_config = tenantry::pg::pools::PoolConfig::default();
+    let admin =
+        tenantry::pg::pools::connect(&db.url, &tenantry::server::small_pool_config(&pool_config))
+            .await
+            .expect("server admin pool");
+    let control = tenantry::pg::pools::connect_lazy(
+        &db.url,
+        &tenantry::server::small_pool_config(&pool_config),
+    )
+    .expect("control pool");
+    let tenants = tenantry::pg::pools::TenantPool::connect_lazy(tenant_url, &pool_config)
+        .expect("tenant pool");
+    let pools = tenantry::server::Pools {
+        admin,
+        control,
+        tenants,
+    };
+    serve_app(db, pools, config).await
+}
+
+/// Serves `pools` on a free port, with a superuser token issued on the
+/// admin pool.
+async fn serve_app(
+    db: TestDb,
+    pools: tenantry::server::Pools,
+    config: tenantry::server::ServerConfig,
+) -> TestApp {
+    let (_, token) = tenantry::tenants::provision::issue_superuser_token(
+        &pools.admin,
+        "root@tenantry.test",
+        None,
+        None,
+    )
+    .await
+    .expect("superuser");
+    let superuser = token.token;
     let state = tenantry::server::state(pools, &config)
         .await
         .expect("server state");
@@ -383,7 +423,7 @@ async fn spawn_app_with_pools(
         addr,
         db,
         http: reqwest::Client::new(),
-        superuser: token.token,
+        superuser,
         state,
     }
 }
@@ -444,6 +484,11 @@ impl TestApp {
             )
             .await;
         assert_eq!(s, 201, "{body}");
+        self.member_token(slug).await
+    }
+
+    /// A token for a new member of the existing org `slug`.
+    pub async fn member_token(&self, slug: &str) -> String {
         let (s, body) = self
             .call(
                 reqwest::Method::POST,
@@ -455,4 +500,73 @@ impl TestApp {
         assert_eq!(s, 201, "{body}");
         body["token"]["token"].as_str().unwrap().to_owned()
     }
+
+    /// The worst case of tenant affinity, made on purpose: creates orgs
+    /// `{prefix}-0`, `{prefix}-1`, … until one has the same two tenant
+    /// sub-pools as `of` (about one org in 120 with 16 sub-pools), and
+    /// returns its slug and a member's token. `None` with fewer than three
+    /// sub-pools, where every org shares them.
+    pub async fn org_sharing_sub_pools_with(
+        &self,
+        of: &str,
+        prefix: &str,
+    ) -> Option<(String, String)> {
+        let pool = self.state.tenancy.router().tenant_pool();
+        if pool.sub_pool_count() < 3 {
+            return None;
+        }
+        let choices = |id: &uuid::Uuid| {
+            let (home, alt) = pool.candidates(id);
+            [home.min(alt), home.max(alt)]
+        };
+        let wanted = choices(&self.tenant(of).await.id);
+        for i in 0..3000 {
+            let slug = format!("{prefix}-{i}");
+            let (s, body) = self
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/admin/orgs",
+                    &self.superuser,
+                    Some(serde_json::json!({"slug": slug, "name": slug, "owner_email": format!("owner@{slug}.test")})),
+                )
+                .await;
+            assert_eq!(s, 201, "{body}");
+            if choices(&self.tenant(&slug).await.id) == wanted {
+                let token = self.member_token(&slug).await;
+                return Some((slug, token));
+            }
+        }
+        panic!("no org of 3000 shares the sub-pools of {of}");
+    }
+}
+
+/// Reads a `tenantry serve` child's stdout until its listening line:
+/// (address, the lines before it, among them a bootstrap token if one was
+/// printed). Fails if the child exits first or does not listen in 120 s.
+pub async fn until_listening(child: &mut tokio::process::Child) -> (String, Vec<String>) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = vec![];
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(addr) = line.strip_prefix("tenantry listening on ") {
+                return addr.to_owned();
+            }
+            seen.push(line);
+        }
+        panic!("serve exited before listening: {seen:?}");
+    };
+    let addr = tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .expect("serve did not start within 120 s");
+    (addr, seen)
+}
+
+/// The bootstrap token among lines a `tenantry serve` printed.
+pub fn bootstrap_token(printed: &[String]) -> String {
+    printed
+        .iter()
+        .find(|l| l.starts_with("tny_"))
+        .unwrap_or_else(|| panic!("no bootstrap token in {printed:?}"))
+        .clone()
 }

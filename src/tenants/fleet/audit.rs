@@ -10,7 +10,8 @@
 //!   schema, relation or routine other than its own schema's (another
 //!   tenant's, the registry, `public`);
 //! - `tenant_role_membership`: a tenant role is a member of another role
-//!   (and would inherit or could SET ROLE to its rights);
+//!   than the database's shared reader role (and would inherit or could SET
+//!   ROLE to its rights);
 //! - `tenant_role_attribute`: a tenant role is a superuser or may create
 //!   roles or databases, replicate or bypass row security; on plain
 //!   PostgreSQL, it may log in (on Citus tenant roles log in to workers,
@@ -19,6 +20,16 @@
 //!   another role than the tenant's;
 //! - `foreign_grant`: a tenant schema or relation grants a right to
 //!   another role than its tenant's, PUBLIC included;
+//! - `shared_reader_right`: the shared reader role (which every tenant role
+//!   inherits from) holds more than USAGE on the shared schema and SELECT on
+//!   its relations, is a member of a role, or has an attribute beyond
+//!   `NOLOGIN`;
+//! - `shared_owner`: the shared schema is owned by a tenant, serving or
+//!   reader role, or an object in it by another role than the schema's
+//!   owner;
+//! - `shared_foreign_grant`: PUBLIC or a serving role holds a right on the
+//!   shared schema or a relation in it (the reader's rights are the
+//!   only ones tenants get);
 //! - `serving_role_reads_registry`: a serving role (the login role of
 //!   tenant connections) may read or change a registry table itself,
 //!   rather than through the lookup functions;
@@ -31,6 +42,8 @@ use sqlx::PgPool;
 use crate::base::error::Error;
 use crate::base::ident::quote_ident;
 use crate::pg::engine::Engine;
+// this database's shared reader role
+use crate::registry::roles::SHARED_READER_NAME as READER;
 
 /// One break of confinement and how to repair it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -112,6 +125,7 @@ pub async fn audit(pool: &PgPool) -> Result<Vec<Breach>, Error> {
         "WITH tenant_roles AS ({TENANT_ROLES}) \
          SELECT t.rolname::text, quote_ident(g.rolname), '', 'is a member of role ' || g.rolname \
          FROM pg_auth_members m JOIN tenant_roles t ON t.oid = m.member JOIN pg_roles g ON g.oid = m.roleid \
+         WHERE g.rolname IS DISTINCT FROM ({READER}) \
          ORDER BY 1, 2"
     ))
     .fetch_all(pool)
@@ -203,6 +217,8 @@ pub async fn audit(pool: &PgPool) -> Result<Vec<Breach>, Error> {
         format!("REVOKE ALL ON {kind} {object} FROM {grantee}")
     });
 
+    shared_rules(pool, &mut add).await?;
+
     // Serving roles: the registry only through its functions.
     let serving: Vec<Row> = sqlx::query_as(
         "SELECT s.role, 'tenantry.' || t.name, '', \
@@ -243,4 +259,122 @@ pub async fn audit(pool: &PgPool) -> Result<Vec<Breach>, Error> {
         format!("ALTER ROLE {object} NO{attr}")
     });
     Ok(breaches)
+}
+
+/// The rules of the shared schema: what tenants read through the reader
+/// role, nobody but its owner writes.
+async fn shared_rules(
+    pool: &PgPool,
+    add: &mut impl FnMut(&'static str, Vec<Row>, &dyn Fn(&Row) -> String),
+) -> Result<(), Error> {
+    let shared = crate::tenants::shared::SHARED_SCHEMA;
+    let reader: Vec<Row> = sqlx::query_as(&format!(
+        "WITH reader AS (SELECT oid, rolname FROM pg_roles WHERE rolname = ({READER})) \
+         SELECT r.rolname::text, 'SCHEMA ' || quote_ident(n.nspname), '', \
+                'holds ' || a.privilege_type || ' on schema ' || n.nspname \
+         FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a JOIN reader r ON r.oid = a.grantee \
+         WHERE NOT (n.nspname = $1 AND a.privilege_type = 'USAGE') \
+         UNION ALL \
+         SELECT r.rolname::text, 'TABLE ' || quote_ident(n.nspname) || '.' || quote_ident(c.relname), '', \
+                'holds ' || a.privilege_type || ' on ' || n.nspname || '.' || c.relname \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         CROSS JOIN LATERAL aclexplode(c.relacl) a JOIN reader r ON r.oid = a.grantee \
+         WHERE NOT (n.nspname = $1 AND a.privilege_type = 'SELECT') \
+         UNION ALL \
+         SELECT r.rolname::text, quote_ident(g.rolname), 'member', 'is a member of role ' || g.rolname \
+         FROM pg_auth_members m JOIN reader r ON r.oid = m.member JOIN pg_roles g ON g.oid = m.roleid \
+         UNION ALL \
+         SELECT r.rolname::text, quote_ident(r.rolname), attr, 'has ' || attr \
+         FROM pg_roles p JOIN reader r ON r.oid = p.oid \
+         CROSS JOIN LATERAL (VALUES ('SUPERUSER', p.rolsuper), ('CREATEROLE', p.rolcreaterole), \
+             ('CREATEDB', p.rolcreatedb), ('REPLICATION', p.rolreplication), \
+             ('BYPASSRLS', p.rolbypassrls), ('LOGIN', p.rolcanlogin)) v (attr, has) \
+         WHERE has ORDER BY 2"
+    ))
+    .bind(shared)
+    .fetch_all(pool)
+    .await?;
+    add(
+        "shared_reader_right",
+        reader,
+        &|(role, object, kind, _)| match kind.as_str() {
+            "" => format!("REVOKE ALL ON {object} FROM {}", quote_ident(role)),
+            "member" => format!("REVOKE {object} FROM {}", quote_ident(role)),
+            attr => format!("ALTER ROLE {object} NO{attr}"),
+        },
+    );
+
+    // Owners: not a role tenants act as; one owner for the schema and all in it.
+    let schema_owner: Option<String> = sqlx::query_scalar(
+        "SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = $1",
+    )
+    .bind(shared)
+    .fetch_optional(pool)
+    .await?;
+    let schema_owner = schema_owner
+        .map(|o| quote_ident(&o))
+        .unwrap_or("CURRENT_USER".into());
+    let owners: Vec<Row> = sqlx::query_as(&format!(
+        "WITH s AS (SELECT oid, nspname, nspowner FROM pg_namespace WHERE nspname = $1), \
+              bad AS (SELECT oid FROM pg_roles WHERE rolname = ({READER}) \
+                      OR rolname IN (SELECT role FROM tenantry.serving_roles) \
+                      OR rolname LIKE 't\\_%' AND rolname IN ( \
+                         SELECT 't_' || replace(id::text, '-', '') FROM tenantry.organizations \
+                         UNION SELECT 't_' || replace(org_id::text, '-', '') FROM tenantry.warm_schemas)) \
+         SELECT pg_get_userbyid(s.nspowner)::text, quote_ident(s.nspname), 'SCHEMA', \
+                'owns the shared schema ' || s.nspname \
+         FROM s WHERE s.nspowner IN (SELECT oid FROM bad) \
+         UNION ALL \
+         SELECT pg_get_userbyid(c.relowner)::text, quote_ident(s.nspname) || '.' || quote_ident(c.relname), \
+                CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' \
+                     WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, \
+                'owns ' || s.nspname || '.' || c.relname || ', not the schema''s owner' \
+         FROM pg_class c JOIN s ON s.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND c.relowner <> s.nspowner \
+           AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'a')) \
+         ORDER BY 2"
+    ))
+    .bind(shared)
+    .fetch_all(pool)
+    .await?;
+    // a schema owned by a role tenants act as hands its objects to the admin
+    let schema_owner = if owners.iter().any(|r| r.2 == "SCHEMA") {
+        "CURRENT_USER".to_owned()
+    } else {
+        schema_owner
+    };
+    add("shared_owner", owners, &|(_, object, kind, _)| {
+        if kind == "SCHEMA" {
+            format!("ALTER SCHEMA {object} OWNER TO CURRENT_USER")
+        } else {
+            format!("ALTER {kind} {object} OWNER TO {schema_owner}")
+        }
+    });
+
+    let grants: Vec<Row> = sqlx::query_as(
+        "WITH s AS (SELECT oid, nspname, nspacl, nspowner FROM pg_namespace WHERE nspname = $1) \
+         SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END, \
+                'SCHEMA ' || quote_ident(s.nspname), '', a.privilege_type || ' on schema ' || s.nspname \
+         FROM s CROSS JOIN LATERAL aclexplode(s.nspacl) a \
+         WHERE a.grantee = 0 OR pg_get_userbyid(a.grantee) IN (SELECT role FROM tenantry.serving_roles) \
+         UNION ALL \
+         SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END, \
+                'TABLE ' || quote_ident(s.nspname) || '.' || quote_ident(c.relname), '', \
+                a.privilege_type || ' on ' || s.nspname || '.' || c.relname \
+         FROM pg_class c JOIN s ON s.oid = c.relnamespace CROSS JOIN LATERAL aclexplode(c.relacl) a \
+         WHERE a.grantee = 0 OR pg_get_userbyid(a.grantee) IN (SELECT role FROM tenantry.serving_roles) \
+         ORDER BY 2, 1",
+    )
+    .bind(shared)
+    .fetch_all(pool)
+    .await?;
+    add("shared_foreign_grant", grants, &|(role, object, _, _)| {
+        let grantee = if role == "PUBLIC" {
+            "PUBLIC".to_owned()
+        } else {
+            quote_ident(role)
+        };
+        format!("REVOKE ALL ON {object} FROM {grantee}")
+    });
+    Ok(())
 }

@@ -99,6 +99,8 @@ pub use migrate::{
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetStatus {
+    /// The shared schema's version.
+    pub shared_version: i32,
     /// (template_version, number of tenants), ascending.
     pub versions: Vec<(i32, i64)>,
     pub failed: Vec<RecordedFailure>,
@@ -130,7 +132,12 @@ pub async fn status(pool: &PgPool) -> Result<FleetStatus, Error> {
     )
     .fetch_all(pool)
     .await?;
-    Ok(FleetStatus { versions, failed })
+    let shared_version = crate::tenants::shared::version(&mut *pool.acquire().await?).await?;
+    Ok(FleetStatus {
+        shared_version,
+        versions,
+        failed,
+    })
 }
 
 // ---------------------------------------------------------------- query
@@ -257,7 +264,7 @@ async fn query_tenant(
     let begin = format!(
         "BEGIN READ ONLY; SET LOCAL ROLE {}; SET LOCAL search_path TO {}; SET LOCAL statement_timeout = {timeout_ms}",
         RoleName::for_org(&t.id).quoted(),
-        t.schema.quoted()
+        t.schema.tenant_search_path()
     );
     let mut tx = pool.begin_with(begin).await?;
     let rows: Vec<String> = sqlx::query_scalar(wrapped)
