@@ -116,11 +116,12 @@ impl TenantLimiter {
 }
 
 impl TenantSlot {
-    /// The tenant's transactions holding or waiting for a place, this one
-    /// included.
+    /// The tenant's transactions holding a place, this one included; those
+    /// still queued for one hold no connection and are not counted.
     pub fn in_flight(&self) -> usize {
-        // every slot of the tenant holds a clone, and the map one more
-        Arc::strong_count(&self.semaphore).saturating_sub(1).max(1)
+        let max = self.limiter.config.max_in_flight as usize;
+        max.saturating_sub(self.semaphore.available_permits())
+            .max(1)
     }
 }
 
@@ -165,6 +166,35 @@ mod tests {
         tokio::task::yield_now().await;
         drop(a);
         assert!(waiter.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn in_flight_counts_the_tenants_admitted_transactions_only() {
+        let limiter = TenantLimiter::new(FairnessConfig {
+            max_in_flight: 3,
+            queue: Duration::from_secs(5),
+        });
+        let (tenant, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let a = limiter.admit(&tenant).await.unwrap().unwrap();
+        assert_eq!(a.in_flight(), 1);
+        let b = limiter.admit(&tenant).await.unwrap().unwrap();
+        let _c = limiter.admit(&tenant).await.unwrap().unwrap();
+        let _elsewhere = limiter.admit(&other).await.unwrap().unwrap();
+        assert_eq!((a.in_flight(), b.in_flight()), (3, 3));
+        // one queued behind them: it holds no connection, so it is not counted
+        let queued = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.admit(&tenant).await.map(|s| s.is_some()) })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(a.in_flight(), 3);
+        drop(b);
+        assert!(queued.await.unwrap().unwrap());
+        assert_eq!(
+            a.in_flight(),
+            2,
+            "the queued one got b's place and has ended"
+        );
     }
 
     #[tokio::test]
