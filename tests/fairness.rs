@@ -36,7 +36,8 @@ const PHASE: Duration = Duration::from_millis(2500);
 const ROUNDS: usize = 5;
 
 struct Outcome {
-    quiet_ms: Vec<f64>,
+    /// (index of the quiet org, latency in ms) of each quiet request
+    quiet_ms: Vec<(usize, f64)>,
     noisy_statuses: Vec<u16>,
     bad_quiet: Vec<u16>,
 }
@@ -55,7 +56,7 @@ async fn drive(
     let noisy_statuses = Arc::new(Mutex::new(vec![]));
     let mut tasks = vec![];
     let started = Instant::now();
-    for (slug, token) in quiet {
+    for (org, (slug, token)) in quiet.iter().enumerate() {
         let (http, url, token) = (
             http.clone(),
             format!("{api}/v1/orgs/{slug}/statuses"),
@@ -78,7 +79,7 @@ async fn drive(
                         quiet_ms
                             .lock()
                             .unwrap()
-                            .push(sent.elapsed().as_secs_f64() * 1e3);
+                            .push((org, sent.elapsed().as_secs_f64() * 1e3));
                     } else {
                         bad_quiet.lock().unwrap().push(status);
                     }
@@ -139,8 +140,8 @@ async fn drive(
     }
 }
 
-fn p99(samples: &[f64]) -> f64 {
-    let mut s = samples.to_vec();
+fn p99(samples: &[(usize, f64)]) -> f64 {
+    let mut s: Vec<f64> = samples.iter().map(|s| s.1).collect();
     s.sort_by(f64::total_cmp);
     s[(s.len() * 99 / 100).min(s.len() - 1)]
 }
@@ -185,7 +186,7 @@ async fn noisy_neighbour(pool: PoolConfig, what: &str) {
     // warm up caches and connections
     drive(&http, &api, &slow_url, &quiet, None).await;
 
-    let (mut ratios, mut statuses) = (vec![], vec![]);
+    let (mut ratios, mut per_org, mut statuses) = (vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
         let alone = drive(&http, &api, &slow_url, &quiet, None).await;
         let beside = drive(&http, &api, &slow_url, &quiet, Some(&noisy)).await;
@@ -193,9 +194,23 @@ async fn noisy_neighbour(pool: PoolConfig, what: &str) {
             assert!(o.bad_quiet.is_empty(), "quiet orgs got {:?}", o.bad_quiet);
         }
         ratios.push((p99(&alone.quiet_ms), p99(&beside.quiet_ms)));
+        per_org.push(
+            (0..quiet.len())
+                .map(|org| {
+                    let of = |o: &Outcome| {
+                        let mine: Vec<_> =
+                            o.quiet_ms.iter().filter(|s| s.0 == org).copied().collect();
+                        p99(&mine)
+                    };
+                    (of(&alone), of(&beside))
+                })
+                .collect::<Vec<_>>(),
+        );
         statuses.extend(beside.noisy_statuses);
     }
     println!("{what}: quiet p99 per round (alone ms, beside ms): {ratios:.2?}");
+    let names: Vec<_> = quiet.iter().map(|q| q.0.as_str()).collect();
+    println!("{what}: each quiet org's p99 per round (alone ms, beside ms), orgs {names:?}: {per_org:.1?}");
     // The round in the middle by ratio: one phase stalled by the machine
     // (a 100 ms hiccup on a shared 2-core host is enough to move a p99)
     // cannot decide the outcome, while a neighbour that really takes the

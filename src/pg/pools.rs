@@ -137,6 +137,17 @@ pub const DEFAULT_SPILL_MARGIN: u32 = 8;
 /// below what a request should wait behind a stuck neighbour.
 pub const SPILL_AFTER: Duration = Duration::from_millis(10);
 
+/// How far back a sub-pool's slow holds count (the time constant of their
+/// decay): a few of a noisy tenant's slow transactions, short enough that a
+/// sub-pool it left is soon waited for again.
+const SLOW_WINDOW: Duration = Duration::from_millis(100);
+
+/// `value` after `elapsed_us` of decay with [`SLOW_WINDOW`] as time
+/// constant.
+fn decayed(value: u64, elapsed_us: u64) -> f64 {
+    value as f64 * (-(elapsed_us as f64) / SLOW_WINDOW.as_micros() as f64).exp()
+}
+
 fn options(config: &PoolConfig, max_connections: u32) -> PgPoolOptions {
     let set_session = config.pooler == Pooler::None;
     PgPoolOptions::new()
@@ -194,10 +205,20 @@ struct SubPool {
     pool: PgPool,
     /// Transactions holding or waiting for one of its connections.
     load: AtomicUsize,
-    /// Moving average of how long its transactions hold a connection,
-    /// microseconds: when it is above [`SPILL_AFTER`], waiting for this
-    /// sub-pool is pointless (e.g. a noisy tenant's slow requests hold it).
-    hold_us: AtomicU64,
+    /// Time its connections spent in slow holds (each longer than
+    /// [`SPILL_AFTER`]), microseconds, decaying with [`SLOW_WINDOW`] as time
+    /// constant, as of `slow_at` (microseconds since `epoch`). Its share of
+    /// the window says whether waiting for this sub-pool is pointless (a
+    /// noisy tenant's slow requests, lock waits hold it). Counted in time,
+    /// not per hold: counted per hold, the 1 ms holds of the tenants that
+    /// got a noisy org's sub-pools in between its 40 ms ones kept their
+    /// average at 1.5-7 ms, and those tenants waited at home for nothing;
+    /// and one slow hold (a backend's first, its caches cold) stays a
+    /// minority of the window, where an average weighted by length kept
+    /// the sub-pool slow for its next twenty holds and sent tenants of the
+    /// affinity test to a third backend.
+    slow_hold_us: AtomicU64,
+    slow_at: AtomicU64,
     /// Transactions holding one of its connections now, and the sum of the
     /// times they took it (microseconds since `epoch`): how long the current
     /// holds have lasted, before any of them ends and reaches the average.
@@ -214,7 +235,8 @@ impl SubPool {
         SubPool {
             pool,
             load: AtomicUsize::new(0),
-            hold_us: AtomicU64::new(0),
+            slow_hold_us: AtomicU64::new(0),
+            slow_at: AtomicU64::new(0),
             holding: AtomicUsize::new(0),
             held_since_sum: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -244,8 +266,26 @@ impl SubPool {
         });
     }
 
+    /// Slow holds took more than half of its connections' time lately.
     fn holds_slowly(&self) -> bool {
-        self.hold_us.load(Ordering::Relaxed) > SPILL_AFTER.as_micros() as u64
+        let connections = self.pool.options().get_max_connections().max(1) as f64;
+        self.slow_share() / connections > 0.5
+    }
+
+    /// The decayed slow-hold time over [`SLOW_WINDOW`]: about the share of
+    /// the window one connection spent in slow holds (summed over its
+    /// connections).
+    fn slow_share(&self) -> f64 {
+        self.slow_share_at(Instant::now())
+    }
+
+    fn slow_share_at(&self, now: Instant) -> f64 {
+        let (held, at) = (
+            self.slow_hold_us.load(Ordering::Relaxed),
+            self.slow_at.load(Ordering::Relaxed),
+        );
+        let now = now.saturating_duration_since(self.epoch).as_micros() as u64;
+        decayed(held, now.saturating_sub(at)) / SLOW_WINDOW.as_micros() as f64
     }
 
     /// The transactions holding its connections now have held them longer
@@ -266,17 +306,21 @@ impl SubPool {
         self.epoch.elapsed().as_micros().min(u64::MAX as u128) as u64
     }
 
-    /// Folds one hold of `sample` microseconds into the average (weight
-    /// 1/8; concurrent updates may lose a sample, which an average can
-    /// afford).
+    /// Counts one hold of `sample` microseconds if it was slow. Concurrent
+    /// updates may lose one, which a heuristic can afford.
     fn record_hold(&self, sample: u64) {
-        let old = self.hold_us.load(Ordering::Relaxed);
-        let new = if sample >= old {
-            old + (sample - old) / 8
-        } else {
-            old - (old - sample) / 8
-        };
-        self.hold_us.store(new, Ordering::Relaxed);
+        if sample <= SPILL_AFTER.as_micros() as u64 {
+            return;
+        }
+        let now = self.micros_now();
+        let (held, at) = (
+            self.slow_hold_us.load(Ordering::Relaxed),
+            self.slow_at.load(Ordering::Relaxed),
+        );
+        let held = decayed(held, now.saturating_sub(at)) as u64;
+        self.slow_hold_us
+            .store(held.saturating_add(sample), Ordering::Relaxed);
+        self.slow_at.store(now, Ordering::Relaxed);
     }
 }
 
@@ -383,18 +427,18 @@ impl TenantPool {
     /// when home has one free or frees one soon; otherwise from whichever of
     /// home and the second choice frees one first. The second choice is
     /// considered at once when home holds `spill_margin` more transactions
-    /// than connections (and the second choice fewer), or when home's
-    /// transactions have lately held their connections longer than
-    /// [`SPILL_AFTER`] (a noisy tenant's slow requests, lock waits); else
-    /// after waiting [`SPILL_AFTER`] at home.
+    /// than connections (and the second choice fewer), or when home is held
+    /// slowly: holds longer than [`SPILL_AFTER`] (a noisy tenant's slow
+    /// requests, lock waits) took most of its time over the last
+    /// [`SLOW_WINDOW`] or so, or its current holders have lasted that long;
+    /// else after waiting [`SPILL_AFTER`] at home.
     ///
-    /// When both choices are held slowly (on average, or by current holders
-    /// that have lasted longer than [`SPILL_AFTER`]), the least
-    /// loaded other sub-pool serves too, unless the tenant's own transactions in flight
-    /// (`in_flight`, this one included; 0 when nothing counts them)
-    /// outnumber its two choices' connections: then it is what fills them,
-    /// and it waits for them instead of spreading to its neighbours' homes.
-    /// Waiting is cancel-safe.
+    /// When both choices are held slowly, now or at a look every
+    /// [`SPILL_AFTER`] while waiting, the least loaded other sub-pool serves
+    /// too if it is not held slowly itself, unless the tenant's own admitted transactions (`in_flight`, this
+    /// one included; 0 when nothing counts them) outnumber its two choices'
+    /// connections: then it is what fills them, and it waits for them
+    /// instead of spreading to its neighbours' homes. Waiting is cancel-safe.
     pub async fn acquire(
         &self,
         tenant: &Uuid,
@@ -412,8 +456,12 @@ impl TenantPool {
         }
         let load = |i: usize| sub(i).load.load(Ordering::Relaxed);
         let capacity = |i: usize| sub(i).pool.options().get_max_connections() as usize;
+        // Slow holds took most of its time lately, or the transactions
+        // holding it now have lasted long: a slow hold counts only once it
+        // ends.
+        let slow = |i: usize| sub(i).holds_slowly() || sub(i).held_long_now();
         let congested = (load(home) > capacity(home) + self.spill_margin && load(alt) < load(home))
-            || sub(home).holds_slowly();
+            || slow(home);
         if !congested {
             if let Ok(conn) = tokio::time::timeout(SPILL_AFTER, sub(home).pool.acquire()).await {
                 return Ok((conn?, waiting.holding()));
@@ -428,11 +476,19 @@ impl TenantPool {
         // quick traffic a tenant stays on its two, which is what keeps each
         // backend's tenant set small.
         let may_escape = self.subs.len() >= 3 && in_flight <= capacity(home) + capacity(alt);
-        // Slow on average, or held by transactions that have lasted long
-        // already: quick neighbours homed on the pair dilute its average
-        // while a slow tenant holds it.
-        let slow = |i: usize| sub(i).holds_slowly() || sub(i).held_long_now();
-        if !(may_escape && slow(home) && slow(alt)) {
+        // The third: the least loaded other sub-pool, if it is not held
+        // slowly itself. When every sub-pool is slow (the database or the
+        // machine is, not a neighbour), leaving the pair buys nothing and
+        // costs affinity.
+        let escape = || {
+            if !(may_escape && slow(home) && slow(alt)) {
+                return None;
+            }
+            let third = self.least_loaded_except(home, alt);
+            (!slow(third)).then_some(third)
+        };
+        let mut third = escape();
+        if third.is_none() {
             let pair = async {
                 tokio::select! {
                     conn = sub(home).pool.acquire() => Ok::<_, sqlx::Error>((conn?, true)),
@@ -440,17 +496,30 @@ impl TenantPool {
                 }
             };
             tokio::pin!(pair);
-            // holds that were young then may have lasted long by now
-            let got = match tokio::time::timeout(SPILL_AFTER, &mut pair).await {
-                Ok(got) => Some(got?),
-                Err(_) if may_escape && slow(home) && slow(alt) => None,
-                Err(_) => Some(pair.await?),
+            let got = if may_escape {
+                // Holds that were young then may have lasted long by now:
+                // looked at again every SPILL_AFTER. Once was not enough: a
+                // tenant sharing a noisy org's pair, arriving as the noisy
+                // org started, waited out one of its 40 ms holds (65 ms).
+                loop {
+                    match tokio::time::timeout(SPILL_AFTER, &mut pair).await {
+                        Ok(got) => break Some(got?),
+                        Err(_) => {
+                            third = escape();
+                            if third.is_some() {
+                                break None;
+                            }
+                        }
+                    }
+                }
+            } else {
+                Some(pair.await?)
             };
             if let Some((conn, at_home)) = got {
                 return Ok((conn, if at_home { waiting } else { also }.holding()));
             }
         }
-        let third = self.least_loaded_except(home, alt);
+        let third = third.expect("a third sub-pool was chosen");
         let spilled = self.placement(third);
         sub(third).connect_in_background();
         // in order: the third only when neither of the pair is free, so a
@@ -510,5 +579,66 @@ impl TenantPool {
         for s in self.subs.iter() {
             s.pool.close().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub_pool() -> SubPool {
+        // never connects: only the hold bookkeeping is exercised; one
+        // connection, like each of the default sub-pools
+        SubPool::new(
+            PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy("postgres://nowhere/none")
+                .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn quick_holds_beside_slow_ones_do_not_hide_them() {
+        let sub = sub_pool();
+        // a noisy tenant's 40 ms holds with twenty 1 ms holds between each
+        // (counted per hold, the average would be 2.9 ms)
+        for _ in 0..5 {
+            sub.record_hold(40_000);
+            for _ in 0..20 {
+                sub.record_hold(1_000);
+            }
+        }
+        assert!(sub.holds_slowly(), "{}", sub.slow_share());
+    }
+
+    #[tokio::test]
+    async fn one_slow_hold_does_not_mark_a_sub_pool_slow_but_a_run_does() {
+        let sub = sub_pool();
+        sub.record_hold(40_000);
+        assert!(!sub.holds_slowly(), "{}", sub.slow_share());
+        sub.record_hold(40_000);
+        assert!(sub.holds_slowly(), "{}", sub.slow_share());
+    }
+
+    #[tokio::test]
+    async fn slow_holds_are_forgotten_within_a_few_windows() {
+        let mut sub = sub_pool();
+        // a 5 s lock wait that ended at `ended`, 0.1 s into the sub-pool's life
+        sub.epoch -= Duration::from_secs(10);
+        let ended = 100_000;
+        sub.slow_hold_us.store(5_000_000, Ordering::Relaxed);
+        sub.slow_at.store(ended, Ordering::Relaxed);
+        let at = |after: Duration| sub.epoch + Duration::from_micros(ended) + after;
+        assert!(sub.slow_share_at(at(SLOW_WINDOW * 3)) > 0.5);
+        assert!(sub.slow_share_at(at(SLOW_WINDOW * 6)) < 0.5);
+    }
+
+    #[tokio::test]
+    async fn holds_of_any_length_fit() {
+        let sub = sub_pool();
+        for _ in 0..100 {
+            sub.record_hold(u64::MAX);
+        }
+        assert!(sub.holds_slowly());
     }
 }
