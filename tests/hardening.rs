@@ -1097,6 +1097,12 @@ fn leak(sql: String) -> &'static str {
     Box::leak(sql.into_boxed_str())
 }
 
+/// The `/metrics` text of the server child listening at `addr`.
+async fn metrics_text(http: &reqwest::Client, addr: &str) -> String {
+    let res = http.get(format!("{addr}/metrics")).send().await.unwrap();
+    res.text().await.unwrap()
+}
+
 /// The resident memory of process `pid`, in bytes.
 fn rss_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -1213,14 +1219,7 @@ async fn a_flood_of_junk_requests_leaves_metrics_and_memory_bounded() {
     };
     // (bytes, series): counts grow by digits; label sets must not grow
     let metrics_size = || async {
-        let text = http
-            .get(format!("{addr}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&http, &addr).await;
         let series: std::collections::BTreeSet<String> = text
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -1519,14 +1518,7 @@ async fn a_stalled_log_reader_never_holds_up_a_request() {
     .await
     .expect("requests are answered while nobody reads the log");
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    let metrics = http
-        .get(format!("{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&http, &addr).await;
     let dropped: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("tenantry_log_lines_dropped_total "))
