@@ -189,12 +189,23 @@ async fn main() {
     )
     .await
     .unwrap();
-    // One pool for everything, no affinity: the baselines run on the same
-    // connections as the router.
+    // No affinity, and as many connections for the router's tenant
+    // transactions (tokio-postgres) as for the baselines (sqlx); sides
+    // alternate, so each has its pool to itself.
+    let single = || {
+        tenantry::pg::pools::TenantPool::single(
+            &url,
+            &PoolConfig {
+                max_connections: pool_size,
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap()
+    };
     let pools = server::Pools {
         admin: pool.clone(),
         control: pool.clone(),
-        tenants: tenantry::pg::pools::TenantPool::single(pool.clone()),
+        tenants: single(),
     };
     let state = server::state(pools, &ServerConfig::default())
         .await
@@ -219,7 +230,7 @@ async fn main() {
         server::Pools {
             admin: pool.clone(),
             control: pool.clone(),
-            tenants: tenantry::pg::pools::TenantPool::single(pool.clone()),
+            tenants: single(),
         },
         &ServerConfig {
             router: tenantry::serving::router::RouterConfig {

@@ -1,21 +1,22 @@
-//! The tenant transaction on the wire: what it costs to send the tenant
-//! context, the statement and the end of the transaction one after
-//! another (sqlx, tenantry's driver) rather than together (tokio-postgres,
-//! which pipelines what is polled together), and what a shared table
-//! filtered by organization id costs with either driver. The measure for
-//! choosing the tenant path's driver (issue 19). In one run, on one
+//! The tenant transaction on the wire: what tenantry's read path costs
+//! (tokio-postgres since issue 19, which pipelines what is polled
+//! together), against the same messages pipelined by hand and a shared
+//! table filtered by organization id with either driver. The measure that
+//! chose the tenant path's driver (issue 19); until then tenantry sent the
+//! context, the statement and the end of the transaction one after another
+//! through sqlx (three round trips). In one run, on one
 //! database of N orgs, each side with its own pool of P connections, C
 //! tasks reading one row by id, round robin over the orgs, phases
 //! alternating:
 //!
-//! - `routed (sqlx)`: tenantry's read path as it is (`TenantRouter::read`,
-//!   its tenant pool and affinity): `BEGIN READ ONLY; SET LOCAL ROLE ..;
-//!   SET LOCAL search_path ..; SET LOCAL` timeouts, then the statement, then
-//!   a ROLLBACK that sqlx queues and sends with the ping it makes on every
-//!   release;
+//! - `routed (tenantry)`: tenantry's read path as it is (`TenantRouter::read`,
+//!   its tenant pool and affinity, the per-tenant limit): `BEGIN READ ONLY;
+//!   SET LOCAL ROLE ..; SET LOCAL search_path ..; SET LOCAL` timeouts, the
+//!   statement and a ROLLBACK, sent in one write;
 //! - `routed, pipelined (tokio-postgres)`: the same three messages, the same
-//!   per-tenant statement texts, sent together and answered together;
-//!   deadpool-postgres's fast recycling makes no round trip on release;
+//!   per-tenant statement texts, sent together by hand on a plain
+//!   deadpool-postgres pool (fast recycling, no round trip on release): what
+//!   tenantry's own work around them costs;
 //! - `shared table (sqlx)` and `shared table (tokio-postgres)`: one
 //!   statement, `WHERE org_id = $1 AND id = $2`, no transaction: the floor.
 //!
@@ -61,7 +62,7 @@ struct Org {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
-    RoutedSqlx,
+    RoutedTenantry,
     RoutedPipelined,
     SharedSqlx,
     SharedTokioPostgres,
@@ -71,7 +72,7 @@ enum Side {
 
 impl Side {
     const ALL: [Side; 6] = [
-        Side::RoutedSqlx,
+        Side::RoutedTenantry,
         Side::RoutedPipelined,
         Side::SharedSqlx,
         Side::SharedTokioPostgres,
@@ -81,7 +82,7 @@ impl Side {
 
     fn name(self) -> &'static str {
         match self {
-            Side::RoutedSqlx => "routed (sqlx)",
+            Side::RoutedTenantry => "routed (tenantry)",
             Side::RoutedPipelined => "routed, pipelined (tokio-postgres)",
             Side::SharedSqlx => "shared table (sqlx)",
             Side::SharedTokioPostgres => "shared table (tokio-postgres)",
@@ -117,7 +118,7 @@ impl Sides {
     async fn read(&self, side: Side, org: &Org) -> TestCase {
         let id = org.test_id;
         let found = match side {
-            Side::RoutedSqlx => self
+            Side::RoutedTenantry => self
                 .router
                 .read(&org.tenant, async move |tx| {
                     Ok(tx
@@ -408,8 +409,9 @@ async fn main() {
     };
     println!();
     for (label, a, b) in [
-        ("pipelined / routed (sqlx)", 1, 0),
-        ("routed (sqlx) / shared (sqlx)", 0, 2),
+        ("tenantry / pipelined by hand", 0, 1),
+        ("tenantry / shared (sqlx)", 0, 2),
+        ("tenantry / shared (tokio-postgres)", 0, 3),
         ("pipelined / shared (tokio-postgres)", 1, 3),
         ("pipelined / shared (sqlx)", 1, 2),
         ("timeouts not set / pipelined", 4, 1),

@@ -26,11 +26,14 @@ use tenantry::api::error::ApiError;
 use tenantry::api::extract::OrgScope;
 use tenantry::Tenantry;
 
-#[derive(serde::Serialize, sqlx::FromRow)]
+#[derive(serde::Serialize)]
 struct Note {
     id: i64,
     body: String,
 }
+
+// rows of tenant queries map to it by column name
+tenantry::tenant_row!(Note { id, body });
 
 #[derive(serde::Deserialize)]
 struct Page {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::TestDb;
 use reqwest::Method;
 use tenantry::base::ident::Slug;
-use tenantry::pg::pools::PoolConfig;
+use tenantry::pg::pools::{PoolConfig, TenantSubPool};
 use tenantry::serving::router::{RouterConfig, TenantRouter, TenantTx};
 use tenantry::tenants::provision::{self, NewOrg};
 use tenantry::tenants::template::Template;
@@ -68,7 +68,7 @@ async fn tenant_transaction_search_path_is_exactly_the_schema_then_shared() {
     let pool = tenantry::pg::pools::connect(&db.url, &PoolConfig::default())
         .await
         .unwrap();
-    let router = TenantRouter::single(pool.clone(), &RouterConfig::default());
+    let router = TenantRouter::single(pool.clone(), &db.url, &RouterConfig::default()).unwrap();
     let (path, schemas): (String, Vec<String>) = router
         .with_tenant(&slug("exact"), async move |tx| {
             Ok(tx
@@ -223,7 +223,7 @@ async fn checked_read(tx: &mut TenantTx, c: &Counters) {
 
 async fn chaos_step(
     router: &TenantRouter,
-    pools: &[sqlx::PgPool],
+    pools: &[TenantSubPool],
     slugs: &[Slug],
     rng: &mut Rng,
     c: &Arc<Counters>,
@@ -329,11 +329,19 @@ async fn chaos_step(
     // transaction left open. The simple protocol: no statement to prepare.
     if rng.below(4) == 0 {
         let pool = &pools[rng.below(pools.len() as u64) as usize];
-        let mut conn = pool.acquire().await.unwrap();
-        let row = sqlx::Executor::fetch_one(&mut *conn, "SELECT current_setting('search_path')")
+        let conn = pool.get().await.unwrap();
+        let client = conn.probe_client();
+        let answer = client
+            .simple_query("SELECT current_setting('search_path')")
             .await
             .unwrap();
-        let path: String = sqlx::Row::get(&row, 0);
+        let path = answer
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap();
         let session_path = if common::pooler_run() {
             "\"$user\", public"
         } else {
@@ -341,13 +349,11 @@ async fn chaos_step(
         };
         // SAVEPOINT fails outside a transaction block (25P01), so success
         // means the connection was handed out inside a leftover transaction.
-        let in_tx = sqlx::Executor::execute(&mut *conn, "SAVEPOINT leak_probe")
-            .await
-            .is_ok();
+        let in_tx = client.batch_execute("SAVEPOINT leak_probe").await.is_ok();
         if path != session_path || in_tx {
             eprintln!("LEAK on pooled connection: search_path={path} in_transaction={in_tx}");
             c.leaks.fetch_add(1, Ordering::Relaxed);
-            conn.close_on_drop();
+            tenantry::pg::pools::discard(conn);
         }
         c.pool_checks.fetch_add(1, Ordering::Relaxed);
     }
@@ -390,7 +396,7 @@ async fn leak_test(sub_pools: u32) {
     };
     let control = tenantry::pg::pools::connect(&url, &config).await.unwrap();
     let tenants_pool = tenantry::pg::pools::TenantPool::connect_lazy(&url, &config).unwrap();
-    let pools: Vec<sqlx::PgPool> = tenants_pool.sub_pools().cloned().collect();
+    let pools: Vec<TenantSubPool> = tenants_pool.sub_pools().cloned().collect();
     assert_eq!(pools.len(), sub_pools as usize);
     // a tenant's transactions queue behind its limit (and are cancelled
     // there too), but long enough never to be refused
@@ -498,11 +504,13 @@ async fn unknown_slugs_are_cached_briefly_and_invalidation_is_immediate() {
         .unwrap();
     let router = TenantRouter::single(
         pool,
+        &db.url,
         &RouterConfig {
             negative_ttl: Duration::from_secs(600),
             ..RouterConfig::default()
         },
-    );
+    )
+    .unwrap();
     let s = slug("later");
     assert!(router.resolve(&s).await.unwrap().is_none());
     // created behind this router's back: the negative entry still answers
@@ -542,7 +550,7 @@ async fn tenant_sql_tags_are_inert_comments() {
     let pool = tenantry::pg::pools::connect(&db.url, &PoolConfig::default())
         .await
         .unwrap();
-    let router = TenantRouter::single(pool, &RouterConfig::default());
+    let router = TenantRouter::single(pool, &db.url, &RouterConfig::default()).unwrap();
     let tenant = router.resolve(&slug("tag-me")).await.unwrap().unwrap();
     let mut tx = router.begin(&tenant).await.unwrap();
     let sql = tx.sql("SELECT count(*) FROM statuses");
@@ -671,20 +679,20 @@ async fn a_sub_pool_slow_to_connect_still_gets_its_connection() {
     let tenant = router.resolve(&slugs[0]).await.unwrap().unwrap();
     let (home, alt) = router.tenant_pool().candidates(&tenant.id);
     assert_ne!(home, alt);
-    let subs: Vec<sqlx::PgPool> = router.tenant_pool().sub_pools().cloned().collect();
+    let subs: Vec<TenantSubPool> = router.tenant_pool().sub_pools().cloned().collect();
     // the second choice has an idle connection, home none
-    drop(subs[alt].acquire().await.unwrap());
+    drop(subs[alt].get().await.unwrap());
     tokio::time::timeout(Duration::from_secs(10), async {
-        while subs[alt].num_idle() == 0 {
+        while subs[alt].status().available == 0 {
             tokio::task::yield_now().await;
         }
     })
     .await
     .expect("the second choice's connection back in its sub-pool");
-    assert_eq!(subs[home].size(), 0);
+    assert_eq!(subs[home].status().size, 0);
     let started = std::time::Instant::now();
     let mut transactions = 0;
-    while subs[home].size() == 0 {
+    while subs[home].status().size == 0 {
         backend_pid(&router, &slugs[0]).await;
         transactions += 1;
         assert!(
@@ -772,4 +780,150 @@ async fn statement_mode_follows_the_tenants_per_connection() {
     assert_eq!(router.statement_mode(), StatementMode::Shared);
     let text = run(slugs[0].clone()).await;
     assert_eq!(text, "SELECT count(*) FROM statuses");
+}
+
+/// The pooled connection `pool` hands out next carries no tenant state: the
+/// session's search_path and no transaction left open (see `chaos_step`).
+async fn assert_clean(pool: &TenantSubPool, after: &str) {
+    let conn = pool.get().await.unwrap();
+    let client = conn.probe_client();
+    let answer = client
+        .simple_query("SELECT current_setting('search_path'), current_user::text")
+        .await
+        .unwrap_or_else(|e| panic!("after {after}: a transaction was left open and failed ({e})"));
+    let (path, user) = answer
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some((
+                row.get(0).unwrap().to_owned(),
+                row.get(1).unwrap().to_owned(),
+            )),
+            _ => None,
+        })
+        .unwrap();
+    let in_tx = client.batch_execute("SAVEPOINT leak_probe").await.is_ok();
+    assert!(
+        !in_tx && !path.contains("tenant_") && !user.starts_with("tenant_"),
+        "after {after}: search_path={path} user={user} in_transaction={in_tx}"
+    );
+}
+
+/// Invariant 2 where the pipeline can break: a tenant statement goes out in
+/// one write with the BEGIN and context before it (and a read's ROLLBACK
+/// after it), so the faults that matter are a statement failing inside
+/// that write, a request cancelled once the write is out (or, for a first
+/// use of a named statement, between its two writes), and the connection
+/// killed while the write runs. After each, on a pool of one connection, the
+/// connection is clean, a cancelled write left nothing, and a killed first
+/// statement was sent again on a new connection, its effect once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_faults_leak_no_tenant_state() {
+    let db = TestDb::new().await;
+    let slugs = create(&db, "pipe", 1).await;
+    let (url, pooler) = common::serving(&db.url);
+    let config = PoolConfig {
+        max_connections: 1,
+        sub_pools: 1,
+        pooler,
+        ..PoolConfig::default()
+    };
+    let control = tenantry::pg::pools::connect(&url, &config).await.unwrap();
+    let tenants = tenantry::pg::pools::TenantPool::connect_lazy(&url, &config).unwrap();
+    let pool = tenants.sub_pools().next().unwrap().clone();
+    let router = TenantRouter::new(control, tenants, &RouterConfig::default());
+    let tenant = router.resolve(&slugs[0]).await.unwrap().unwrap();
+    let statuses = |like: &'static str| {
+        let (router, tenant) = (router.clone(), tenant.clone());
+        async move {
+            router
+                .read(&tenant, async move |tx| {
+                    Ok(tx
+                        .query_as::<(i64,)>("SELECT count(*) FROM statuses WHERE name LIKE $1")
+                        .bind(like)
+                        .fetch_one()
+                        .await?
+                        .0)
+                })
+                .await
+                .unwrap()
+        }
+    };
+
+    // a statement that fails inside the write, in a read and in a write
+    let failed = router
+        .read(&tenant, async |tx| {
+            Ok(tx.query_as::<(i32,)>("SELECT 1/0").fetch_one().await?)
+        })
+        .await;
+    assert!(failed.is_err());
+    assert_clean(&pool, "a failed read").await;
+    let mut tx = router.begin(&tenant).await.unwrap();
+    assert!(tx.query("SELECT 1/0").execute().await.is_err());
+    drop(tx);
+    assert_clean(&pool, "a failed first statement").await;
+
+    // cancelled once the write is out: a read, and a write whose insert ran
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        router.read(&tenant, async |tx| {
+            Ok(tx
+                .query_as::<(String,)>("SELECT pg_sleep(0.3)::text")
+                .fetch_one()
+                .await?)
+        }),
+    )
+    .await;
+    assert!(cancelled.is_err());
+    assert_clean(&pool, "a cancelled read").await;
+    let cancelled = tokio::time::timeout(Duration::from_millis(50), async {
+        let mut tx = router.begin(&tenant).await.unwrap();
+        tx.query("INSERT INTO statuses (name, created_by, updated_by) VALUES ('cancelled-write', $1, $1)")
+            .bind(Uuid::nil())
+            .execute()
+            .await
+            .unwrap();
+        tx.query("SELECT pg_sleep(0.3)").execute().await.unwrap();
+        tx.commit().await.unwrap();
+    })
+    .await;
+    assert!(cancelled.is_err());
+    assert_clean(&pool, "a cancelled write").await;
+    assert_eq!(statuses("cancelled-write").await, 0);
+
+    // killed while the first statement runs: sent again, its effect once
+    let killer = {
+        let admin = db.pool.clone();
+        tokio::spawn(async move {
+            loop {
+                let killed: Vec<(bool,)> = sqlx::query_as(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE query LIKE '%killed-write%' AND query NOT LIKE '%pg_stat_activity%' \
+                       AND state = 'active'",
+                )
+                .fetch_all(&admin)
+                .await
+                .unwrap();
+                if killed.iter().any(|(k,)| *k) {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut tx = router.begin(&tenant).await.unwrap();
+    let (n,): (i64,) = tx
+        .query_as(
+            "WITH ins AS (INSERT INTO statuses (name, created_by, updated_by) \
+             SELECT 'killed-write', $1, $1 FROM pg_sleep(0.5) RETURNING 1) \
+             SELECT count(*) FROM ins",
+        )
+        .bind(Uuid::nil())
+        .fetch_one()
+        .await
+        .expect("sent again on a new connection");
+    tx.commit().await.unwrap();
+    killer.await.unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(statuses("killed-write").await, 1);
+    assert_clean(&pool, "a killed first statement").await;
 }

@@ -90,7 +90,8 @@ impl OrgScope {
         Ok(self.router.begin(&self.tenant).await?)
     }
 
-    /// Runs read-only work in a transaction of this org, retried on another
+    /// Runs read-only work in this org: each statement in a read-only
+    /// transaction of its own, one round trip each, retried on another
     /// connection if its connection dies (see [`TenantRouter::read`]).
     /// `f` is an async closure: `org.read(async |tx| Ok(tx.query_as(..).fetch_all().await?))`.
     pub async fn read<T, F>(&self, f: F) -> Result<T, ApiError>

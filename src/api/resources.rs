@@ -152,6 +152,16 @@ pub struct Named {
     pub updated_at: OffsetDateTime,
 }
 
+crate::tenant_row!(Named {
+    id,
+    name,
+    description,
+    created_by,
+    updated_by,
+    created_at,
+    updated_at
+});
+
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewNamed {
@@ -430,6 +440,18 @@ pub struct TestCase {
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
 }
+
+crate::tenant_row!(TestCase {
+    id,
+    prompt,
+    expected_outcome,
+    behavior_id,
+    status_id,
+    created_by,
+    updated_by,
+    created_at,
+    updated_at
+});
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

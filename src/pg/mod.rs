@@ -6,5 +6,6 @@
 pub mod embedded;
 pub mod engine;
 pub mod migrations;
+pub mod pipeline;
 pub mod pools;
 pub mod statements;

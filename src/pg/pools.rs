@@ -13,6 +13,10 @@
 //! `public`. This is the same for every connection and carries no tenant
 //! state.
 //!
+//! Tenant connections are tokio-postgres clients (pooled by deadpool),
+//! which pipeline: see `pipeline`. Registry and admin
+//! connections are sqlx's.
+//!
 //! Behind a transaction-pooling PgBouncer ([`Pooler::Transaction`]) a
 //! session belongs to no one between transactions, so nothing is set per
 //! session (tenant transactions set everything with `SET LOCAL` in their
@@ -23,10 +27,68 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use deadpool::managed::{Hook, HookError, Metrics, RecycleError, RecycleResult};
+use deadpool::Runtime;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool, Postgres};
 use uuid::Uuid;
+
+use crate::pg::pipeline::TenantConnection;
+
+/// Opens tenant connections for deadpool.
+pub struct TenantConnector {
+    pg: tokio_postgres::Config,
+    set_session: bool,
+    statement_cache: usize,
+}
+
+impl deadpool::managed::Manager for TenantConnector {
+    type Type = TenantConnection;
+    type Error = tokio_postgres::Error;
+
+    async fn create(&self) -> Result<TenantConnection, tokio_postgres::Error> {
+        let (client, connection) = self.pg.connect(tokio_postgres::NoTls).await?;
+        // ends when the client is dropped (or the socket closes)
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "tenant connection ended");
+            }
+        });
+        // Behind a transaction pooler this would set another client's
+        // session, and not reliably ours.
+        if self.set_session {
+            client.batch_execute("SET search_path TO ''").await?;
+        }
+        Ok(TenantConnection::new(client, self.statement_cache))
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut TenantConnection,
+        _: &Metrics,
+    ) -> RecycleResult<tokio_postgres::Error> {
+        // A connection whose socket closed is dropped on its way out; no
+        // query on the way (sqlx pinged every connection it took back).
+        if conn.is_closed() {
+            return Err(RecycleError::message("the connection is closed"));
+        }
+        Ok(())
+    }
+}
+
+/// Closes `conn` instead of giving it back to its pool (it failed in a way
+/// that leaves its session in doubt).
+pub fn discard(conn: TenantConn) {
+    drop(deadpool::managed::Object::take(conn));
+}
+
+/// One tenant sub-pool.
+pub type TenantSubPool = deadpool::managed::Pool<TenantConnector>;
+type Pool = TenantSubPool;
+
+/// A pooled tenant connection.
+pub type TenantConn = deadpool::managed::Object<TenantConnector>;
 
 /// What sits between tenantry and PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -37,9 +99,9 @@ pub enum Pooler {
     /// A transaction-pooling PgBouncer (1.18 and later): consecutive
     /// transactions of one connection may run on different server
     /// sessions. Named prepared statements and session settings break
-    /// there; unnamed statements work only inside a transaction (their
-    /// Parse and Execute are two round trips, which may otherwise land on
-    /// two sessions).
+    /// there; unnamed statements work inside a transaction (sqlx sends
+    /// their Parse and Execute as two round trips, which may otherwise land
+    /// on two sessions; the tenant path sends them in one write).
     Transaction,
 }
 
@@ -202,7 +264,8 @@ pub struct TenantPool {
 }
 
 struct SubPool {
-    pool: PgPool,
+    pool: Pool,
+    max: u32,
     /// Transactions holding or waiting for one of its connections.
     load: AtomicUsize,
     /// Time its connections spent in slow holds (each longer than
@@ -231,8 +294,9 @@ struct SubPool {
 }
 
 impl SubPool {
-    fn new(pool: PgPool) -> Self {
+    fn new(pool: Pool) -> Self {
         SubPool {
+            max: pool.status().max_size as u32,
             pool,
             load: AtomicUsize::new(0),
             slow_hold_us: AtomicU64::new(0),
@@ -254,21 +318,22 @@ impl SubPool {
     /// and authentication for nothing. Opened here, the connection joins
     /// the sub-pool whoever waits. One such task at a time.
     fn connect_in_background(&self) {
-        let room = self.pool.size() < self.pool.options().get_max_connections();
-        if !room || self.pool.num_idle() > 0 || self.connecting.swap(true, Ordering::AcqRel) {
+        let status = self.pool.status();
+        let room = status.size < status.max_size;
+        if !room || status.available > 0 || self.connecting.swap(true, Ordering::AcqRel) {
             return;
         }
         let (pool, connecting) = (self.pool.clone(), self.connecting.clone());
         tokio::spawn(async move {
             // dropped at once: back to the sub-pool, idle
-            let _ = pool.acquire().await;
+            let _ = pool.get().await;
             connecting.store(false, Ordering::Release);
         });
     }
 
     /// Slow holds took more than half of its connections' time lately.
     fn holds_slowly(&self) -> bool {
-        let connections = self.pool.options().get_max_connections().max(1) as f64;
+        let connections = self.max.max(1) as f64;
         self.slow_share() / connections > 0.5
     }
 
@@ -339,7 +404,7 @@ impl Placement {
         self.index
     }
 
-    pub fn pool(&self) -> &PgPool {
+    pub fn pool(&self) -> &Pool {
         &self.subs[self.index].pool
     }
 }
@@ -367,6 +432,46 @@ impl Drop for Placement {
     }
 }
 
+/// A tenant sub-pool of `size` tokio-postgres connections, opened on first
+/// use, with the same lifetimes and session setting as [`options`] gives
+/// sqlx's pools.
+fn tenant_sub_pool(pg: &tokio_postgres::Config, config: &PoolConfig, size: u32) -> Pool {
+    let manager = TenantConnector {
+        pg: pg.clone(),
+        set_session: config.pooler == Pooler::None,
+        statement_cache: if config.pooler.named_statements() {
+            config.statement_cache
+        } else {
+            0
+        },
+    };
+    let (max_lifetime, idle_timeout) = (config.max_lifetime, config.idle_timeout);
+    Pool::builder(manager)
+        .max_size(size.max(1) as usize)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(config.acquire_timeout))
+        .create_timeout(Some(config.acquire_timeout))
+        .pre_recycle(Hook::sync_fn(move |_, metrics| {
+            if metrics.age() > max_lifetime || metrics.last_used() > idle_timeout {
+                return Err(HookError::message("past its lifetime or idle too long"));
+            }
+            Ok(())
+        }))
+        .build()
+        .expect("a runtime and a size are set")
+}
+
+/// Connection settings of a URL for tokio-postgres, named like sqlx's.
+pub fn tenant_connect_config(url: &str) -> Result<tokio_postgres::Config, sqlx::Error> {
+    let mut pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| sqlx::Error::Configuration(e.into()))?;
+    if pg.get_application_name().is_none() {
+        pg.application_name("tenantry");
+    }
+    Ok(pg)
+}
+
 impl TenantPool {
     /// Connects lazily: connections open on first use. `max_connections` is
     /// spread over `sub_pools` (each gets at least one).
@@ -375,14 +480,15 @@ impl TenantPool {
             0 => config.max_connections.max(1),
             k => k.clamp(1, config.max_connections.max(1)),
         };
-        let connect = connect_options(url, config)?;
-        let subs = (0..k)
+        let pg = tenant_connect_config(url)?;
+        let subs: Arc<[SubPool]> = (0..k)
             .map(|i| {
                 // the remainder goes to the first sub-pools
                 let size = config.max_connections / k + u32::from(i < config.max_connections % k);
-                SubPool::new(options(config, size.max(1)).connect_lazy_with(connect.clone()))
+                SubPool::new(tenant_sub_pool(&pg, config, size.max(1)))
             })
             .collect();
+        spawn_reaper(&subs, config);
         Ok(TenantPool {
             subs,
             spill_margin: config.spill_margin as usize,
@@ -391,14 +497,16 @@ impl TenantPool {
         })
     }
 
-    /// A tenant pool of one sub-pool over an existing pool (no affinity).
-    pub fn single(pool: PgPool) -> Self {
-        TenantPool {
-            subs: Arc::new([SubPool::new(pool)]),
-            spill_margin: 0,
-            statement_cache: PoolConfig::default().statement_cache,
-            pooler: Pooler::None,
-        }
+    /// A tenant pool of one sub-pool of `config.max_connections` (no
+    /// affinity), for scripts and tests.
+    pub fn single(url: &str, config: &PoolConfig) -> Result<Self, sqlx::Error> {
+        TenantPool::connect_lazy(
+            url,
+            &PoolConfig {
+                sub_pools: 1,
+                ..config.clone()
+            },
+        )
     }
 
     /// The tenant's two candidate sub-pools: (home, second choice).
@@ -443,19 +551,19 @@ impl TenantPool {
         &self,
         tenant: &Uuid,
         in_flight: usize,
-    ) -> Result<(PoolConnection<Postgres>, Placement), sqlx::Error> {
+    ) -> Result<(TenantConn, Placement), sqlx::Error> {
         let (home, alt) = self.candidates(tenant);
         let sub = |i: usize| &self.subs[i];
-        if let Some(conn) = sub(home).pool.try_acquire() {
+        if let Some(conn) = sub(home).try_get() {
             return Ok((conn, self.placement(home).holding()));
         }
         let waiting = self.placement(home);
         sub(home).connect_in_background();
         if home == alt {
-            return Ok((sub(home).pool.acquire().await?, waiting.holding()));
+            return Ok((sub(home).get().await?, waiting.holding()));
         }
         let load = |i: usize| sub(i).load.load(Ordering::Relaxed);
-        let capacity = |i: usize| sub(i).pool.options().get_max_connections() as usize;
+        let capacity = |i: usize| sub(i).max as usize;
         // Slow holds took most of its time lately, or the transactions
         // holding it now have lasted long: a slow hold counts only once it
         // ends.
@@ -463,7 +571,7 @@ impl TenantPool {
         let congested = (load(home) > capacity(home) + self.spill_margin && load(alt) < load(home))
             || slow(home);
         if !congested {
-            if let Ok(conn) = tokio::time::timeout(SPILL_AFTER, sub(home).pool.acquire()).await {
+            if let Ok(conn) = tokio::time::timeout(SPILL_AFTER, sub(home).get()).await {
                 return Ok((conn?, waiting.holding()));
             }
         }
@@ -491,8 +599,8 @@ impl TenantPool {
         if third.is_none() {
             let pair = async {
                 tokio::select! {
-                    conn = sub(home).pool.acquire() => Ok::<_, sqlx::Error>((conn?, true)),
-                    conn = sub(alt).pool.acquire() => Ok((conn?, false)),
+                    conn = sub(home).get() => Ok::<_, sqlx::Error>((conn?, true)),
+                    conn = sub(alt).get() => Ok((conn?, false)),
                 }
             };
             tokio::pin!(pair);
@@ -526,9 +634,9 @@ impl TenantPool {
         // stale average never moves a tenant off a pair with room
         tokio::select! {
             biased;
-            conn = sub(home).pool.acquire() => Ok((conn?, waiting.holding())),
-            conn = sub(alt).pool.acquire() => Ok((conn?, also.holding())),
-            conn = sub(third).pool.acquire() => Ok((conn?, spilled.holding())),
+            conn = sub(home).get() => Ok((conn?, waiting.holding())),
+            conn = sub(alt).get() => Ok((conn?, also.holding())),
+            conn = sub(third).get() => Ok((conn?, spilled.holding())),
         }
     }
 
@@ -554,31 +662,87 @@ impl TenantPool {
         self.statement_cache
     }
 
-    pub fn sub_pools(&self) -> impl Iterator<Item = &PgPool> {
+    pub fn sub_pools(&self) -> impl Iterator<Item = &Pool> {
         self.subs.iter().map(|s| &s.pool)
     }
 
     /// Connections over all sub-pools at most.
     pub fn max_connections(&self) -> u32 {
-        self.subs
-            .iter()
-            .map(|s| s.pool.options().get_max_connections())
-            .sum()
+        self.subs.iter().map(|s| s.max).sum()
     }
 
     /// Open connections over all sub-pools.
     pub fn size(&self) -> u32 {
-        self.subs.iter().map(|s| s.pool.size()).sum()
+        self.subs.iter().map(|s| s.pool.status().size as u32).sum()
     }
 
     pub fn num_idle(&self) -> usize {
-        self.subs.iter().map(|s| s.pool.num_idle()).sum()
+        self.subs.iter().map(|s| s.pool.status().available).sum()
     }
 
     pub async fn close(&self) {
         for s in self.subs.iter() {
-            s.pool.close().await;
+            s.pool.close();
         }
+    }
+}
+
+/// Closes idle connections past `idle_timeout` or `max_lifetime` every few
+/// seconds (deadpool checks them only when they are taken), until the pool
+/// is dropped.
+fn spawn_reaper(subs: &Arc<[SubPool]>, config: &PoolConfig) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let pools: Vec<_> = subs.iter().map(|s| s.pool.weak()).collect();
+    let (max_lifetime, idle_timeout) = (config.max_lifetime, config.idle_timeout);
+    let every = idle_timeout
+        .min(max_lifetime)
+        .clamp(Duration::from_millis(100), Duration::from_secs(30));
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let mut alive = false;
+            for pool in pools.iter().filter_map(|p| p.upgrade()) {
+                alive = true;
+                pool.retain(|_, m| m.age() < max_lifetime && m.last_used() < idle_timeout);
+            }
+            if !alive {
+                return;
+            }
+        }
+    });
+}
+
+impl SubPool {
+    /// An idle connection now, if there is one.
+    fn try_get(&self) -> Option<TenantConn> {
+        if self.pool.status().available == 0 {
+            return None;
+        }
+        let now = deadpool::managed::Timeouts {
+            wait: Some(Duration::ZERO),
+            ..self.pool.timeouts()
+        };
+        // may open one when the idle one just went: a connect, as the wait
+        // would have done
+        futures_util::FutureExt::now_or_never(self.pool.timeout_get(&now)).and_then(Result::ok)
+    }
+
+    /// A connection, waiting up to the acquire timeout.
+    async fn get(&self) -> Result<TenantConn, sqlx::Error> {
+        self.pool.get().await.map_err(pool_error)
+    }
+}
+
+/// A deadpool error as the sqlx error the rest of the crate knows.
+fn pool_error(e: deadpool::managed::PoolError<tokio_postgres::Error>) -> sqlx::Error {
+    use deadpool::managed::PoolError;
+    match e {
+        PoolError::Timeout(_) => sqlx::Error::PoolTimedOut,
+        PoolError::Closed | PoolError::NoRuntimeSpecified => sqlx::Error::PoolClosed,
+        PoolError::Backend(e) => crate::pg::pipeline::driver_error(e),
+        PoolError::PostCreateHook(e) => sqlx::Error::Io(std::io::Error::other(e.to_string())),
     }
 }
 
@@ -589,12 +753,8 @@ mod tests {
     fn sub_pool() -> SubPool {
         // never connects: only the hold bookkeeping is exercised; one
         // connection, like each of the default sub-pools
-        SubPool::new(
-            PgPoolOptions::new()
-                .max_connections(1)
-                .connect_lazy("postgres://nowhere/none")
-                .unwrap(),
-        )
+        let pg = tenant_connect_config("postgres://nowhere/none").unwrap();
+        SubPool::new(tenant_sub_pool(&pg, &PoolConfig::default(), 1))
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! The tenant router: resolves an org slug to its tenant through a moka cache
 //! and opens tenant transactions that run as the tenant's role with a
 //! `search_path` of exactly the tenant's schema then the shared schema,
-//! both set transaction-locally in the same message as BEGIN.
+//! both set transaction-locally in the same message as BEGIN, which is sent
+//! in one write with the transaction's first statement (and, for reads,
+//! with the ROLLBACK that ends it): one round trip per statement.
 //!
 //! Invariants this module carries (`docs/invariants.md`):
 //! 1. a tenant transaction's search_path is the tenant schema, then the
@@ -22,13 +24,14 @@ use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use moka::Expiry;
-use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
-use sqlx::{Arguments, Encode, FromRow, PgPool, Postgres, Transaction, Type};
+use sqlx::PgPool;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::base::error::Error;
 use crate::base::ident::{RoleName, SchemaName, Slug};
-use crate::pg::pools::{Placement, TenantPool};
+use crate::pg::pipeline::{FromTenantRow, Sent, TenantParam};
+use crate::pg::pools::{Placement, PoolConfig, TenantConn, TenantPool};
 use crate::registry::{self, OrgStatus, Principal};
 use crate::serving::fairness::{FairnessConfig, TenantLimiter, TenantSlot};
 
@@ -242,10 +245,16 @@ impl TenantRouter {
         }
     }
 
-    /// A router over one plain pool (no tenant affinity), for scripts and
-    /// tests.
-    pub fn single(pool: PgPool, config: &RouterConfig) -> Self {
-        TenantRouter::new(pool.clone(), TenantPool::single(pool), config)
+    /// A router resolving through `pool` and running tenant transactions on
+    /// one plain pool to `tenant_url` (no tenant affinity) of as many
+    /// connections as `pool`, for scripts and tests.
+    pub fn single(pool: PgPool, tenant_url: &str, config: &RouterConfig) -> Result<Self, Error> {
+        let connections = PoolConfig {
+            max_connections: pool.options().get_max_connections(),
+            ..PoolConfig::default()
+        };
+        let tenants = TenantPool::single(tenant_url, &connections)?;
+        Ok(TenantRouter::new(pool, tenants, config))
     }
 
     pub fn tenant_pool(&self) -> &TenantPool {
@@ -345,24 +354,19 @@ impl TenantRouter {
         }))
     }
 
-    /// Opens a transaction scoped to `tenant`, in one round trip on a
-    /// connection of the tenant's sub-pool: `BEGIN; SET LOCAL ROLE <tenant
-    /// role>; SET LOCAL search_path TO <tenant schema>` plus the statement and
-    /// lock timeouts, all transaction-local.
-    ///
-    /// Cancellation safety: sqlx counts a transaction only once BEGIN has
-    /// answered, so a caller dropped while BEGIN is in flight would return a
-    /// connection to the pool that is, on the server, inside a transaction
-    /// with this tenant's search_path. [`DetachOnDrop`] hands such an
-    /// unfinished BEGIN to a background task that completes it and drops the
-    /// transaction, which queues its ROLLBACK before the connection is reused.
+    /// Opens a transaction scoped to `tenant` on a connection of the
+    /// tenant's sub-pool. Nothing is sent yet: `BEGIN; SET LOCAL ROLE
+    /// <tenant role>; SET LOCAL search_path TO <tenant schema>` and the
+    /// statement and lock timeouts, all transaction-local, go out in one
+    /// write with the first statement (see [`TenantTx`]). A transaction
+    /// that sends nothing costs nothing.
     ///
     /// A pooled connection whose backend died (killed, server restarted)
-    /// fails its BEGIN and is discarded; the BEGIN is then retried on
-    /// another connection (up to once per connection of the pool, and a
-    /// new connection waits out a restarting server), so such faults never
-    /// reach the caller while the server comes back within the acquire
-    /// timeout.
+    /// fails the first statement's pipeline before anything of it can have
+    /// committed; the pipeline is then sent again on another connection (up
+    /// to once per connection of the pool, and a new connection waits out
+    /// a restarting server), so such faults never reach the caller while
+    /// the server comes back within the acquire timeout.
     ///
     /// A tenant with its limit of transactions in flight (see `fairness`)
     /// waits here, before taking a connection, and may be refused with
@@ -377,13 +381,22 @@ impl TenantRouter {
         }
         let slot = self.limiter.admit(&tenant.id).await?;
         let in_flight = slot.as_ref().map_or(0, |s| s.in_flight());
-        let attempts = self.tenants.max_connections() as usize + 2;
-        let mut tx = crate::base::error::retry_dead_connections(attempts, || {
-            self.begin_once(tenant, access, in_flight)
+        let waiting = std::time::Instant::now();
+        let (conn, placement) = self.tenants.acquire(&tenant.id, in_flight).await?;
+        crate::telemetry::observe_acquire(waiting.elapsed());
+        Ok(TenantTx {
+            conn: Some(conn),
+            access,
+            open: false,
+            pool: self.tenants.clone(),
+            in_flight,
+            _placement: Some(placement),
+            _slot: slot,
+            tenant: tenant.clone(),
+            statements: self.statement_mode(),
+            rule: self.statements.clone(),
+            outcome: crate::telemetry::TxOutcome::begun(),
         })
-        .await?;
-        tx._slot = slot;
-        Ok(tx)
     }
 
     /// Transactions per org, when the top-N metric is on.
@@ -396,19 +409,24 @@ impl TenantRouter {
         self.limiter.config()
     }
 
-    /// Runs the read-only work `f` in a read-only transaction of `tenant`
-    /// (PostgreSQL refuses any write in it). If the connection dies under
-    /// it (a backend killed, the server restarting), the work runs again on
-    /// another connection: reads see no error. One kill of every backend (a
-    /// failover, an operator's `pg_terminate_backend` sweep) can reach a
-    /// pooled connection after the retry took it, so, as for BEGIN, the
-    /// work is tried up to once per connection of the pool (plus two): by
-    /// then it runs on a connection opened after the faults.
+    /// Runs the read-only work `f` for `tenant`: each of its statements
+    /// runs in a read-only transaction of its own (PostgreSQL refuses any
+    /// write in it), sent in one write with the BEGIN and context before it
+    /// and the ROLLBACK after it. So a read costs one round trip per
+    /// statement and nothing to end it, and the connection goes back to the
+    /// pool clean. Under READ COMMITTED (PostgreSQL's default) each
+    /// statement of one transaction sees a snapshot of its own anyway, so
+    /// a read sees what one read-only transaction would; work that needs
+    /// one snapshot across statements (REPEATABLE READ) or
+    /// transaction-local settings of its own uses [`TenantRouter::begin`].
     ///
-    /// A read-only transaction has nothing to commit: it ends with a
-    /// ROLLBACK queued on the connection, sent with its release, before
-    /// anyone else uses it (see [`TenantTx::end_read`]). So a read costs
-    /// the BEGIN and its statements, not a COMMIT round trip as well.
+    /// If the connection dies under it (a backend killed, the server
+    /// restarting), the statement, or the work, runs again on another
+    /// connection: reads see no error. One kill of every backend (a
+    /// failover, an operator's `pg_terminate_backend` sweep) can reach a
+    /// pooled connection after the retry took it, so the work is tried up
+    /// to once per connection of the pool (plus two): by then it runs on a
+    /// connection opened after the faults.
     ///
     /// `f` is an async closure: `async move |tx| ..` when it uses values of
     /// the caller, which it must own (clone them, or an `Arc`): rustc cannot
@@ -427,37 +445,6 @@ impl TenantRouter {
             Ok(out)
         })
         .await
-    }
-
-    async fn begin_once(
-        &self,
-        tenant: &Arc<Tenant>,
-        access: Access,
-        in_flight: usize,
-    ) -> Result<TenantTx, Error> {
-        let sql = String::from(match access {
-            Access::ReadWrite => &*tenant.begin,
-            Access::ReadOnly => &*tenant.begin_read,
-        });
-        // Waiting for a connection can be abandoned safely; the BEGIN on it
-        // cannot (see above).
-        let waiting = std::time::Instant::now();
-        let (conn, placement) = self.tenants.acquire(&tenant.id, in_flight).await?;
-        crate::telemetry::observe_acquire(waiting.elapsed());
-        let mut begin = DetachOnDrop(Some(Box::pin(async move {
-            let tx = Transaction::begin(conn, Some(sql.into())).await?;
-            Ok((tx, placement))
-        })));
-        let (tx, placement) = begin.run().await?;
-        Ok(TenantTx {
-            tx,
-            _placement: placement,
-            _slot: None,
-            tenant: tenant.clone(),
-            statements: self.statement_mode(),
-            rule: self.statements.clone(),
-            outcome: crate::telemetry::TxOutcome::begun(),
-        })
     }
 
     /// The statement mode of the next tenant transaction (see
@@ -542,46 +529,6 @@ impl TenantRouter {
     }
 }
 
-type BeginFuture = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<(Transaction<'static, Postgres>, Placement), sqlx::Error>,
-            > + Send,
-    >,
->;
-
-/// A BEGIN in progress that, if abandoned half-way, is finished on a
-/// background task instead of being dropped (see [`TenantRouter::begin`]).
-/// The happy path costs one allocation and no task.
-struct DetachOnDrop(Option<BeginFuture>);
-
-impl DetachOnDrop {
-    async fn run(&mut self) -> Result<(Transaction<'static, Postgres>, Placement), sqlx::Error> {
-        let fut = self.0.as_mut().expect("run once");
-        let result = fut.await;
-        self.0 = None;
-        result
-    }
-}
-
-impl Drop for DetachOnDrop {
-    fn drop(&mut self) {
-        if let Some(unfinished) = self.0.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(async move {
-                        // The transaction, if BEGIN succeeded, is dropped
-                        // here: sqlx queues its ROLLBACK.
-                        let _ = unfinished.await;
-                    });
-                }
-                // No runtime left (shutdown): the pool is going away too.
-                Err(_) => drop(unfinished),
-            }
-        }
-    }
-}
-
 /// The statement rule of a router, and the distinct statements its tenant
 /// transactions have sent (their texts are `'static`: keyed by address).
 struct StatementRule {
@@ -600,21 +547,34 @@ impl StatementRule {
 
 /// A transaction confined to one tenant's schema. Dropping it without
 /// [`TenantTx::commit`] rolls back. The only database access tenant handlers
-/// get; its query methods apply the statement rule ([`StatementMode`]).
+/// get; its query methods apply the statement rule ([`StatementMode`]) and
+/// send the tenant's context with the first statement.
 ///
 /// It never hands out its connection, so tenant code cannot end the
 /// transaction behind the router's back or send SQL outside the statement
 /// rule:
 ///
 /// ```compile_fail
-/// fn raw(tx: &mut tenantry::serving::router::TenantTx) -> &mut sqlx::PgConnection {
+/// fn raw(tx: &mut tenantry::serving::router::TenantTx) -> &mut tenantry::pg::pools::TenantConn {
 ///     tx.conn()
 /// }
 /// ```
 pub struct TenantTx {
-    tx: Transaction<'static, Postgres>,
-    // dropped after `tx`: the sub-pool counts the transaction until then
-    _placement: Placement,
+    /// `None` once handed to the task that rolls back an abandoned
+    /// transaction (see `Drop`).
+    conn: Option<TenantConn>,
+    access: Access,
+    /// A transaction block may be open on the server: read-write from its
+    /// first statement on; read-only while a pipeline is in flight or
+    /// failed. Set before anything is sent, so that a transaction dropped
+    /// half-way is rolled back before its connection serves anyone else.
+    open: bool,
+    /// To send a first statement again on another connection when the one
+    /// drawn was dead.
+    pool: TenantPool,
+    in_flight: usize,
+    // dropped after `conn`: the sub-pool counts the transaction until then
+    _placement: Option<Placement>,
     // then the tenant's place among its transactions in flight
     _slot: Option<TenantSlot>,
     tenant: Arc<Tenant>,
@@ -625,23 +585,26 @@ pub struct TenantTx {
     outcome: crate::telemetry::TxOutcome,
 }
 
+/// A statement's parameters, with the types they are sent as.
+type Params<'q> = Vec<(Box<dyn ToSql + Sync + Send + 'q>, Type)>;
+
 impl TenantTx {
     pub fn tenant(&self) -> &Tenant {
         &self.tenant
     }
 
     /// A query whose rows map to `O`, sent by the statement rule.
-    pub fn query_as<O>(&mut self, sql: &'static str) -> TenantQuery<'_, O> {
+    pub fn query_as<'q, O>(&mut self, sql: &'static str) -> TenantQuery<'_, 'q, O> {
         TenantQuery {
             tx: self,
             sql,
-            args: Ok(PgArguments::default()),
+            params: Vec::new(),
             _row: PhantomData,
         }
     }
 
     /// A statement run for its effect (see [`TenantQuery::execute`]).
-    pub fn query(&mut self, sql: &'static str) -> TenantQuery<'_, ()> {
+    pub fn query<'q>(&mut self, sql: &'static str) -> TenantQuery<'_, 'q, ()> {
         self.query_as(sql)
     }
 
@@ -658,108 +621,167 @@ impl TenantTx {
         }
     }
 
-    pub async fn commit(self) -> Result<(), Error> {
-        // the placement goes after the COMMIT (see the field)
-        let TenantTx {
-            tx,
-            outcome,
-            _placement,
-            ..
-        } = self;
-        tx.commit().await?;
-        outcome.committed();
+    /// Sends one statement: with the BEGIN and context before it when it
+    /// opens the transaction (a read's every statement, a read-write
+    /// transaction's first), and a read's ROLLBACK after it.
+    async fn send(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Sent, sqlx::Error> {
+        let text = self.sql(sql);
+        let named = self.statements != StatementMode::Unnamed;
+        let tenant = self.tenant.clone();
+        let (before, after) = match self.access {
+            Access::ReadOnly => (Some(&*tenant.begin_read), Some("ROLLBACK")),
+            Access::ReadWrite if !self.open => (Some(&*tenant.begin), None),
+            Access::ReadWrite => (None, None),
+        };
+        self.open = true;
+        let attempts = self.pool.max_connections() as usize + 2;
+        let started = Instant::now();
+        let mut attempt = 1;
+        loop {
+            let conn = self.conn.as_mut().expect("a connection until dropped");
+            let result = conn.send(before, &text, params, named, after).await;
+            match result {
+                // The pipeline began the transaction and the connection
+                // died: the server rolled back whatever it ran.
+                Err(e)
+                    if before.is_some()
+                        && crate::base::error::is_connection_error(&e)
+                        && (attempt < attempts
+                            || started.elapsed()
+                                < crate::base::error::DEAD_CONNECTION_RETRY_BUDGET) =>
+                {
+                    tracing::debug!(error = %e, attempt, "the connection was dead; sending again");
+                    if let Some(dead) = self.conn.take() {
+                        crate::pg::pools::discard(dead);
+                    }
+                    if attempt >= attempts {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    attempt += 1;
+                    // the old place is given back before the new one is taken
+                    self._placement = None;
+                    let (conn, placement) =
+                        self.pool.acquire(&self.tenant.id, self.in_flight).await?;
+                    self.conn = Some(conn);
+                    self._placement = Some(placement);
+                }
+                Ok(sent) => {
+                    if self.access == Access::ReadOnly {
+                        self.open = false;
+                    }
+                    return Ok(sent);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub async fn commit(mut self) -> Result<(), Error> {
+        if self.open {
+            let conn = self.conn.as_ref().expect("a connection until dropped");
+            let done = conn.execute_simple("COMMIT").await;
+            // ended either way: a failed COMMIT rolls back
+            self.open = false;
+            done?;
+        }
+        self.outcome.committed();
         Ok(())
     }
 
-    /// Ends a read-only transaction without a round trip: dropping the
-    /// transaction queues its ROLLBACK, which sqlx sends with the
-    /// connection's release and before the connection serves anyone else,
-    /// so the tenant's role and search path end with it (invariant 2).
+    /// Ends a read: each statement ended its own transaction, so the
+    /// connection is clean and goes back to the pool as it is (invariant 2).
     /// Counted as committed: the read succeeded and had nothing to write.
-    fn end_read(self) {
-        let TenantTx {
-            tx,
-            outcome,
-            _placement,
-            ..
-        } = self;
-        drop(tx);
-        outcome.committed();
+    fn end_read(mut self) {
+        self.outcome.committed();
     }
 
-    pub async fn rollback(self) -> Result<(), Error> {
-        self.tx.rollback().await?;
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        if self.open {
+            let conn = self.conn.as_ref().expect("a connection until dropped");
+            let done = conn.execute_simple("ROLLBACK").await;
+            self.open = false;
+            done?;
+        }
         Ok(())
+    }
+}
+
+impl Drop for TenantTx {
+    /// A transaction dropped with its block open (a handler's error, a
+    /// cancelled request, a failed pipeline) is rolled back on a task of its
+    /// own before its connection, place and slot are given back; a
+    /// connection that cannot roll back is closed instead of pooled.
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let (placement, slot) = (self._placement.take(), self._slot.take());
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if conn.execute_simple("ROLLBACK").await.is_err() {
+                        crate::pg::pools::discard(conn);
+                    }
+                    drop(placement);
+                    drop(slot);
+                });
+            }
+            // No runtime left (shutdown): never pooled with a block open.
+            Err(_) => crate::pg::pools::discard(conn),
+        }
+    }
+}
+
+/// What a statement run for its effect did.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryDone {
+    rows_affected: u64,
+}
+
+impl QueryDone {
+    pub fn rows_affected(&self) -> u64 {
+        self.rows_affected
     }
 }
 
 /// A tenant query being built: bind its parameters, then fetch or execute.
 #[must_use = "a query does nothing until it is fetched or executed"]
-pub struct TenantQuery<'t, O> {
+pub struct TenantQuery<'t, 'q, O> {
     tx: &'t mut TenantTx,
     sql: &'static str,
-    args: Result<PgArguments, sqlx::error::BoxDynError>,
+    params: Params<'q>,
     _row: PhantomData<fn() -> O>,
 }
 
-impl<'t, O> TenantQuery<'t, O> {
-    pub fn bind<'q, T>(mut self, value: T) -> Self
-    where
-        T: 'q + Encode<'q, Postgres> + Type<Postgres>,
-    {
-        if let Ok(args) = &mut self.args {
-            if let Err(e) = args.add(value) {
-                self.args = Err(e);
-            }
-        }
+impl<'q, O> TenantQuery<'_, 'q, O> {
+    pub fn bind<T: TenantParam + 'q>(mut self, value: T) -> Self {
+        self.params.push((Box::new(value), T::pg_type()));
         self
     }
 
-    /// The transaction, the statement text, whether to prepare it, and the
-    /// arguments (or the error of binding one of them).
-    fn parts(
-        self,
-    ) -> Result<(&'t mut TenantTx, Cow<'static, str>, bool, PgArguments), sqlx::Error> {
-        let args = self.args.map_err(sqlx::Error::Encode)?;
-        let text = self.tx.sql(self.sql);
-        let persistent = self.tx.statements != StatementMode::Unnamed;
-        Ok((self.tx, text, persistent, args))
-    }
-
-    pub async fn execute(self) -> Result<PgQueryResult, sqlx::Error> {
-        let (tx, text, persistent, args) = self.parts()?;
-        sqlx::query_with(&text, args)
-            .persistent(persistent)
-            .execute(&mut *tx.tx)
-            .await
+    pub async fn execute(self) -> Result<QueryDone, sqlx::Error> {
+        let sent = self.tx.send(self.sql, &self.params).await?;
+        Ok(QueryDone {
+            rows_affected: sent.rows_affected,
+        })
     }
 }
 
-impl<'t, O> TenantQuery<'t, O>
-where
-    O: for<'r> FromRow<'r, PgRow> + Send + Unpin,
-{
+impl<O: FromTenantRow> TenantQuery<'_, '_, O> {
     pub async fn fetch_all(self) -> Result<Vec<O>, sqlx::Error> {
-        let (tx, text, persistent, args) = self.parts()?;
-        sqlx::query_as_with(&text, args)
-            .persistent(persistent)
-            .fetch_all(&mut *tx.tx)
-            .await
+        let sent = self.tx.send(self.sql, &self.params).await?;
+        sent.rows.iter().map(O::from_row).collect()
     }
 
     pub async fn fetch_optional(self) -> Result<Option<O>, sqlx::Error> {
-        let (tx, text, persistent, args) = self.parts()?;
-        sqlx::query_as_with(&text, args)
-            .persistent(persistent)
-            .fetch_optional(&mut *tx.tx)
-            .await
+        let sent = self.tx.send(self.sql, &self.params).await?;
+        sent.rows.first().map(O::from_row).transpose()
     }
 
     pub async fn fetch_one(self) -> Result<O, sqlx::Error> {
-        let (tx, text, persistent, args) = self.parts()?;
-        sqlx::query_as_with(&text, args)
-            .persistent(persistent)
-            .fetch_one(&mut *tx.tx)
-            .await
+        self.fetch_optional().await?.ok_or(sqlx::Error::RowNotFound)
     }
 }

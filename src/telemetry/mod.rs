@@ -273,9 +273,11 @@ impl TxOutcome {
         TxOutcome { committed: false }
     }
 
-    pub fn committed(mut self) {
+    pub fn committed(&mut self) {
+        if !self.committed {
+            tenant_tx(1);
+        }
         self.committed = true;
-        tenant_tx(1);
     }
 }
 

@@ -59,6 +59,15 @@ pub struct Preset {
     pub updated_at: OffsetDateTime,
 }
 
+crate::tenant_row!(Preset {
+    id,
+    name,
+    description,
+    initial,
+    created_at,
+    updated_at
+});
+
 /// The columns of [`Preset`], in its order.
 pub const PRESET_COLUMNS: &str = "id, name, description, initial, created_at, updated_at";
 
