@@ -471,7 +471,7 @@ async fn main() {
         started.elapsed().as_nanos() as f64 / rounds as f64
     );
     println!(
-        "library: router.begin+commit median {:.1} us (p99 {:.1} us) vs pool.begin+commit median {:.1} us (p99 {:.1} us): {:.2}x",
+        "library: router.begin+commit with no statement (sends nothing: the context goes with a first statement) median {:.1} us (p99 {:.1} us) vs pool.begin+commit median {:.1} us (p99 {:.1} us): {:.2}x",
         ms(rb.median) * 1000.0,
         ms(rb.p99) * 1000.0,
         ms(pb.median) * 1000.0,
