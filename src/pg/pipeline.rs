@@ -16,7 +16,7 @@
 //! constraint mapping, its dead-connection retries) already understands.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 
 use futures_util::{future, pin_mut, TryStreamExt};
 use tokio_postgres::types::{FromSqlOwned, ToSql, Type};
@@ -28,18 +28,20 @@ pub use tokio_postgres::Row;
 pub struct TenantConnection {
     client: Client,
     /// By text: the parameter types it was prepared with, and the statement.
-    /// Bounded: when full it is emptied (dropping a statement closes it on
-    /// the server), which the router's statement rule keeps rare.
-    statements: HashMap<Box<str>, (Box<[Type]>, Statement)>,
-    capacity: usize,
+    /// The least recently used goes first when it is full (dropping a
+    /// statement closes it on the server). `None`: nothing is kept.
+    statements: Option<StatementCache>,
 }
+
+/// Prepared statements by text, with the parameter types each was
+/// prepared with.
+type StatementCache = lru::LruCache<Box<str>, (Box<[Type]>, Statement)>;
 
 impl TenantConnection {
     pub fn new(client: Client, capacity: usize) -> Self {
         TenantConnection {
             client,
-            statements: HashMap::new(),
-            capacity,
+            statements: NonZeroUsize::new(capacity).map(lru::LruCache::new),
         }
     }
 
@@ -57,22 +59,20 @@ impl TenantConnection {
 
     /// Statements prepared on this connection.
     pub fn prepared(&self) -> usize {
-        self.statements.len()
+        self.statements.as_ref().map_or(0, |s| s.len())
     }
 
-    fn cached(&self, sql: &str, types: &[Type]) -> Option<Statement> {
-        match self.statements.get(sql) {
+    fn cached(&mut self, sql: &str, types: &[Type]) -> Option<Statement> {
+        match self.statements.as_mut()?.get(sql) {
             Some((prepared_for, st)) if **prepared_for == *types => Some(st.clone()),
             _ => None,
         }
     }
 
     fn remember(&mut self, sql: &str, types: &[Type], st: &Statement) {
-        if self.statements.len() >= self.capacity {
-            self.statements.clear();
+        if let Some(statements) = self.statements.as_mut() {
+            statements.put(sql.into(), (types.into(), st.clone()));
         }
-        self.statements
-            .insert(sql.into(), (types.into(), st.clone()));
     }
 
     /// Sends `sql` with its parameters, after the simple-query text
@@ -94,7 +94,7 @@ impl TenantConnection {
         after: Option<&str>,
     ) -> Result<Sent, sqlx::Error> {
         let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-        let named = named && self.capacity > 0;
+        let named = named && self.statements.is_some();
         let mut before = before;
         let mut statement = None;
         if named {
