@@ -677,15 +677,21 @@ impl TenantTx {
     }
 
     pub async fn commit(mut self) -> Result<(), Error> {
-        if self.open {
-            let conn = self.conn.as_ref().expect("a connection until dropped");
-            let done = conn.execute_simple("COMMIT").await;
-            // ended either way: a failed COMMIT rolls back
-            self.open = false;
-            done?;
-        }
+        self.end("COMMIT").await?;
         self.outcome.committed();
         Ok(())
+    }
+
+    /// Ends an open transaction block with `sql` (COMMIT or ROLLBACK). It
+    /// is ended either way: a failed COMMIT rolls back.
+    async fn end(&mut self, sql: &str) -> Result<(), Error> {
+        if !self.open {
+            return Ok(());
+        }
+        let conn = self.conn.as_ref().expect("a connection until dropped");
+        let done = conn.execute_simple(sql).await;
+        self.open = false;
+        Ok(done?)
     }
 
     /// Ends a read: each statement ended its own transaction, so the
@@ -696,13 +702,7 @@ impl TenantTx {
     }
 
     pub async fn rollback(mut self) -> Result<(), Error> {
-        if self.open {
-            let conn = self.conn.as_ref().expect("a connection until dropped");
-            let done = conn.execute_simple("ROLLBACK").await;
-            self.open = false;
-            done?;
-        }
-        Ok(())
+        self.end("ROLLBACK").await
     }
 }
 
