@@ -623,8 +623,13 @@ async fn backend_pid(router: &TenantRouter, s: &Slug) -> i32 {
     pid
 }
 
-/// Each tenant's transactions land on at most its two sub-pools' backends,
-/// so each backend serves a slice of the tenants, not all of them.
+/// Each tenant's transactions land on its two sub-pools' backends, so each
+/// backend serves a slice of the tenants, not all of them. A tenant whose
+/// two choices are both held slowly may take a third (see
+/// `TenantPool::acquire`): on a stalled host (CI's has 25% steal, and this
+/// test's connections and clients share one thread) that happens to a
+/// tenant now and then, so one tenant of the 24 may show a third backend,
+/// none a fourth.
 #[tokio::test]
 async fn affinity_keeps_each_tenant_on_its_two_candidate_connections() {
     let db = TestDb::new().await;
@@ -649,11 +654,16 @@ async fn affinity_keeps_each_tenant_on_its_two_candidate_connections() {
     }
     let mut tenants_of: std::collections::BTreeMap<i32, usize> = Default::default();
     for (s, pids) in &backends_of {
-        assert!(pids.len() <= 2, "{s} ran on {} backends", pids.len());
+        assert!(pids.len() <= 3, "{s} ran on {} backends", pids.len());
         for pid in pids {
             *tenants_of.entry(*pid).or_default() += 1;
         }
     }
+    let escaped: Vec<_> = backends_of.iter().filter(|(_, p)| p.len() > 2).collect();
+    assert!(
+        escaped.len() <= 1,
+        "tenants on a third backend: {escaped:?}"
+    );
     // 24 tenants over 8 connections, at most two each: no backend saw
     // anywhere near all of them
     assert!(tenants_of.values().all(|n| *n < 24), "{tenants_of:?}");
