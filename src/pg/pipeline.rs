@@ -57,11 +57,6 @@ impl TenantConnection {
         self.client.is_closed()
     }
 
-    /// Statements prepared on this connection.
-    pub fn prepared(&self) -> usize {
-        self.statements.as_ref().map_or(0, |s| s.len())
-    }
-
     fn cached(&mut self, sql: &str, types: &[Type]) -> Option<Statement> {
         match self.statements.as_mut()?.get(sql) {
             Some((prepared_for, st)) if **prepared_for == *types => Some(st.clone()),

@@ -403,10 +403,6 @@ impl Placement {
     pub fn index(&self) -> usize {
         self.index
     }
-
-    pub fn pool(&self) -> &Pool {
-        &self.subs[self.index].pool
-    }
 }
 
 impl Placement {
@@ -462,7 +458,7 @@ fn tenant_sub_pool(pg: &tokio_postgres::Config, config: &PoolConfig, size: u32) 
 }
 
 /// Connection settings of a URL for tokio-postgres, named like sqlx's.
-pub fn tenant_connect_config(url: &str) -> Result<tokio_postgres::Config, sqlx::Error> {
+fn tenant_connect_config(url: &str) -> Result<tokio_postgres::Config, sqlx::Error> {
     let mut pg: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| sqlx::Error::Configuration(e.into()))?;
