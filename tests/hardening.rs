@@ -1058,6 +1058,43 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
     }
     let (ok, out, err) = app.db.cli(&["doctor", "--audit"]);
     assert!(ok, "the repairs leave breaches: {out}{err}");
+    // and take only what was found: PUBLIC keeps USAGE on the shared schema
+    let public_usage: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a \
+         WHERE n.nspname = 'shared' AND a.grantee = 0 AND a.privilege_type = 'USAGE')",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(public_usage);
+
+    // A shared routine created by hand may be run by PUBLIC (PostgreSQL's
+    // default) until the next migration takes that back, which every CLI
+    // command runs first: so audited here through the library.
+    sqlx::raw_sql("CREATE FUNCTION shared.planted(int) RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let found = tenantry::tenants::fleet::audit::audit(&app.db.pool)
+        .await
+        .unwrap();
+    let planted = found
+        .iter()
+        .find(|b| b.object == "ROUTINE shared.planted(integer)")
+        .unwrap_or_else(|| panic!("a shared routine PUBLIC may run: {found:?}"));
+    assert_eq!(
+        (planted.rule, planted.role.as_str()),
+        ("shared_foreign_grant", "PUBLIC")
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    sqlx::raw_sql(&planted.repair)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let found = tenantry::tenants::fleet::audit::audit(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(found.is_empty(), "{found:?}");
     // and the org is served again as before
     let token = app.org_with_token("after-audit").await;
     let (s, body) = app
@@ -1401,7 +1438,9 @@ async fn reads_are_read_only_and_cost_no_commit() {
 /// Tenant roles made by a release before the shared schema (NOINHERIT, no
 /// reader membership) cannot read it; migrating the database makes them
 /// readers, and they still write nothing there. The serving role itself,
-/// outside a tenant transaction, gets no shared rights from its tenants.
+/// outside a tenant transaction, gets no shared rights from its tenants:
+/// PUBLIC's USAGE on the schema (which spares PostgreSQL a membership
+/// lookup per tenant transaction) lets it read no table and run no routine.
 #[tokio::test]
 async fn tenant_roles_of_an_earlier_release_become_shared_readers_on_migrate() {
     let db = TestDb::new().await;
@@ -1415,8 +1454,12 @@ async fn tenant_roles_of_an_earlier_release_become_shared_readers_on_migrate() {
     .fetch_one(&app.db.pool)
     .await
     .unwrap();
+    // as an earlier release left it: no PUBLIC USAGE, and a routine the
+    // admin added by hand, executable by PUBLIC as PostgreSQL makes it
     sqlx::raw_sql(&format!(
-        "REVOKE {reader} FROM {role}; ALTER ROLE {role} NOINHERIT"
+        "REVOKE {reader} FROM {role}; ALTER ROLE {role} NOINHERIT; \
+         REVOKE USAGE ON SCHEMA shared FROM PUBLIC; \
+         CREATE FUNCTION shared.plan_limit() RETURNS int LANGUAGE sql AS 'SELECT 42'"
     ))
     .execute(&app.db.pool)
     .await
@@ -1452,6 +1495,26 @@ async fn tenant_roles_of_an_earlier_release_become_shared_readers_on_migrate() {
     .await
     .unwrap();
     assert!(inherit && member);
+    let public_usage: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a \
+         WHERE n.nspname = 'shared' AND a.grantee = 0 AND a.privilege_type = 'USAGE')",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        public_usage,
+        "migrate grants USAGE on the shared schema to PUBLIC"
+    );
+    let tenant = app.tenant("old").await;
+    let mut tx = router.begin(&tenant).await.unwrap();
+    let (limit,): (i32,) = tx
+        .query_as("SELECT plan_limit()")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(limit, 42, "tenants run shared routines as readers");
+    drop(tx);
     // a second run changes nothing
     let again = tenantry::tenants::migrate_database(&app.db.pool)
         .await
@@ -1473,6 +1536,15 @@ async fn tenant_roles_of_an_earlier_release_become_shared_readers_on_migrate() {
         tenantry::base::error::sqlstate(&err).as_deref(),
         Some("42501"),
         "{err}"
+    );
+    let err = sqlx::query_scalar::<_, i32>("SELECT shared.plan_limit()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        tenantry::base::error::sqlstate(&err).as_deref(),
+        Some("42501"),
+        "PUBLIC runs no shared routine: {err}"
     );
 }
 

@@ -6,9 +6,11 @@
 //!   applied before any tenant migration: at startup, like the registry,
 //!   and by `tenantry migrate`.
 //! - One reader role per database (`tenantry_shared_<database oid>`, see
-//!   `registry::roles`) has USAGE on the schema and SELECT on its tables;
-//!   every tenant role is a member of it and of nothing else. Only the admin
-//!   (the schema's owner) writes.
+//!   `registry::roles`) has USAGE on the schema, SELECT on its tables and
+//!   EXECUTE on its routines; every tenant role is a member of it and of
+//!   nothing else. Only the admin (the schema's owner) writes. PUBLIC has
+//!   USAGE on the schema too, which reads nothing by itself and spares
+//!   PostgreSQL a membership lookup at every tenant transaction.
 //! - A tenant transaction searches the tenant's schema first and this one
 //!   second (invariant 1). A tenant relation or routine named like a shared
 //!   one would hide it, and a shared one would answer for a tenant table the
@@ -89,10 +91,17 @@ pub async fn migrate(
     let schema = quote_ident(SHARED_SCHEMA);
     simple_query(&mut tx, &format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await?;
     let reader = crate::registry::roles::ensure_shared_reader(&mut tx).await?;
+    // USAGE on the schema for PUBLIC as well as the reader: PostgreSQL
+    // checks it for every schema of the search path whenever the role
+    // changes, i.e. at every tenant transaction, and a right held through a
+    // membership makes it compute the tenant role's memberships, a lookup
+    // that grows with the tenant roles a backend has served. A right held
+    // by PUBLIC is found first. USAGE alone reads nothing: tables keep their
+    // SELECT for the reader only and routines their EXECUTE (`grant_reads`).
     simple_query(
         &mut tx,
         &format!(
-            "SET LOCAL search_path TO {schema}; GRANT USAGE ON SCHEMA {schema} TO {r}",
+            "SET LOCAL search_path TO {schema}; GRANT USAGE ON SCHEMA {schema} TO {r}, PUBLIC",
             r = reader.quoted()
         ),
     )
@@ -194,7 +203,10 @@ pub async fn version(conn: &mut PgConnection) -> Result<i32, Error> {
 /// SELECT on every shared table and view for the reader role, also on those
 /// the admin creates later by hand; nothing on the migration history, which
 /// is the admin's (and which every tenant schema has a table of the same
-/// name for).
+/// name for). EXECUTE on shared routines for the reader instead of PUBLIC:
+/// PUBLIC may look names up in the schema (see `migrate`), and a routine
+/// is executable by PUBLIC by default. A routine created by hand between
+/// migrations is, until the next one; `doctor --audit` reports it.
 async fn grant_reads(conn: &mut PgConnection, reader: &RoleName) -> Result<(), Error> {
     let schema = quote_ident(SHARED_SCHEMA);
     let r = reader.quoted();
@@ -203,7 +215,10 @@ async fn grant_reads(conn: &mut PgConnection, reader: &RoleName) -> Result<(), E
         &format!(
             "GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {r}; \
              REVOKE ALL ON {schema}.{HISTORY_TABLE} FROM {r}; \
-             ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT SELECT ON TABLES TO {r}"
+             ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT SELECT ON TABLES TO {r}; \
+             REVOKE EXECUTE ON ALL ROUTINES IN SCHEMA {schema} FROM PUBLIC; \
+             GRANT EXECUTE ON ALL ROUTINES IN SCHEMA {schema} TO {r}; \
+             ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT EXECUTE ON ROUTINES TO {r}"
         ),
     )
     .await?;

@@ -28,8 +28,9 @@
 //!   reader role, or an object in it by another role than the schema's
 //!   owner;
 //! - `shared_foreign_grant`: PUBLIC or a serving role holds a right on the
-//!   shared schema or a relation in it (the reader's rights are the
-//!   only ones tenants get);
+//!   shared schema, a relation or a routine in it (the reader's rights are
+//!   the only ones tenants get), except PUBLIC's USAGE on the schema, which
+//!   reads nothing and which tenantry grants (see `tenants::shared`);
 //! - `serving_role_reads_registry`: a serving role (the login role of
 //!   tenant connections) may read or change a registry table itself,
 //!   rather than through the lookup functions;
@@ -354,27 +355,42 @@ async fn shared_rules(
     let grants: Vec<Row> = sqlx::query_as(
         "WITH s AS (SELECT oid, nspname, nspacl, nspowner FROM pg_namespace WHERE nspname = $1) \
          SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END, \
-                'SCHEMA ' || quote_ident(s.nspname), '', a.privilege_type || ' on schema ' || s.nspname \
+                'SCHEMA ' || quote_ident(s.nspname), a.privilege_type, a.privilege_type || ' on schema ' || s.nspname \
          FROM s CROSS JOIN LATERAL aclexplode(s.nspacl) a \
+         WHERE (a.grantee = 0 AND a.privilege_type <> 'USAGE') \
+            OR pg_get_userbyid(a.grantee) IN (SELECT role FROM tenantry.serving_roles) \
+         UNION ALL \
+         SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END, \
+                'TABLE ' || quote_ident(s.nspname) || '.' || quote_ident(c.relname), a.privilege_type, \
+                a.privilege_type || ' on ' || s.nspname || '.' || c.relname \
+         FROM pg_class c JOIN s ON s.oid = c.relnamespace CROSS JOIN LATERAL aclexplode(c.relacl) a \
          WHERE a.grantee = 0 OR pg_get_userbyid(a.grantee) IN (SELECT role FROM tenantry.serving_roles) \
          UNION ALL \
          SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END, \
-                'TABLE ' || quote_ident(s.nspname) || '.' || quote_ident(c.relname), '', \
-                a.privilege_type || ' on ' || s.nspname || '.' || c.relname \
-         FROM pg_class c JOIN s ON s.oid = c.relnamespace CROSS JOIN LATERAL aclexplode(c.relacl) a \
+                'ROUTINE ' || r.name, a.privilege_type, a.privilege_type || ' on ' || r.name \
+         FROM pg_proc p JOIN s ON s.oid = p.pronamespace \
+         CROSS JOIN LATERAL (SELECT quote_ident(s.nspname) || '.' || quote_ident(p.proname) \
+                             || '(' || pg_get_function_identity_arguments(p.oid) || ')' AS name) r \
+         CROSS JOIN LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a \
          WHERE a.grantee = 0 OR pg_get_userbyid(a.grantee) IN (SELECT role FROM tenantry.serving_roles) \
          ORDER BY 2, 1",
     )
     .bind(shared)
     .fetch_all(pool)
     .await?;
-    add("shared_foreign_grant", grants, &|(role, object, _, _)| {
+    // revokes the one right found, so that PUBLIC keeps its USAGE
+    add("shared_foreign_grant", grants, &|(
+        role,
+        object,
+        right,
+        _,
+    )| {
         let grantee = if role == "PUBLIC" {
             "PUBLIC".to_owned()
         } else {
             quote_ident(role)
         };
-        format!("REVOKE ALL ON {object} FROM {grantee}")
+        format!("REVOKE {right} ON {object} FROM {grantee}")
     });
     Ok(())
 }
