@@ -11,10 +11,12 @@
 //! cache through the tenancy core above (at once here, by NOTIFY elsewhere); the
 //! TTL bounds staleness if a notification is lost.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dashmap::mapref::entry::Entry as Slot;
+use dashmap::DashMap;
 use moka::future::Cache;
 use moka::Expiry;
 use sqlx::PgPool;
@@ -91,8 +93,10 @@ impl Gate {
 /// Token uses waiting to be written, and when each token was last queued.
 #[derive(Default)]
 struct Usage {
-    queued_at: HashMap<Uuid, Instant>,
-    pending: Vec<Uuid>,
+    /// Sharded: every authenticated request looks here.
+    queued_at: DashMap<Uuid, Instant>,
+    /// Touched once per token and interval.
+    pending: Mutex<Vec<Uuid>>,
 }
 
 #[derive(Clone)]
@@ -101,7 +105,7 @@ pub struct Authenticator {
     pooler: crate::pg::pools::Pooler,
     cache: Cache<[u8; 32], Entry>,
     gate: Arc<Gate>,
-    usage: Arc<Mutex<Usage>>,
+    usage: Arc<Usage>,
     usage_interval: Duration,
 }
 
@@ -195,26 +199,42 @@ impl Authenticator {
     }
 
     fn note_use(&self, token_id: Uuid) {
-        let mut usage = self.usage.lock().expect("usage lock");
         let now = Instant::now();
-        let due = usage
+        let due = |at: &Instant| now.duration_since(*at) >= self.usage_interval;
+        // a shared look first: nearly every use is not due
+        if self
+            .usage
             .queued_at
             .get(&token_id)
-            .is_none_or(|at| now.duration_since(*at) >= self.usage_interval);
-        if due {
-            usage.queued_at.insert(token_id, now);
-            usage.pending.push(token_id);
+            .is_some_and(|at| !due(&at))
+        {
+            return;
+        }
+        let queued = match self.usage.queued_at.entry(token_id) {
+            Slot::Occupied(mut at) if due(at.get()) => {
+                at.insert(now);
+                true
+            }
+            Slot::Occupied(_) => false,
+            Slot::Vacant(at) => {
+                at.insert(now);
+                true
+            }
+        };
+        if queued {
+            self.usage
+                .pending
+                .lock()
+                .expect("usage lock")
+                .push(token_id);
         }
     }
 
     /// Writes the queued `last_used_at` updates in one statement.
     pub async fn flush_usage(&self) -> Result<usize, Error> {
-        let pending = {
-            let mut usage = self.usage.lock().expect("usage lock");
-            let interval = self.usage_interval;
-            usage.queued_at.retain(|_, at| at.elapsed() < interval);
-            std::mem::take(&mut usage.pending)
-        };
+        let interval = self.usage_interval;
+        self.usage.queued_at.retain(|_, at| at.elapsed() < interval);
+        let pending = std::mem::take(&mut *self.usage.pending.lock().expect("usage lock"));
         if !pending.is_empty() {
             let mut conn = ServingConn::open(&self.pool, self.pooler).await?;
             let named = conn.named();

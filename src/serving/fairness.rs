@@ -9,9 +9,10 @@
 //! Only tenants with a transaction in flight have an entry, so memory
 //! follows concurrency, not the number of tenants.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use dashmap::DashMap;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
@@ -44,7 +45,8 @@ pub const DEFAULT_QUEUE: Duration = Duration::from_millis(200);
 
 pub struct TenantLimiter {
     config: FairnessConfig,
-    in_flight: Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+    /// Sharded: every transaction takes and gives back a place here.
+    in_flight: DashMap<Uuid, Arc<Semaphore>>,
 }
 
 /// A tenant's place among its transactions in flight; released when
@@ -60,7 +62,7 @@ impl TenantLimiter {
     pub fn new(config: FairnessConfig) -> Arc<Self> {
         Arc::new(TenantLimiter {
             config,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: DashMap::new(),
         })
     }
 
@@ -77,12 +79,12 @@ impl TenantLimiter {
         if max == 0 {
             return Ok(None);
         }
-        let semaphore = {
-            let mut map = self.in_flight.lock().expect("tenant limiter");
-            map.entry(*tenant)
-                .or_insert_with(|| Arc::new(Semaphore::new(max as usize)))
-                .clone()
-        };
+        // cloned under the entry's shard lock, see `TenantSlot::drop`
+        let semaphore = self
+            .in_flight
+            .entry(*tenant)
+            .or_insert_with(|| Arc::new(Semaphore::new(max as usize)))
+            .clone();
         // From here on the slot owns the semaphore's reference: dropping it
         // (also on timeout or cancellation) removes an unused entry.
         let mut slot = TenantSlot {
@@ -111,7 +113,7 @@ impl TenantLimiter {
 
     /// Tenants with a transaction in flight or queued.
     pub fn busy_tenants(&self) -> usize {
-        self.in_flight.lock().expect("tenant limiter").len()
+        self.in_flight.len()
     }
 }
 
@@ -127,13 +129,15 @@ impl TenantSlot {
 
 impl Drop for TenantSlot {
     fn drop(&mut self) {
-        let mut map = self.limiter.in_flight.lock().expect("tenant limiter");
         drop(self.permit.take());
-        // Clones are only made under this lock: the map's and ours are the
-        // last two when no other transaction of the tenant runs or waits.
-        if Arc::strong_count(&self.semaphore) == 2 {
-            map.remove(&self.tenant);
-        }
+        // Clones are only made under the entry's shard lock, which
+        // `remove_if` holds while it looks: the map's and ours are the last
+        // two when no other transaction of the tenant runs or waits.
+        self.limiter
+            .in_flight
+            .remove_if(&self.tenant, |_, semaphore| {
+                Arc::strong_count(semaphore) == 2
+            });
     }
 }
 

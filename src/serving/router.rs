@@ -238,6 +238,7 @@ impl TenantRouter {
                 } else {
                     StatementMode::Unnamed
                 },
+                seen: Default::default(),
                 distinct: Default::default(),
             }),
             settings: settings.into(),
@@ -454,7 +455,10 @@ impl TenantRouter {
         if rule.mode != StatementMode::Auto {
             return rule.mode;
         }
-        let distinct = rule.distinct.read().expect("statement set").len().max(1) as u64;
+        let distinct = rule
+            .distinct
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1) as u64;
         let per_connection = self.cache.entry_count() / self.tenants.sub_pool_count() as u64 + 1;
         let fits = per_connection * distinct <= self.tenants.statement_cache() as u64 * 3 / 4;
         if fits {
@@ -533,14 +537,17 @@ impl TenantRouter {
 /// transactions have sent (their texts are `'static`: keyed by address).
 struct StatementRule {
     mode: StatementMode,
-    distinct: std::sync::RwLock<std::collections::HashSet<usize>>,
+    seen: dashmap::DashSet<usize>,
+    /// `seen.len()` without locking every shard at each `begin`.
+    distinct: std::sync::atomic::AtomicUsize,
 }
 
 impl StatementRule {
     fn note(&self, sql: &'static str) {
         let key = sql.as_ptr() as usize;
-        if !self.distinct.read().expect("statement set").contains(&key) {
-            self.distinct.write().expect("statement set").insert(key);
+        if !self.seen.contains(&key) && self.seen.insert(key) {
+            self.distinct
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

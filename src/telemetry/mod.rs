@@ -10,10 +10,10 @@
 
 pub mod logging;
 
-use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
@@ -229,7 +229,8 @@ pub fn http_request(method: &str, template: Option<&str>, status: &'static str, 
     let method = method_label(method);
     /// Per route template: the handles of each (method, status class) seen.
     type Seen = Vec<(String, &'static str, Counter, Histogram)>;
-    static ROUTES: OnceLock<RwLock<HashMap<String, Seen>>> = OnceLock::new();
+    // sharded: every request looks its route up here
+    static ROUTES: OnceLock<DashMap<String, Seen>> = OnceLock::new();
     let routes = ROUTES.get_or_init(Default::default);
     let template = template.unwrap_or("unmatched");
     let find = |seen: &Seen| {
@@ -237,11 +238,7 @@ pub fn http_request(method: &str, template: Option<&str>, status: &'static str, 
             .find(|(m, s, _, _)| m == method && *s == status)
             .map(|(_, _, c, h)| (c.clone(), h.clone()))
     };
-    let known = routes
-        .read()
-        .expect("route metrics")
-        .get(template)
-        .and_then(find);
+    let known = routes.get(template).and_then(|seen| find(&seen));
     let (count, latency) = known.unwrap_or_else(|| {
         handle();
         let route = route_label(template);
@@ -249,9 +246,8 @@ pub fn http_request(method: &str, template: Option<&str>, status: &'static str, 
             "method" => method.to_owned(), "route" => route.clone(), "status" => status);
         let latency =
             metrics::histogram!(HTTP_DURATION, "method" => method.to_owned(), "route" => route);
-        let mut routes = routes.write().expect("route metrics");
-        let seen = routes.entry(template.to_owned()).or_default();
-        if let Some(made) = find(seen) {
+        let mut seen = routes.entry(template.to_owned()).or_default();
+        if let Some(made) = find(&seen) {
             return made;
         }
         seen.push((method.to_owned(), status, count.clone(), latency.clone()));
@@ -290,11 +286,11 @@ impl Drop for TxOutcome {
 }
 
 /// Tenant transactions per org, for the top-N metric: one entry per org
-/// that has had a transaction (so bounded by the registry), one short lock
-/// per transaction. Only made when the top N is asked for.
+/// that has had a transaction (so bounded by the registry), one shard's
+/// lock per transaction. Only made when the top N is asked for.
 pub struct TopTenants {
     n: usize,
-    counts: std::sync::Mutex<HashMap<crate::base::ident::Slug, u64>>,
+    counts: DashMap<crate::base::ident::Slug, u64>,
 }
 
 impl TopTenants {
@@ -309,20 +305,19 @@ impl TopTenants {
     }
 
     pub fn count(&self, slug: &crate::base::ident::Slug) {
-        let mut counts = self.counts.lock().expect("tenant counts");
-        match counts.get_mut(slug) {
-            Some(n) => *n += 1,
-            None => {
-                counts.insert(slug.clone(), 1);
-            }
+        match self.counts.get_mut(slug) {
+            Some(mut n) => *n += 1,
+            None => *self.counts.entry(slug.clone()).or_insert(0) += 1,
         }
     }
 
     /// The `n` orgs with the most transactions, most first (ties by slug).
     pub fn top(&self) -> Vec<(crate::base::ident::Slug, u64)> {
-        let counts = self.counts.lock().expect("tenant counts");
-        let mut all: Vec<_> = counts.iter().map(|(s, n)| (s.clone(), *n)).collect();
-        drop(counts);
+        let mut all: Vec<_> = self
+            .counts
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
         all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         all.truncate(self.n);
         all
