@@ -370,9 +370,19 @@ async fn spawn_app_with_pools(
 /// A server whose tenant connections go to `tenant_url` (e.g. a proxy in
 /// front of the database) while its admin and control connections go
 /// straight to the database.
-pub async fn spawn_app_with_tenant_url(db: TestDb, tenant_url: &str) -> TestApp {
-    let config = tenantry::server::ServerConfig::default();
-    let pool_config = tenantry::pg::pools::PoolConfig::default();
+pub async fn spawn_app_with_tenant_url(
+    db: TestDb,
+    tenant_url: &str,
+    pooler: tenantry::pg::pools::Pooler,
+) -> TestApp {
+    let mut config = tenantry::server::ServerConfig::default();
+    if pooler != tenantry::pg::pools::Pooler::None {
+        config.listen_url = Some(db.url.clone());
+    }
+    let pool_config = tenantry::pg::pools::PoolConfig {
+        pooler,
+        ..Default::default()
+    };
     let admin =
         tenantry::pg::pools::connect(&db.url, &tenantry::server::small_pool_config(&pool_config))
             .await
