@@ -1059,14 +1059,7 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
     let (ok, out, err) = app.db.cli(&["doctor", "--audit"]);
     assert!(ok, "the repairs leave breaches: {out}{err}");
     // and take only what was found: PUBLIC keeps USAGE on the shared schema
-    let public_usage: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a \
-         WHERE n.nspname = 'shared' AND a.grantee = 0 AND a.privilege_type = 'USAGE')",
-    )
-    .fetch_one(&app.db.pool)
-    .await
-    .unwrap();
-    assert!(public_usage);
+    assert!(public_has_usage_on_shared(&app.db.pool).await);
 
     // A shared routine created by hand may be run by PUBLIC (PostgreSQL's
     // default) until the next migration takes that back, which every CLI
@@ -1498,15 +1491,8 @@ async fn tenant_roles_of_an_earlier_release_become_shared_readers_on_migrate() {
     .await
     .unwrap();
     assert!(inherit && member);
-    let public_usage: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a \
-         WHERE n.nspname = 'shared' AND a.grantee = 0 AND a.privilege_type = 'USAGE')",
-    )
-    .fetch_one(&app.db.pool)
-    .await
-    .unwrap();
     assert!(
-        public_usage,
+        public_has_usage_on_shared(&app.db.pool).await,
         "migrate grants USAGE on the shared schema to PUBLIC"
     );
     let tenant = app.tenant("old").await;
@@ -1531,24 +1517,32 @@ async fn tenant_roles_of_an_earlier_release_become_shared_readers_on_migrate() {
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&serving_url)
         .await
         .unwrap();
-    let err = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM shared.catalog_statuses")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap_err();
-    assert_eq!(
-        tenantry::base::error::sqlstate(&err).as_deref(),
-        Some("42501"),
-        "{err}"
-    );
-    let err = sqlx::query_scalar::<_, i32>("SELECT shared.plan_limit()")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap_err();
-    assert_eq!(
-        tenantry::base::error::sqlstate(&err).as_deref(),
-        Some("42501"),
-        "PUBLIC runs no shared routine: {err}"
-    );
+    // neither a table nor a routine, for all of PUBLIC's USAGE
+    for sql in [
+        "SELECT count(*)::int FROM shared.catalog_statuses",
+        "SELECT shared.plan_limit()",
+    ] {
+        let err = sqlx::query_scalar::<_, i32>(sql)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            tenantry::base::error::sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{sql}: {err}"
+        );
+    }
+}
+
+/// Whether PUBLIC holds USAGE on the shared schema (tenantry grants it).
+async fn public_has_usage_on_shared(pool: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a \
+         WHERE n.nspname = 'shared' AND a.grantee = 0 AND a.privilege_type = 'USAGE')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// A reader of stderr that stops reading (a full pipe, a hung log shipper)
