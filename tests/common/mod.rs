@@ -373,16 +373,12 @@ async fn spawn_app_with_pools(
 pub async fn spawn_app_with_tenant_url(
     db: TestDb,
     tenant_url: &str,
-    pooler: tenantry::pg::pools::Pooler,
+    pool_config: tenantry::pg::pools::PoolConfig,
 ) -> TestApp {
     let mut config = tenantry::server::ServerConfig::default();
-    if pooler != tenantry::pg::pools::Pooler::None {
+    if pool_config.pooler != tenantry::pg::pools::Pooler::None {
         config.listen_url = Some(db.url.clone());
     }
-    let pool_config = tenantry::pg::pools::PoolConfig {
-        pooler,
-        ..Default::default()
-    };
     let admin =
         tenantry::pg::pools::connect(&db.url, &tenantry::server::small_pool_config(&pool_config))
             .await
