@@ -1064,13 +1064,16 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
     // A shared routine created by hand may be run by PUBLIC (PostgreSQL's
     // default) until the next migration takes that back, which every CLI
     // command runs first: so audited here through the library.
+    let audit = async || {
+        tenantry::tenants::fleet::audit::audit(&app.db.pool)
+            .await
+            .unwrap()
+    };
     sqlx::raw_sql("CREATE FUNCTION shared.planted(int) RETURNS int LANGUAGE sql AS 'SELECT 1'")
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let found = tenantry::tenants::fleet::audit::audit(&app.db.pool)
-        .await
-        .unwrap();
+    let found = audit().await;
     let planted = found
         .iter()
         .find(|b| b.object == "ROUTINE shared.planted(integer)")
@@ -1084,9 +1087,7 @@ async fn doctor_audit_finds_each_break_of_confinement_and_its_repairs_restore_it
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let found = tenantry::tenants::fleet::audit::audit(&app.db.pool)
-        .await
-        .unwrap();
+    let found = audit().await;
     assert!(found.is_empty(), "{found:?}");
     // and the org is served again as before
     let token = app.org_with_token("after-audit").await;

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
