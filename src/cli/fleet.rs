@@ -65,6 +65,8 @@ impl Action {
             } => Action::Audit(json),
             Command::Doctor { repair, json, .. } => Action::Doctor(repair, json),
             Command::Serve(_)
+            | Command::Work(_)
+            | Command::Jobs(_)
             | Command::Orgs(_)
             | Command::Tokens(_)
             | Command::Warm(_)
@@ -219,6 +221,11 @@ async fn migrate(
                 "created the PostgreSQL role of {} organization(s) made by an earlier version",
                 upgraded.len()
             );
+        }
+        let engine = crate::pg::engine::Engine::detect(&mut *pool.acquire().await?).await?;
+        let with_jobs = crate::tenants::jobs::add_to_existing_schemas(pool, engine).await?;
+        if with_jobs > 0 && !args.json {
+            println!("added the job table to {with_jobs} schema(s) built by an earlier version");
         }
     }
     let plan = fleet::plan(pool, &template, &opts).await?;

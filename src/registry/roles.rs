@@ -43,7 +43,7 @@ const DUPLICATE_OBJECT: &str = "42710";
 const SERVING_FUNCTIONS: &str = "tenantry.serving_org_by_slug(text), \
     tenantry.serving_org_by_id(uuid), tenantry.serving_principal(bytea), \
     tenantry.serving_record_token_use(uuid[]), tenantry.serving_token_key(), \
-    tenantry.serving_legacy_token_prefixes()";
+    tenantry.serving_legacy_token_prefixes(), tenantry.serving_jobs_due(uuid, timestamptz)";
 
 /// The roles a new tenant role is granted to: every registered serving role
 /// that exists, and the admin itself unless it is a superuser.

@@ -35,6 +35,7 @@
 //! tampered, unknown format or version) fails with a clear error and leaves
 //! nothing behind. `created_by`/`updated_by` ids are kept as they are (the
 //! users of the old org are not copied; the ids keep saying who wrote what).
+//! The org's jobs (`tenantry_jobs`) are not data: an archive leaves them out.
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -45,8 +46,14 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use crate::base::error::Error;
 use crate::base::ident::{quote_ident, SchemaName, Slug};
 use crate::pg::engine::Engine;
+use crate::tenants::jobs::JOBS_TABLE;
 use crate::tenants::provision::{Created, NewOrg};
 use crate::tenants::template::{Template, HISTORY_TABLE};
+
+/// Tables of a tenant schema that an archive leaves out: the migration
+/// history (the archive records the version) and the org's jobs (work
+/// pending in one place is not data to copy: a clone would run it again).
+const NOT_DATA: [&str; 2] = [HISTORY_TABLE, JOBS_TABLE];
 
 pub const MAGIC: &str = "tenantry-archive";
 /// Format 1: rows in COPY text format. Format 2: rows in COPY binary format.
@@ -149,10 +156,10 @@ async fn tables(conn: &mut PgConnection, schema: &SchemaName) -> Result<Vec<Tabl
            ARRAY(SELECT DISTINCT r.relname::text FROM pg_constraint f JOIN pg_class r ON r.oid = f.confrelid \
                  WHERE f.conrelid = c.oid AND f.contype = 'f' AND r.relnamespace = c.relnamespace AND r.oid <> c.oid) \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND c.relname <> $2 ORDER BY c.relname",
+         WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND c.relname <> ALL($2) ORDER BY c.relname",
     )
     .bind(schema.as_str())
-    .bind(HISTORY_TABLE)
+    .bind(&NOT_DATA[..])
     .fetch_all(conn)
     .await?;
     // referenced tables first (Kahn's algorithm, by name for stability)
@@ -708,18 +715,18 @@ impl Deferred {
                     c.conname::text, pg_get_constraintdef(c.oid) \
              FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid \
              JOIN pg_namespace n ON n.oid = t.relnamespace \
-             WHERE n.nspname = $1 AND t.relname <> $2 AND c.contype IN ('f', 'p', 'u') \
+             WHERE n.nspname = $1 AND t.relname <> ALL($2) AND c.contype IN ('f', 'p', 'u') \
              UNION ALL \
              SELECT 1, 'index', t.relname::text, i.relname::text, pg_get_indexdef(i.oid) \
              FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
              JOIN pg_class t ON t.oid = x.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
-             WHERE n.nspname = $1 AND t.relname <> $2 \
+             WHERE n.nspname = $1 AND t.relname <> ALL($2) \
                AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid \
                                AND c.conrelid = x.indrelid AND c.contype IN ('p', 'u', 'x')) \
              ORDER BY 1, 3, 4",
         )
         .bind(schema.as_str())
-        .bind(HISTORY_TABLE)
+        .bind(&NOT_DATA[..])
         .fetch_all(&mut *conn)
         .await?;
         let mut deferred = Deferred::default();

@@ -10,6 +10,7 @@
 pub mod archive;
 pub mod catalog;
 pub mod fleet;
+pub mod jobs;
 pub mod placement;
 pub mod provision;
 pub mod shared;

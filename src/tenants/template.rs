@@ -289,6 +289,7 @@ impl Template {
             statements.push(self.transactional_sql(m));
             statements.push(history_insert(m));
         }
+        statements.push(crate::tenants::jobs::JOBS_DDL.to_owned());
         // "\n;\n" ends a trailing line comment before the separator.
         let result = send_statements(conn, &statements.join("\n;\n"), citus).await;
         result.map_err(|e| match crate::base::error::sqlstate(&e).as_deref() {
