@@ -4,4 +4,5 @@
 
 pub mod auth;
 pub mod fairness;
+pub mod jobs;
 pub mod router;

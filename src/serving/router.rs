@@ -306,6 +306,19 @@ impl TenantRouter {
         Ok(own.filter(|tenant| tenant.slug == *slug))
     }
 
+    /// The tenant of org `id` (cached like tokens' orgs), or `None`: for
+    /// work that names its org by id, such as background jobs.
+    pub async fn resolve_id(&self, id: Uuid) -> Result<Option<Arc<Tenant>>, Error> {
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let found = self
+            .by_id
+            .try_get_with(id, self.load(&loaded, Lookup::Id(id)))
+            .await
+            .map_err(unshare)?;
+        count_resolve(loaded.into_inner(), &found);
+        Ok(found)
+    }
+
     /// Registry queries made by this router to resolve orgs so far.
     pub fn registry_lookups(&self) -> u64 {
         self.lookups.load(std::sync::atomic::Ordering::Relaxed)
@@ -397,6 +410,9 @@ impl TenantRouter {
             statements: self.statement_mode(),
             rule: self.statements.clone(),
             outcome: crate::telemetry::TxOutcome::begun(),
+            jobs_due: None,
+            control: self.control.clone(),
+            done: false,
         })
     }
 
@@ -590,6 +606,13 @@ pub struct TenantTx {
     rule: Arc<StatementRule>,
     /// Counts the transaction committed, or rolled back when dropped.
     outcome: crate::telemetry::TxOutcome,
+    /// The earliest due time of the jobs this transaction enqueued: once it
+    /// commits, the registry's ready index is told (see `jobs`).
+    jobs_due: Option<time::OffsetDateTime>,
+    /// To tell the registry (a serving function) of enqueued jobs.
+    control: PgPool,
+    /// Committed (by [`TenantQuery::and_commit`]): nothing more to do.
+    done: bool,
 }
 
 /// A statement's parameters, with the types they are sent as.
@@ -606,6 +629,7 @@ impl TenantTx {
             tx: self,
             sql,
             params: Vec::new(),
+            commit: false,
             _row: PhantomData,
         }
     }
@@ -631,14 +655,43 @@ impl TenantTx {
     /// Sends one statement: with the BEGIN and context before it when it
     /// opens the transaction (a read's every statement, a read-write
     /// transaction's first), and a read's ROLLBACK after it.
-    async fn send(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Sent, sqlx::Error> {
+    async fn send(
+        &mut self,
+        sql: &'static str,
+        params: &Params<'_>,
+        commit: bool,
+    ) -> Result<Sent, sqlx::Error> {
+        let sent = self.send_pipeline(sql, params, commit).await;
+        if commit && self.access == Access::ReadWrite {
+            // ended either way: a failed statement or COMMIT rolled back
+            self.open = false;
+            if sent.is_ok() {
+                self.committed().await;
+            }
+        }
+        sent
+    }
+
+    async fn send_pipeline(
+        &mut self,
+        sql: &'static str,
+        params: &Params<'_>,
+        commit: bool,
+    ) -> Result<Sent, sqlx::Error> {
+        if self.done {
+            // a statement now would open a transaction nobody commits
+            return Err(sqlx::Error::Protocol(
+                "this tenant transaction was committed with and_commit; begin another".into(),
+            ));
+        }
         let text = self.sql(sql);
         let named = self.statements != StatementMode::Unnamed;
         let tenant = self.tenant.clone();
+        let end = commit.then_some("COMMIT");
         let (before, after) = match self.access {
             Access::ReadOnly => (Some(&*tenant.begin_read), Some("ROLLBACK")),
-            Access::ReadWrite if !self.open => (Some(&*tenant.begin), None),
-            Access::ReadWrite => (None, None),
+            Access::ReadWrite if !self.open => (Some(&*tenant.begin), end),
+            Access::ReadWrite => (None, end),
         };
         self.open = true;
         let attempts = self.pool.max_connections() as usize + 2;
@@ -684,9 +737,37 @@ impl TenantTx {
     }
 
     pub async fn commit(mut self) -> Result<(), Error> {
+        if self.done {
+            return Ok(());
+        }
         self.end("COMMIT").await?;
-        self.outcome.committed();
+        self.committed().await;
         Ok(())
+    }
+
+    /// After the COMMIT succeeded: counts it and announces enqueued jobs.
+    async fn committed(&mut self) {
+        self.done = true;
+        self.outcome.committed();
+        if let Some(at) = self.jobs_due.take() {
+            crate::telemetry::jobs_enqueued();
+            // The jobs exist now; a hint lost here (the registry
+            // unreachable, this process killed) is found by the sweep.
+            let hint = sqlx::query("SELECT tenantry.serving_jobs_due($1, $2)")
+                .bind(self.tenant.id)
+                .bind(at)
+                .execute(&self.control)
+                .await;
+            if let Err(e) = hint {
+                tracing::warn!(error = %e, org = %self.tenant.slug,
+                    "could not announce enqueued jobs; the sweep will find them");
+            }
+        }
+    }
+
+    /// Notes a job this transaction enqueued, due at `at`.
+    pub(crate) fn note_job_due(&mut self, at: time::OffsetDateTime) {
+        self.jobs_due = Some(self.jobs_due.map_or(at, |t| t.min(at)));
     }
 
     /// Ends an open transaction block with `sql` (COMMIT or ROLLBACK). It
@@ -760,6 +841,8 @@ pub struct TenantQuery<'t, 'q, O> {
     tx: &'t mut TenantTx,
     sql: &'static str,
     params: Params<'q>,
+    /// COMMIT in the same write (see [`TenantQuery::and_commit`]).
+    commit: bool,
     _row: PhantomData<fn() -> O>,
 }
 
@@ -769,8 +852,18 @@ impl<'q, O> TenantQuery<'_, 'q, O> {
         self
     }
 
+    /// Commits the transaction in the same write as this statement, one
+    /// round trip fewer than a separate [`TenantTx::commit`]: for the last
+    /// statement of a write. When it returns, the transaction is over:
+    /// committed on `Ok`, rolled back on `Err` (the statement or the
+    /// COMMIT failed). A read-only transaction's statements end it anyway.
+    pub fn and_commit(mut self) -> Self {
+        self.commit = true;
+        self
+    }
+
     pub async fn execute(self) -> Result<QueryDone, sqlx::Error> {
-        let sent = self.tx.send(self.sql, &self.params).await?;
+        let sent = self.tx.send(self.sql, &self.params, self.commit).await?;
         Ok(QueryDone {
             rows_affected: sent.rows_affected,
         })
@@ -779,12 +872,12 @@ impl<'q, O> TenantQuery<'_, 'q, O> {
 
 impl<O: FromTenantRow> TenantQuery<'_, '_, O> {
     pub async fn fetch_all(self) -> Result<Vec<O>, sqlx::Error> {
-        let sent = self.tx.send(self.sql, &self.params).await?;
+        let sent = self.tx.send(self.sql, &self.params, self.commit).await?;
         sent.rows.iter().map(O::from_row).collect()
     }
 
     pub async fn fetch_optional(self) -> Result<Option<O>, sqlx::Error> {
-        let sent = self.tx.send(self.sql, &self.params).await?;
+        let sent = self.tx.send(self.sql, &self.params, self.commit).await?;
         sent.rows.first().map(O::from_row).transpose()
     }
 

@@ -50,6 +50,23 @@ pub const ORG_CREATES: &str = "tenantry_org_creates_total";
 /// output.
 pub const TOP_TENANTS: &str = "tenantry_top_tenant_transactions";
 
+/// Transactions that enqueued background jobs, counted at their commit.
+pub const JOBS_ENQUEUED: &str = "tenantry_job_enqueueing_commits_total";
+/// `kind` (registered kinds; `unregistered`), `outcome` (`succeeded`,
+/// `retried`, `dead`, `lost`, `handed_back`): attempts of jobs ended.
+pub const JOB_ATTEMPTS: &str = "tenantry_job_attempts_total";
+/// `kind`: how long an attempt ran.
+pub const JOB_RUN: &str = "tenantry_job_run_seconds";
+/// From a job's due time to the start of its attempt.
+pub const JOB_WAIT: &str = "tenantry_job_wait_seconds";
+/// Orgs with queued or running jobs, counted at this process's last sweep
+/// of every org's jobs.
+pub const JOB_ORGS_READY: &str = "tenantry_job_orgs_pending";
+
+const JOB_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+];
+
 /// How long a gauge not set again stays in the output: pool gauges and the
 /// current top N are set at every scrape, so only orgs that left the top N
 /// go.
@@ -67,6 +84,8 @@ pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
+            .set_buckets_for_metric(Matcher::Prefix("tenantry_job_".into()), JOB_BUCKETS)
+            .expect("job buckets are not empty")
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
             .expect("latency buckets are not empty");
         let recorder = builder.build_recorder();
@@ -117,6 +136,10 @@ pub fn render(pools: &[PoolSample], top: Option<&TopTenants>) -> String {
     }
     if let Some(dropped) = logging::dropped_lines() {
         metrics::counter!(logging::LOG_LINES_DROPPED).absolute(dropped);
+    }
+    let ready = ORGS_READY.load(std::sync::atomic::Ordering::Relaxed);
+    if ready >= 0 {
+        metrics::gauge!(JOB_ORGS_READY).set(ready as f64);
     }
     if let Some(top) = top {
         for (slug, n) in top.top() {
@@ -322,4 +345,30 @@ impl TopTenants {
         all.truncate(self.n);
         all
     }
+}
+
+/// A transaction that enqueued jobs committed.
+pub fn jobs_enqueued() {
+    metrics::counter!(JOBS_ENQUEUED).increment(1);
+}
+
+/// A job's attempt ended with `outcome` after `ran`; `kind` is a
+/// registered kind or `unregistered` (bounded by the caller).
+pub fn job_attempt(kind: String, outcome: &'static str, ran: Duration) {
+    metrics::counter!(JOB_ATTEMPTS, "kind" => kind.clone(), "outcome" => outcome).increment(1);
+    metrics::histogram!(JOB_RUN, "kind" => kind).record(ran.as_secs_f64());
+}
+
+/// A job started `waited` after it was due.
+pub fn job_waited(waited: Duration) {
+    metrics::histogram!(JOB_WAIT).record(waited.as_secs_f64());
+}
+
+/// The last count of orgs with a job due ([`job_orgs_ready`]); -1: none
+/// yet. Kept here and set at each scrape, like the pool gauges.
+static ORGS_READY: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+
+/// Orgs with queued or running jobs, as last counted.
+pub fn job_orgs_ready(n: usize) {
+    ORGS_READY.store(n as i64, std::sync::atomic::Ordering::Relaxed);
 }
