@@ -15,12 +15,15 @@
 //! - [`serving`]: the router, authentication, fairness;
 //! - [`tenancy`]: the core: every org change, and a server's caches kept
 //!   coherent with them;
+//! - [`jobs`]: background jobs, run in their org's transaction by workers
+//!   that take orgs round robin;
 //! - [`api`], [`cli`] and [`server`]: thin shells (HTTP, command line, and
 //!   the process that serves, with [`Tenantry`] for apps that embed it).
 
 pub mod api;
 pub mod base;
 pub mod cli;
+pub mod jobs;
 pub mod pg;
 pub mod registry;
 pub mod server;

@@ -20,6 +20,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     // the request path never builds or migrates schemas
     ("serving", &["tenants"]),
     ("tenancy", &[]),
+    // jobs run through the router; org changes are the core's
+    ("jobs", &[]),
     ("api", &[]),
     ("server", &[]),
     ("cli", &[]),
