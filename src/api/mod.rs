@@ -9,6 +9,7 @@ pub mod admin;
 pub mod catalog;
 pub mod error;
 pub mod extract;
+pub mod jobs;
 pub mod openapi;
 pub mod request_id;
 pub mod resources;
@@ -97,6 +98,7 @@ pub fn app_with(state: AppState, routes: Router<TenantApi>) -> Router {
         .with_state(state)
         .merge(
             resources::router()
+                .merge(jobs::router())
                 .merge(catalog::org_router())
                 .merge(routes)
                 .with_state(tenant_api),

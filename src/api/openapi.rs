@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, catalog, resources};
+use super::{admin, catalog, jobs, resources};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -33,6 +33,11 @@ use super::{admin, catalog, resources};
         resources::get_test,
         resources::update_test,
         resources::delete_test,
+        jobs::import_tests,
+        jobs::list_jobs,
+        jobs::get_job,
+        jobs::cancel_job,
+        jobs::retry_job,
         admin::create_org,
         admin::list_orgs,
         admin::get_org,
@@ -55,6 +60,7 @@ use super::{admin, catalog, resources};
     modifiers(&BearerAuth, &StandardErrors),
     tags(
         (name = "statuses"), (name = "behaviors"), (name = "tests"),
+        (name = "jobs", description = "an org's background jobs (e.g. imports): state, progress, cancel and retry"),
         (name = "catalog", description = "presets in the shared schema: every org reads and adopts them, superusers change them"),
         (name = "admin", description = "superuser tokens only"),
         (name = "health")

@@ -520,7 +520,7 @@ const UPDATE_TEST: &str = concat!(
     test_columns!()
 );
 
-fn check_test(prompt: Option<&str>, expected: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn check_test(prompt: Option<&str>, expected: Option<&str>) -> Result<(), ApiError> {
     if let Some(p) = prompt {
         check_text("prompt", p, 1, TEXT_MAX, false)?;
     }

@@ -36,8 +36,14 @@ pub struct DbArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the HTTP API server.
+    /// Run the HTTP API server (and, with --workers, background jobs).
     Serve(ServeArgs),
+    /// Run background jobs without serving HTTP: takes serve's flags;
+    /// --workers sets how many jobs run at once (--bind is not used).
+    Work(ServeArgs),
+    /// An org's background jobs: list, show, cancel, retry; counts.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
     /// Apply registry migrations, then the tenant template to every tenant.
     Migrate(MigrateArgs),
     /// Run a read-only query in every active tenant.
@@ -167,6 +173,16 @@ pub struct ServeArgs {
     /// the API's listener.
     #[arg(long, env = "TENANTRY_METRICS_BIND")]
     pub metrics_bind: Option<std::net::SocketAddr>,
+    /// Background jobs run at once by this process (imports, an app's own
+    /// kinds); 0: none here (run `tenantry work` elsewhere).
+    #[arg(long, env = "TENANTRY_WORKERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub workers: u16,
+    /// Seconds a job's attempt may run (or go between checkpoints) before
+    /// another worker may take it.
+    #[arg(long, env = "TENANTRY_JOB_LEASE", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub job_lease: u64,
     #[arg(long, env = "TENANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// KiB of log lines waiting for stderr at most. The log is written by
@@ -177,6 +193,51 @@ pub struct ServeArgs {
           default_value_t = crate::telemetry::logging::DEFAULT_BUFFER_KIB as u32,
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub log_buffer_kib: u32,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum JobsCommand {
+    /// An org's jobs, newest first.
+    List {
+        #[arg(long)]
+        org: String,
+        /// Only jobs in this state (queued, running, succeeded, dead,
+        /// cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job: state, attempts, progress, error.
+    Show {
+        #[arg(long)]
+        org: String,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        #[arg(long)]
+        org: String,
+        id: String,
+    },
+    /// Queue a dead or cancelled job again, with all its attempts.
+    Retry {
+        #[arg(long)]
+        org: String,
+        id: String,
+    },
+    /// Jobs by state: of one org, or of every org (and the orgs in the
+    /// ready index).
+    Stats {
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone)]

@@ -1,5 +1,5 @@
-//! Command line: `tenantry serve | migrate | query | doctor | orgs | tokens |
-//! warm | nodes | rebalance`.
+//! Command line: `tenantry serve | work | jobs | migrate | query | doctor |
+//! orgs | tokens | warm | nodes | rebalance`.
 //! Configuration comes from flags and the environment; without
 //! `DATABASE_URL` the commands use (and if needed start) the zero-config
 //! local cluster in `--data-dir`. Arguments are checked before any database
@@ -7,6 +7,7 @@
 
 mod args;
 mod fleet;
+mod jobs;
 mod orgs;
 mod placement;
 mod render;
@@ -28,7 +29,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // dropping it writes out the buffered log
     let log = match &cli.command {
-        Command::Serve(args) => crate::telemetry::logging::init(
+        Command::Serve(args) | Command::Work(args) => crate::telemetry::logging::init(
             "info",
             args.log_format == LogFormat::Json,
             args.log_buffer_kib as usize,
@@ -105,8 +106,10 @@ impl Database {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Serve(args) = cli.command {
-        return serve::serve(&cli.db, args).await;
+    match cli.command {
+        Command::Serve(args) => return serve::serve(&cli.db, args, serve::Mode::Http).await,
+        Command::Work(args) => return serve::serve(&cli.db, args, serve::Mode::Jobs).await,
+        _ => {}
     }
     // Check arguments before touching (or starting) a database.
     let jobs = match &cli.command {
@@ -123,7 +126,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ..PoolConfig::default()
     };
     let db = Database::connect(&cli.db, &pool_config).await?;
-    let result = action.run(&db.pool).await;
+    let result = action.run(&db.pool, &db.url).await;
     db.close().await?;
     result
 }
@@ -139,12 +142,16 @@ enum Action {
     Orgs(orgs::Action),
     Placement(placement::Action),
     Warm(WarmCommand),
+    Jobs(jobs::Action),
 }
 
 impl Action {
     fn parse(command: Command) -> anyhow::Result<Self> {
         Ok(match command {
-            Command::Serve(_) => unreachable!("serve is handled before"),
+            Command::Serve(_) | Command::Work(_) => {
+                unreachable!("serve and work are handled before")
+            }
+            Command::Jobs(cmd) => Action::Jobs(jobs::Action::parse(cmd)?),
             Command::Orgs(cmd) => Action::Orgs(orgs::Action::parse_orgs(cmd)?),
             Command::Tokens(cmd) => Action::Orgs(orgs::Action::parse_tokens(cmd)?),
             Command::Warm(cmd) => Action::Warm(cmd),
@@ -156,12 +163,13 @@ impl Action {
         })
     }
 
-    async fn run(self, pool: &PgPool) -> anyhow::Result<()> {
+    async fn run(self, pool: &PgPool, db_url: &str) -> anyhow::Result<()> {
         match self {
             Action::Fleet(a) => a.run(pool).await,
             Action::Orgs(a) => a.run(pool).await,
             Action::Placement(a) => a.run(pool).await,
             Action::Warm(cmd) => warm::run(cmd, pool).await,
+            Action::Jobs(a) => a.run(pool, db_url).await,
         }
     }
 }

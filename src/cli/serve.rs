@@ -10,7 +10,18 @@ use crate::serving::auth::AuthConfig;
 use crate::serving::fairness::FairnessConfig;
 use crate::serving::router::RouterConfig;
 
-pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<()> {
+/// What the process does: serve HTTP (and jobs with --workers), or only
+/// run jobs (`tenantry work`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    Http,
+    Jobs,
+}
+
+pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
+    if mode == Mode::Jobs && args.workers == 0 {
+        anyhow::bail!("tenantry work needs --workers of at least 1");
+    }
     let pool_config = PoolConfig {
         max_connections: args.pool_size,
         sub_pools: args.sub_pools,
@@ -51,6 +62,11 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
         metrics_bind: args.metrics_bind,
         listen_url: args.listen_url.clone(),
         warm_schemas: args.warm_schemas as usize,
+        workers: args.workers as usize,
+        jobs: crate::jobs::worker::WorkerConfig {
+            lease: Duration::from_secs(args.job_lease),
+            ..Default::default()
+        },
         auth: AuthConfig {
             ttl: Duration::from_secs(args.auth_ttl),
             ..AuthConfig::default()
@@ -66,12 +82,18 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
         );
         println!("{}", token.token);
     }
-    let listener = tokio::net::TcpListener::bind(args.bind)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.bind))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "listening");
-    println!("tenantry listening on http://{addr}");
+    let listener = match mode {
+        Mode::Http => {
+            let listener = tokio::net::TcpListener::bind(args.bind)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.bind))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "listening");
+            println!("tenantry listening on http://{addr}");
+            Some(listener)
+        }
+        Mode::Jobs => None,
+    };
     let (serving_url, password) = match (&args.app_database_url, db.local_app_url()?) {
         (Some(url), _) => (url.clone(), server::url_password(url)),
         (None, Some((url, password))) => (url, Some(password)),
@@ -84,7 +106,16 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs) -> anyhow::Result<(
     }
     let pools = server::Pools::connect_lazy(db.pool.clone(), &serving_url, &pool_config)?;
     let state = server::state(pools, &config).await?;
-    let served = server::serve(listener, state.clone(), &config, server::shutdown_signal()).await;
+    let served = match listener {
+        Some(listener) => {
+            server::serve(listener, state.clone(), &config, server::shutdown_signal()).await
+        }
+        None => {
+            println!("tenantry working: {} job(s) at once", config.workers);
+            server::work(state.clone(), &config, server::shutdown_signal()).await;
+            Ok(())
+        }
+    };
     state.tenancy.router().tenant_pool().close().await;
     state.tenancy.router().control_pool().close().await;
     db.close().await?;

@@ -118,10 +118,28 @@ impl TenantryBuilder {
         self
     }
 
-    /// Router, authentication, timeouts, warm schemas.
+    /// Router, authentication, timeouts, warm schemas, workers.
     pub fn config(mut self, config: ServerConfig) -> Self {
         self.config = config;
         self
+    }
+
+    /// Runs `n` background jobs at once in this process (0, the default:
+    /// none; `tenantry work` may run them instead).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+
+    /// Runs jobs of `kind` with `handler` (see `jobs::JobHandler`), beside
+    /// tenantry's own kinds. A kind is 1 to 100 of `a-z 0-9 _ . : -`.
+    pub fn job_kind(
+        mut self,
+        kind: &str,
+        handler: impl crate::jobs::JobHandler,
+    ) -> Result<Self, Error> {
+        self.config.job_kinds.register(kind, handler)?;
+        Ok(self)
     }
 
     async fn start(self) -> Result<Tenantry, Error> {

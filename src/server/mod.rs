@@ -16,6 +16,8 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::base::error::Error;
+use crate::jobs::worker::{WorkerConfig, Workers};
+use crate::jobs::JobKinds;
 use crate::pg::pools::{PoolConfig, TenantPool};
 use crate::registry::{self, IssuedToken};
 use crate::serving::auth::{AuthConfig, Authenticator};
@@ -47,6 +49,15 @@ pub struct ServerConfig {
     pub listen_url: Option<String>,
     /// Tenant schemas kept pre-built for signups (see `warm`); 0: none.
     pub warm_schemas: usize,
+    /// Background jobs this process runs at once (see `jobs`); 0: none
+    /// (another process, `tenantry work`, runs them).
+    pub workers: usize,
+    /// Leases, retries and polling of the workers (`concurrency` and
+    /// `shutdown_timeout` come from `workers` and `shutdown_timeout`).
+    pub jobs: WorkerConfig,
+    /// The job kinds the workers run: the API's (the tests import), and an
+    /// embedding app's own.
+    pub job_kinds: JobKinds,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +71,9 @@ impl Default for ServerConfig {
             metrics_bind: None,
             listen_url: None,
             warm_schemas: 0,
+            workers: 0,
+            jobs: WorkerConfig::default(),
+            job_kinds: crate::api::jobs::default_kinds(),
         }
     }
 }
@@ -285,6 +299,7 @@ pub async fn serve(
 pub struct Background {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     auth: Authenticator,
+    workers: Option<Workers>,
 }
 
 impl Background {
@@ -303,15 +318,35 @@ impl Background {
         if config.warm_schemas > 0 {
             tasks.push(tenancy.spawn_warm_refill(config.warm_schemas));
         }
+        let workers = (config.workers > 0).then(|| {
+            // the admin pool reaches PostgreSQL directly: LISTEN works there
+            Workers::spawn(
+                tenancy.router().clone(),
+                tenancy.admin_pool().clone(),
+                Some(tenancy.admin_pool().clone()),
+                config.job_kinds.clone(),
+                WorkerConfig {
+                    concurrency: config.workers,
+                    shutdown_timeout: config.shutdown_timeout,
+                    ..config.jobs.clone()
+                },
+            )
+        });
         Background {
             tasks,
             auth: tenancy.auth().clone(),
+            workers,
         }
     }
 
     /// Stops the tasks (a warm build cut off rolls back: nothing
-    /// half-built is left) and records the token use not yet written.
+    /// half-built is left), lets running jobs finish within the shutdown
+    /// timeout (handing the rest back) and records the token use not yet
+    /// written.
     pub async fn stop(mut self) {
+        if let Some(workers) = self.workers.take() {
+            workers.shutdown().await;
+        }
         for task in self.tasks.drain(..) {
             task.abort();
         }
@@ -353,6 +388,16 @@ fn listen_pool(state: &AppState, config: &ServerConfig) -> Result<Option<PgPool>
          after the cache TTLs (--cache-ttl, --auth-ttl)"
     );
     Ok(None)
+}
+
+/// Runs the background work of `state` (jobs, with `config.workers` of
+/// them at once, and the registry listener) without serving HTTP, until
+/// `shutdown` resolves; then lets running jobs finish within the shutdown
+/// timeout and hands the rest back.
+pub async fn work(state: AppState, config: &ServerConfig, shutdown: impl Future<Output = ()>) {
+    let background = Background::spawn(&state, config);
+    shutdown.await;
+    background.stop().await;
 }
 
 /// Resolves on SIGINT or SIGTERM.
