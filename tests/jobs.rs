@@ -94,6 +94,7 @@ fn fast(concurrency: usize) -> WorkerConfig {
         sweep_interval: Duration::from_secs(3600),
         shutdown_timeout: Duration::from_millis(300),
         suspended_recheck: Duration::from_millis(100),
+        ..WorkerConfig::default()
     }
 }
 

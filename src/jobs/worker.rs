@@ -42,6 +42,14 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// How long a suspended org's jobs wait before it is looked at again.
     pub suspended_recheck: Duration,
+    /// How long one turn of an org may last: a worker claims as many of the
+    /// org's due jobs at once as its recent jobs' run time fits in this
+    /// (at most `max_batch`), and hands back what it has not started when
+    /// the turn runs over. Short jobs cost one registry look and one claim
+    /// per batch instead of per job; long ones are claimed one at a time,
+    /// so no org holds jobs that other workers could run.
+    pub turn: Duration,
+    pub max_batch: usize,
 }
 
 impl Default for WorkerConfig {
@@ -55,6 +63,8 @@ impl Default for WorkerConfig {
             sweep_interval: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             suspended_recheck: Duration::from_secs(5),
+            turn: Duration::from_millis(20),
+            max_batch: 16,
         }
     }
 }
@@ -98,6 +108,9 @@ struct Shared {
     names: Arc<str>,
     config: Arc<WorkerConfig>,
     wake: Arc<Notify>,
+    /// Recent jobs' run time, in microseconds (a moving average over this
+    /// process's workers), which sizes each claim.
+    run_us: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Workers {
@@ -120,6 +133,9 @@ impl Workers {
             admin,
             kinds: Arc::new(kinds),
             names: names.into(),
+            run_us: Arc::new(std::sync::atomic::AtomicU64::new(
+                config.turn.as_micros() as u64
+            )),
             config: Arc::new(config),
             wake: Arc::new(Notify::new()),
         };
@@ -169,11 +185,10 @@ impl Drop for Workers {
 
 /// What a claim found in an org.
 enum Claim {
-    Job(Box<Claimed>),
+    /// In the order to run them, all under one lease.
+    Jobs(Vec<Claimed>, Uuid),
     /// Nothing due for these kinds: when the next one is, if any.
-    Nothing {
-        next_due: Option<OffsetDateTime>,
-    },
+    Nothing { next_due: Option<OffsetDateTime> },
 }
 
 struct Claimed {
@@ -182,13 +197,12 @@ struct Claimed {
     payload: serde_json::Value,
     attempt: i32,
     progress: Option<serde_json::Value>,
-    lease: Uuid,
     due_at: OffsetDateTime,
 }
 
-// One job claimed (a job whose lease ran out on its last attempt is made
-// dead, not run again), or, when none is due, one row of NULLs with the
-// next due time. The claim's lease commits in the same write.
+// Up to $4 due jobs claimed under one lease (a job whose lease ran out on
+// its last attempt is made dead, not run again), or, when none is due, one
+// row of NULLs with the next due time. The lease commits in the same write.
 const CLAIM_OR_NEXT: &str = "WITH claimed AS ( \
        UPDATE tenantry_jobs j SET \
          state = CASE WHEN j.state = 'running' AND j.attempt >= j.max_attempts THEN 'dead' ELSE 'running' END, \
@@ -202,7 +216,7 @@ const CLAIM_OR_NEXT: &str = "WITH claimed AS ( \
        FROM (SELECT id, due_at FROM tenantry_jobs \
              WHERE state IN ('queued', 'running') AND due_at <= now() \
                AND kind = ANY(string_to_array($3, ',')) \
-             ORDER BY due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) due \
+             ORDER BY due_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) due \
        WHERE j.id = due.id \
        RETURNING j.id, j.kind, j.state, j.payload::text AS payload, j.attempt, \
                  j.progress::text AS progress, due.due_at) \
@@ -228,9 +242,27 @@ const FAIL: &str = "UPDATE tenantry_jobs SET \
      WHERE id = $1 AND lease = $2 AND state = 'running' \
      RETURNING state, due_at";
 
+// Every job still held under the lease: the one cut off and those of the
+// batch not started.
 const HAND_BACK: &str = "UPDATE tenantry_jobs SET state = 'queued', lease = NULL, due_at = now(), \
        attempt = greatest(attempt - 1, 0), updated_at = now() \
-     WHERE id = $1 AND lease = $2 AND state = 'running'";
+     WHERE lease = $1 AND state = 'running'";
+
+/// Jobs of a batch whose handler succeeded without opening the org's
+/// transaction: they wrote nothing there, so their success needs no
+/// transaction of its own, and one statement marks them all at the end of
+/// the batch (at most a turn later; a crash before it runs them again, as
+/// at-least-once allows). A job that wrote commits its success with its
+/// work, at once.
+#[derive(Default)]
+struct Done {
+    ids: Vec<String>,
+    attempts: Vec<(String, Duration)>,
+}
+
+const MARK_SUCCEEDED: &str = "UPDATE tenantry_jobs SET state = 'succeeded', lease = NULL, \
+       error = NULL, finished_at = now(), updated_at = now() \
+     WHERE lease = $1 AND state = 'running' AND id = ANY(string_to_array($2, ',')::uuid[])";
 
 /// Longest error text kept in a job.
 const ERROR_MAX: usize = 2_000;
@@ -286,13 +318,80 @@ impl Shared {
             }
             Err(e) => return Err(e),
         };
-        match claim {
-            Claim::Nothing { next_due } => queue::after_look(&self.admin, turn, next_due).await,
-            Claim::Job(job) => {
-                self.run(tenant, *job, stop).await;
-                Ok(())
+        let (jobs, lease) = match claim {
+            Claim::Nothing { next_due } => {
+                return queue::after_look(&self.admin, turn, next_due).await
+            }
+            Claim::Jobs(jobs, lease) => (jobs, lease),
+        };
+        let started = Instant::now();
+        let count = jobs.len();
+        let mut done = Done::default();
+        for (i, job) in jobs.into_iter().enumerate() {
+            let over = i > 0 && started.elapsed() > self.config.turn;
+            if over || *stop.borrow() != Stop::Running {
+                // the rest go back for other workers (or another process)
+                self.mark_succeeded(&tenant, lease, &mut done).await;
+                self.hand_back(&tenant, lease, count - i).await;
+                return Ok(());
+            }
+            if !self.run(&tenant, job, lease, stop, &mut done).await {
+                break;
             }
         }
+        self.mark_succeeded(&tenant, lease, &mut done).await;
+        Ok(())
+    }
+
+    /// Marks the batch's jobs that succeeded without a transaction of their
+    /// own in one statement (see [`Done`]).
+    async fn mark_succeeded(&self, tenant: &Arc<Tenant>, lease: Uuid, done: &mut Done) {
+        if done.ids.is_empty() {
+            return;
+        }
+        let ids = done.ids.join(",");
+        let marked = async {
+            let mut tx = self.router.begin(tenant).await?;
+            let n = tx
+                .query(MARK_SUCCEEDED)
+                .bind(lease)
+                .bind(ids)
+                .and_commit()
+                .execute()
+                .await?
+                .rows_affected();
+            Ok::<_, Error>(n as usize)
+        };
+        let marked = marked.await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, org = %tenant.slug,
+                "could not record jobs' success; they run again after their lease");
+            0
+        });
+        for (i, (label, ran)) in done.attempts.drain(..).enumerate() {
+            // which ones were cancelled meanwhile is not told: the count is
+            let outcome = if i < marked { "succeeded" } else { "lost" };
+            crate::telemetry::job_attempt(label, outcome, ran);
+        }
+        done.ids.clear();
+    }
+
+    /// How many jobs a claim takes: as many as recent run times fit in a
+    /// turn.
+    fn batch(&self) -> i32 {
+        let run_us = self
+            .run_us
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
+        let fits = self.config.turn.as_micros() as u64 / run_us;
+        fits.clamp(1, self.config.max_batch.max(1) as u64) as i32
+    }
+
+    fn note_run_time(&self, ran: Duration) {
+        let us = ran.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.run_us.load(std::sync::atomic::Ordering::Relaxed);
+        // a moving average over about eight jobs
+        let new = old - old / 8 + us / 8;
+        self.run_us.store(new, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn claim(&self, tenant: &Arc<Tenant>) -> Result<Claim, Error> {
@@ -307,56 +406,78 @@ impl Shared {
             Option<String>,
             Option<OffsetDateTime>,
         );
-        let row: Row = tx
+        let rows: Vec<Row> = tx
             .query_as(CLAIM_OR_NEXT)
             .bind(lease)
             .bind(self.config.lease.as_secs_f64())
             .bind(&*self.names)
+            .bind(self.batch())
             .and_commit()
-            .fetch_one()
+            .fetch_all()
             .await?;
-        let (
-            Some(id),
-            Some(kind),
-            Some(state),
-            Some(payload),
-            Some(attempt),
-            progress,
-            Some(due_at),
-        ) = row
-        else {
-            return Ok(Claim::Nothing { next_due: row.6 });
-        };
-        if state != "running" {
-            tracing::warn!(job = %id, org = %tenant.slug, "a job's lease ran out on its last attempt: dead");
-            crate::telemetry::job_attempt(self.kinds.label(&kind), "dead", Duration::ZERO);
-            return Ok(Claim::Nothing {
-                next_due: Some(OffsetDateTime::now_utc()),
+        let mut jobs = vec![];
+        let mut next_due = None;
+        for row in rows {
+            let (
+                Some(id),
+                Some(kind),
+                Some(state),
+                Some(payload),
+                Some(attempt),
+                progress,
+                Some(due_at),
+            ) = row
+            else {
+                next_due = row.6;
+                continue;
+            };
+            if state != "running" {
+                tracing::warn!(job = %id, org = %tenant.slug, "a job's lease ran out on its last attempt: dead");
+                crate::telemetry::job_attempt(self.kinds.label(&kind), "dead", Duration::ZERO);
+                next_due = Some(OffsetDateTime::now_utc());
+                continue;
+            }
+            let json = |text: &str| {
+                serde_json::from_str(text)
+                    .map_err(|e| Error::Corrupt(format!("job {id} of {}: {e}", tenant.slug)))
+            };
+            jobs.push(Claimed {
+                payload: json(&payload)?,
+                progress: progress.as_deref().map(json).transpose()?,
+                id,
+                kind,
+                attempt,
+                due_at,
             });
         }
-        let json = |text: &str| {
-            serde_json::from_str(text)
-                .map_err(|e| Error::Corrupt(format!("job {id} of {}: {e}", tenant.slug)))
-        };
-        Ok(Claim::Job(Box::new(Claimed {
-            payload: json(&payload)?,
-            progress: progress.as_deref().map(json).transpose()?,
-            id,
-            kind,
-            attempt,
-            lease,
-            due_at,
-        })))
+        if jobs.is_empty() {
+            return Ok(Claim::Nothing { next_due });
+        }
+        jobs.sort_by_key(|j| (j.due_at, j.id));
+        Ok(Claim::Jobs(jobs, lease))
     }
 
-    async fn run(&self, tenant: Arc<Tenant>, job: Claimed, stop: &mut watch::Receiver<Stop>) {
+    /// Runs one claimed job to its outcome (a success without a
+    /// transaction is noted in `done`, to be marked with the batch's
+    /// others). False when it was handed back (shutdown): the batch's rest
+    /// went back with it.
+    async fn run(
+        &self,
+        tenant: &Arc<Tenant>,
+        job: Claimed,
+        lease: Uuid,
+        stop: &mut watch::Receiver<Stop>,
+        done: &mut Done,
+    ) -> bool {
         let started = Instant::now();
         let waited = OffsetDateTime::now_utc() - job.due_at;
         crate::telemetry::job_waited(waited.try_into().unwrap_or_default());
         let label = self.kinds.label(&job.kind);
         let Some(handler) = self.kinds.get(&job.kind).cloned() else {
-            // claimed only kinds this worker has; a registry change between
-            return self.hand_back(&tenant, job.id, job.lease).await;
+            // claimed only kinds this worker has: unreachable in practice
+            self.mark_succeeded(tenant, lease, done).await;
+            self.hand_back(tenant, lease, 1).await;
+            return false;
         };
         let mut run = JobRun {
             id: job.id,
@@ -364,7 +485,7 @@ impl Shared {
             payload: job.payload,
             attempt: job.attempt,
             progress: job.progress,
-            lease: job.lease,
+            lease,
             lease_for: self.config.lease,
             router: self.router.clone(),
             tenant: tenant.clone(),
@@ -379,19 +500,27 @@ impl Shared {
                 _ = stop.wait_for(|s| *s == Stop::HandBack) => None,
             }
         };
-        let (id, lease) = (run.id, run.lease);
+        let id = run.id;
         let outcome = match outcome {
             None => {
                 drop(run);
-                self.hand_back(&tenant, id, lease).await;
+                self.mark_succeeded(tenant, lease, done).await;
+                self.hand_back(tenant, lease, 1).await;
                 crate::telemetry::job_attempt(label, "handed_back", started.elapsed());
-                return;
+                return false;
+            }
+            Some(Ok(())) if run.tx.is_none() => {
+                let ran = started.elapsed();
+                self.note_run_time(ran);
+                done.ids.push(id.to_string());
+                done.attempts.push((label, ran));
+                return true;
             }
             Some(Ok(())) => self.succeed(&mut run).await,
             Some(Err(e)) => {
                 // whatever the attempt wrote rolls back
                 run.tx = None;
-                self.fail(&tenant, &run, e).await
+                self.fail(tenant, &run, e).await
             }
         };
         let outcome = outcome.unwrap_or_else(|e| {
@@ -399,7 +528,10 @@ impl Shared {
                 "could not record a job's outcome; it runs again after its lease");
             "lost"
         });
-        crate::telemetry::job_attempt(label, outcome, started.elapsed());
+        let ran = started.elapsed();
+        self.note_run_time(ran);
+        crate::telemetry::job_attempt(label, outcome, ran);
+        true
     }
 
     async fn succeed(&self, run: &mut JobRun) -> Result<&'static str, Error> {
@@ -457,12 +589,13 @@ impl Shared {
         })
     }
 
-    async fn hand_back(&self, tenant: &Arc<Tenant>, id: Uuid, lease: Uuid) {
+    /// Hands back every job still held under `lease` (`n` of them, for
+    /// the log): queued again at once, without losing an attempt.
+    async fn hand_back(&self, tenant: &Arc<Tenant>, lease: Uuid, n: usize) {
         let handed = async {
             let mut tx = self.router.begin(tenant).await?;
             tx.note_job_due(OffsetDateTime::now_utc());
             tx.query(HAND_BACK)
-                .bind(id)
                 .bind(lease)
                 .and_commit()
                 .execute()
@@ -470,7 +603,8 @@ impl Shared {
             Ok::<_, Error>(())
         };
         if let Err(e) = handed.await {
-            tracing::warn!(error = %e, job = %id, "could not hand a job back; it runs again after its lease");
+            tracing::warn!(error = %e, jobs = n, org = %tenant.slug,
+                "could not hand jobs back; they run again after their lease");
         }
     }
 
