@@ -99,6 +99,11 @@ fn fast(concurrency: usize) -> WorkerConfig {
 }
 
 fn workers(app: &TestApp, config: WorkerConfig) -> Workers {
+    // the workers' warnings in a failed test's output
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("tenantry=warn")
+        .try_init();
     let admin = app.state.tenancy.admin_pool().clone();
     Workers::spawn(
         app.state.tenancy.router().clone(),
@@ -348,6 +353,75 @@ async fn unique_keys_drop_duplicates_and_scheduled_jobs_wait_for_their_time() {
     w.shutdown().await;
 }
 
+async fn jobs_in(app: &TestApp, org: &str, state: JobState) -> Vec<Job> {
+    app.state
+        .tenancy
+        .router()
+        .with_tenant(&slug(org), async move |tx| {
+            manage::list(tx, Some(state), None, 200).await
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_recurring_job_runs_on_its_schedule_until_its_pending_occurrence_is_cancelled() {
+    let app = spawn_app().await;
+    org(&app, "cron").await;
+    let every_second = || NewJob::new("test.noop", serde_json::json!({})).cron("* * * * * *");
+    enqueue(&app, "cron", every_second()).await.unwrap();
+    assert_eq!(
+        enqueue(&app, "cron", every_second()).await,
+        None,
+        "one pending occurrence per schedule"
+    );
+    let w = workers(&app, fast(2));
+    let started = Instant::now();
+    let done = loop {
+        let done = jobs_in(&app, "cron", JobState::Succeeded).await;
+        if done.len() >= 3 {
+            break done;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{done:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut runs: Vec<i64> = done.iter().map(|j| j.run_at.unix_timestamp()).collect();
+    runs.sort_unstable();
+    runs.dedup();
+    assert_eq!(
+        runs.len(),
+        done.len(),
+        "one occurrence per second: {runs:?}"
+    );
+    for j in &done {
+        assert_eq!(j.schedule.as_deref(), Some("* * * * * *"));
+        assert_eq!(j.unique_key.as_deref(), Some("cron:test.noop"));
+        assert_eq!(j.run_at.nanosecond(), 0, "on the second");
+    }
+    // cancelling the pending occurrence ends the schedule
+    let pending = loop {
+        let q = jobs_in(&app, "cron", JobState::Queued).await;
+        if let [one] = &q[..] {
+            break one.id;
+        }
+        assert!(q.len() <= 1, "{q:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // it may have been claimed meanwhile: then its run is rolled back
+    let _ = app
+        .state
+        .tenancy
+        .router()
+        .with_tenant(&slug("cron"), async move |tx| {
+            manage::cancel(tx, pending).await
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(jobs_in(&app, "cron", JobState::Queued).await.is_empty());
+    assert!(jobs_in(&app, "cron", JobState::Running).await.is_empty());
+    w.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_cancelled_job_does_not_run_and_a_suspended_orgs_jobs_wait() {
     let app = spawn_app().await;
@@ -387,30 +461,37 @@ async fn a_cancelled_job_does_not_run_and_a_suspended_orgs_jobs_wait() {
     // nothing of it runs.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(job(&app, "pause", waiting).await.state, JobState::Queued);
+    // a rename changes nothing: jobs belong to the org's id and schema
     app.state
         .tenancy
         .orgs()
-        .resume(&slug("pause"))
+        .rename(&slug("pause"), &slug("paused"))
         .await
         .unwrap();
-    until_state(&app, "pause", waiting, JobState::Succeeded).await;
-    let c = job(&app, "pause", cancelled).await;
+    app.state
+        .tenancy
+        .orgs()
+        .resume(&slug("paused"))
+        .await
+        .unwrap();
+    until_state(&app, "paused", waiting, JobState::Succeeded).await;
+    let c = job(&app, "paused", cancelled).await;
     assert_eq!((c.state, c.attempt), (JobState::Cancelled, 0), "never ran");
     // a deleted org's jobs and its place in the ready index go with it
     enqueue(
         &app,
-        "pause",
+        "paused",
         NewJob::new("test.block", serde_json::json!({}))
             .run_at(time::OffsetDateTime::now_utc() + time::Duration::hours(1)),
     )
     .await
     .unwrap();
-    let id = app.tenant("pause").await.id;
+    let id = app.tenant("paused").await.id;
     w.shutdown().await;
     app.state
         .tenancy
         .orgs()
-        .delete(&slug("pause"))
+        .delete(&slug("paused"))
         .await
         .unwrap();
     let left: i64 =
@@ -685,6 +766,24 @@ async fn the_import_api_queues_a_job_whose_progress_and_tests_appear() {
         )
         .await;
     assert_eq!(tests["items"].as_array().unwrap().len(), 4);
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for family in [
+        "tenantry_job_attempts_total{kind=\"tests.import\",outcome=\"succeeded\"}",
+        "tenantry_job_run_seconds_bucket",
+        "tenantry_job_wait_seconds_bucket",
+        "tenantry_job_queue_depth{state=\"queued\"}",
+        "tenantry_job_enqueueing_commits_total",
+    ] {
+        assert!(metrics.contains(family), "no {family} in /metrics");
+    }
     let (s, list) = app
         .call(
             reqwest::Method::GET,

@@ -7,6 +7,7 @@ use tenantry::base::error::Error;
 use tenantry::base::ident::Slug;
 use tenantry::registry::{self, OrgStatus};
 use tenantry::tenants::archive::RowFormat;
+use tenantry::tenants::jobs::JOBS_TABLE;
 use tenantry::tenants::provision::{self, NewOrg};
 use tenantry::tenants::template::{Template, TemplateError, HISTORY_TABLE};
 
@@ -45,7 +46,7 @@ async fn create_builds_schema_template_history_and_initial_data() {
 
     assert_eq!(
         db.tables(schema).await,
-        ["behaviors", HISTORY_TABLE, "statuses", "tests"]
+        ["behaviors", HISTORY_TABLE, "statuses", JOBS_TABLE, "tests"]
     );
     // refinery's history lives in each schema it migrates: the tenant's,
     // the shared schema and the registry
@@ -754,7 +755,8 @@ async fn export_then_import_round_trips_every_row_while_the_source_keeps_writing
         structure_of(&db, &copy_schema).await,
         structure_of(&db, &source_schema).await
     );
-    assert_eq!(structure_of(&db, &copy_schema).await.len(), 18);
+    // the template's 18, and the job table's key, 5 checks and 4 indexes
+    assert_eq!(structure_of(&db, &copy_schema).await.len(), 18 + 10);
 
     // the CLI: to a file and back, under another slug and name, in the
     // text format (archive format 1) this time; the writer has stopped, so
@@ -1132,7 +1134,7 @@ async fn a_signup_takes_a_warm_schema_and_builds_nothing() {
     let schema = org.schema_name.as_str();
     assert_eq!(
         db.tables(schema).await,
-        ["behaviors", HISTORY_TABLE, "statuses", "tests"]
+        ["behaviors", HISTORY_TABLE, "statuses", JOBS_TABLE, "tests"]
     );
     let owner: String =
         sqlx::query_scalar("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = $1")

@@ -174,6 +174,7 @@ fn show(job: &Job) {
     println!("state:      {}", job.state.as_str());
     println!("attempt:    {}/{}", job.attempt, job.max_attempts);
     println!("unique key: {}", job.unique_key.as_deref().unwrap_or("-"));
+    println!("schedule:   {}", job.schedule.as_deref().unwrap_or("-"));
     println!("run at:     {}", job.run_at);
     println!("created:    {}", job.created_at);
     println!("started:    {}", opt(job.started_at));

@@ -58,6 +58,8 @@ pub struct Job {
     pub kind: String,
     pub state: JobState,
     pub unique_key: Option<String>,
+    /// The cron schedule it recurs on (UTC), if any.
+    pub schedule: Option<String>,
     /// Attempts begun so far.
     pub attempt: i32,
     pub max_attempts: i32,
@@ -84,6 +86,7 @@ struct JobRow {
     kind: String,
     state: String,
     unique_key: Option<String>,
+    schedule: Option<String>,
     attempt: i32,
     max_attempts: i32,
     run_at: OffsetDateTime,
@@ -100,6 +103,7 @@ crate::tenant_row!(JobRow {
     kind,
     state,
     unique_key,
+    schedule,
     attempt,
     max_attempts,
     run_at,
@@ -126,6 +130,7 @@ impl TryFrom<JobRow> for Job {
                 .map_err(|_| Error::Corrupt(format!("job {} state {:?}", r.id, r.state)))?,
             kind: r.kind,
             unique_key: r.unique_key,
+            schedule: r.schedule,
             attempt: r.attempt,
             max_attempts: r.max_attempts,
             run_at: r.run_at,
@@ -145,7 +150,8 @@ fn jobs(rows: Vec<JobRow>) -> Result<Vec<Job>, Error> {
 
 macro_rules! job_columns {
     () => {
-        "id, kind, state, unique_key, attempt, max_attempts, run_at, progress::text AS progress, \
+        "id, kind, state, unique_key, schedule, attempt, max_attempts, run_at, \
+         progress::text AS progress, \
          error, created_at, started_at, finished_at, updated_at"
     };
 }

@@ -107,12 +107,21 @@ pub async fn announce(admin: &PgPool, org: Uuid, at: OffsetDateTime) -> Result<(
 /// query spans one tenant's shard).
 const SWEEP_BATCH: usize = 200;
 
+/// What a sweep found: orgs with queued or running jobs, and those jobs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub orgs: usize,
+    pub queued: u64,
+    pub running: u64,
+}
+
 /// Reads every org's earliest unfinished job and gives each org with one
 /// a row in the index (or an earlier `turn_at`): jobs whose hint was lost
-/// (the process that committed them died first) are found here. Returns
-/// the orgs it found with jobs.
+/// (the process that committed them died first) are found here. Counts
+/// the queued and running jobs on the way (through the same partial
+/// index).
 #[tracing::instrument(skip(admin))]
-pub async fn sweep(admin: &PgPool, engine: Engine) -> Result<usize, Error> {
+pub async fn sweep(admin: &PgPool, engine: Engine) -> Result<Swept, Error> {
     let orgs: Vec<(Uuid, String)> = sqlx::query_as(
         "SELECT o.id, o.schema_name FROM tenantry.organizations o \
          WHERE o.status IN ('active', 'suspended') \
@@ -123,27 +132,36 @@ pub async fn sweep(admin: &PgPool, engine: Engine) -> Result<usize, Error> {
     .fetch_all(admin)
     .await?;
     let batch = if engine.is_citus() { 1 } else { SWEEP_BATCH };
-    let mut found = 0;
+    let mut swept = Swept::default();
     for chunk in orgs.chunks(batch) {
         let parts: Vec<String> = chunk
             .iter()
             .map(|(id, schema)| {
                 format!(
-                    "SELECT '{id}'::uuid AS org, (SELECT min(due_at) FROM {}.{JOBS_TABLE} \
-                     WHERE state IN ('queued', 'running')) AS due",
+                    "SELECT '{id}'::uuid AS org, min(due_at) AS due, \
+                       count(*) FILTER (WHERE state = 'queued') AS queued, \
+                       count(*) FILTER (WHERE state = 'running') AS running \
+                     FROM {}.{JOBS_TABLE} WHERE state IN ('queued', 'running')",
                     quote_ident(schema)
                 )
             })
             .collect();
         let sql = format!(
-            "SELECT org, due FROM ({}) s WHERE due IS NOT NULL",
+            "SELECT org, due, queued, running FROM ({}) s WHERE due IS NOT NULL",
             parts.join(" UNION ALL ")
         );
-        let due: Vec<(Uuid, OffsetDateTime)> = sqlx::query_as(&sql).fetch_all(admin).await?;
-        if due.is_empty() {
+        let rows: Vec<(Uuid, OffsetDateTime, i64, i64)> =
+            sqlx::query_as(&sql).fetch_all(admin).await?;
+        if rows.is_empty() {
             continue;
         }
-        found += due.len();
+        swept.orgs += rows.len();
+        let mut due = Vec::with_capacity(rows.len());
+        for (org, at, queued, running) in rows {
+            swept.queued += queued as u64;
+            swept.running += running as u64;
+            due.push((org, at));
+        }
         let (ids, ats): (Vec<Uuid>, Vec<OffsetDateTime>) = due.into_iter().unzip();
         sqlx::query(
             "INSERT INTO tenantry.job_queues AS q (org_id, turn_at) \
@@ -156,7 +174,7 @@ pub async fn sweep(admin: &PgPool, engine: Engine) -> Result<usize, Error> {
         .execute(admin)
         .await?;
     }
-    Ok(found)
+    Ok(swept)
 }
 
 /// Jobs by state over every org (read as the admin, batched like the

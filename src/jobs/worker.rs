@@ -198,11 +198,14 @@ struct Claimed {
     attempt: i32,
     progress: Option<serde_json::Value>,
     due_at: OffsetDateTime,
+    schedule: Option<String>,
 }
 
 // Up to $4 due jobs claimed under one lease (a job whose lease ran out on
 // its last attempt is made dead, not run again), or, when none is due, one
 // row of NULLs with the next due time. The lease commits in the same write.
+// (Citus refuses now() inside CASE or COALESCE of an UPDATE: the time comes
+// from the FROM list.)
 const CLAIM_OR_NEXT: &str = "WITH claimed AS ( \
        UPDATE tenantry_jobs j SET \
          state = CASE WHEN j.state = 'running' AND j.attempt >= j.max_attempts THEN 'dead' ELSE 'running' END, \
@@ -210,37 +213,76 @@ const CLAIM_OR_NEXT: &str = "WITH claimed AS ( \
          lease = CASE WHEN j.state = 'running' AND j.attempt >= j.max_attempts THEN NULL ELSE $1 END, \
          error = CASE WHEN j.state = 'running' AND j.attempt >= j.max_attempts \
                       THEN 'its worker stopped or ran past its lease on the last attempt' ELSE j.error END, \
-         finished_at = CASE WHEN j.state = 'running' AND j.attempt >= j.max_attempts THEN now() END, \
+         finished_at = CASE WHEN j.state = 'running' AND j.attempt >= j.max_attempts THEN due.now END, \
          due_at = now() + make_interval(secs => $2), \
-         started_at = COALESCE(j.started_at, now()), updated_at = now() \
-       FROM (SELECT id, due_at FROM tenantry_jobs \
+         started_at = COALESCE(j.started_at, due.now), updated_at = now() \
+       FROM (SELECT id, due_at, now() AS now FROM tenantry_jobs \
              WHERE state IN ('queued', 'running') AND due_at <= now() \
                AND kind = ANY(string_to_array($3, ',')) \
              ORDER BY due_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) due \
        WHERE j.id = due.id \
        RETURNING j.id, j.kind, j.state, j.payload::text AS payload, j.attempt, \
-                 j.progress::text AS progress, due.due_at) \
-     SELECT id, kind, state, payload, attempt, progress, due_at FROM claimed \
+                 j.progress::text AS progress, due.due_at, j.schedule) \
+     SELECT id, kind, state, payload, attempt, progress, due_at, schedule FROM claimed \
      UNION ALL \
      SELECT NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::int, NULL::text, \
             (SELECT min(due_at) FROM tenantry_jobs WHERE state IN ('queued', 'running') \
-               AND kind = ANY(string_to_array($3, ','))) \
+               AND kind = ANY(string_to_array($3, ','))), NULL::text \
      WHERE NOT EXISTS (SELECT 1 FROM claimed)";
 
+/// The next occurrence of a recurring job that just finished (the rows of
+/// the CTE `$from`, with its schedule), due at the parameter `$at` (NULL:
+/// none). It selects from the CTE that finished the job, so it runs after
+/// that update, and the finished row no longer holds the unique key.
+macro_rules! next_occurrence {
+    ($from:literal, $at:literal) => {
+        concat!(
+            "INSERT INTO tenantry_jobs (kind, payload, unique_key, max_attempts, schedule, run_at, due_at) \
+             SELECT kind, payload, unique_key, max_attempts, schedule, ", $at, "::timestamptz, ", $at, "::timestamptz \
+             FROM ", $from, " WHERE schedule IS NOT NULL AND ", $at, "::timestamptz IS NOT NULL \
+             ON CONFLICT (unique_key) WHERE state IN ('queued', 'running') DO NOTHING RETURNING 1"
+        )
+    };
+}
+
 /// Fails when the job is no longer its worker's (see `CHECKPOINT`), so
-/// that the COMMIT sent with it rolls the attempt's work back.
-const SUCCEED: &str = "WITH done AS ( \
+/// that the COMMIT sent with it rolls the attempt's work back. A recurring
+/// job's next occurrence ($3) is queued in the same statement.
+const SUCCEED: &str = concat!(
+    "WITH done AS ( \
        UPDATE tenantry_jobs SET state = 'succeeded', lease = NULL, error = NULL, \
            finished_at = now(), updated_at = now() \
-       WHERE id = $1 AND lease = $2 AND state = 'running' RETURNING 1) \
-     SELECT 1 / count(*)::int FROM done";
+       WHERE id = $1 AND lease = $2 AND state = 'running' \
+       RETURNING kind, payload, unique_key, max_attempts, schedule), \
+     next AS (",
+    next_occurrence!("done", "$3"),
+    ") SELECT 1 / count(*)::int FROM done"
+);
 
-const FAIL: &str = "UPDATE tenantry_jobs SET \
-       state = CASE WHEN $4 OR attempt >= max_attempts THEN 'dead' ELSE 'queued' END, \
-       finished_at = CASE WHEN $4 OR attempt >= max_attempts THEN now() END, \
-       due_at = now() + make_interval(secs => $5), lease = NULL, error = $3, updated_at = now() \
-     WHERE id = $1 AND lease = $2 AND state = 'running' \
-     RETURNING state, due_at";
+/// A failed attempt: queued again after the backoff, or dead (then a
+/// recurring job's next occurrence, $6, is queued).
+const FAIL: &str = concat!(
+    "WITH failed AS ( \
+       UPDATE tenantry_jobs SET \
+         state = CASE WHEN $4 OR attempt >= max_attempts THEN 'dead' ELSE 'queued' END, \
+         finished_at = CASE WHEN $4 OR attempt >= max_attempts THEN at.now END, \
+         due_at = now() + make_interval(secs => $5), lease = NULL, error = $3, updated_at = now() \
+       FROM (SELECT now() AS now) at \
+       WHERE id = $1 AND lease = $2 AND state = 'running' \
+       RETURNING state, due_at, kind, payload, unique_key, max_attempts, schedule), \
+     dead AS (SELECT * FROM failed WHERE state = 'dead'), \
+     next AS (",
+    next_occurrence!("dead", "$6"),
+    ") SELECT state, due_at FROM failed"
+);
+
+/// The next occurrence of recurring job $1, which a claim found dead (its
+/// lease ran out on its last attempt).
+const NEXT_AFTER_DEAD: &str = concat!(
+    "WITH dead AS (SELECT * FROM tenantry_jobs WHERE id = $1 AND state = 'dead'), next AS (",
+    next_occurrence!("dead", "$2"),
+    ") SELECT count(*) FROM next"
+);
 
 // Every job still held under the lease: the one cut off and those of the
 // batch not started.
@@ -263,6 +305,16 @@ struct Done {
 const MARK_SUCCEEDED: &str = "UPDATE tenantry_jobs SET state = 'succeeded', lease = NULL, \
        error = NULL, finished_at = now(), updated_at = now() \
      WHERE lease = $1 AND state = 'running' AND id = ANY(string_to_array($2, ',')::uuid[])";
+
+/// The next occurrence of a job's schedule after now, if it has one (a
+/// schedule that no longer parses, or has no next occurrence, ends: said
+/// in the log).
+fn next_occurrence(schedule: Option<&str>, job: Uuid) -> Option<OffsetDateTime> {
+    let schedule = schedule?;
+    crate::serving::jobs::next_occurrence(schedule, OffsetDateTime::now_utc())
+        .inspect_err(|e| tracing::warn!(error = %e, %job, "a recurring job's schedule ends"))
+        .ok()
+}
 
 /// Longest error text kept in a job.
 const ERROR_MAX: usize = 2_000;
@@ -405,6 +457,7 @@ impl Shared {
             Option<i32>,
             Option<String>,
             Option<OffsetDateTime>,
+            Option<String>,
         );
         let rows: Vec<Row> = tx
             .query_as(CLAIM_OR_NEXT)
@@ -426,6 +479,7 @@ impl Shared {
                 Some(attempt),
                 progress,
                 Some(due_at),
+                schedule,
             ) = row
             else {
                 next_due = row.6;
@@ -434,6 +488,9 @@ impl Shared {
             if state != "running" {
                 tracing::warn!(job = %id, org = %tenant.slug, "a job's lease ran out on its last attempt: dead");
                 crate::telemetry::job_attempt(self.kinds.label(&kind), "dead", Duration::ZERO);
+                if let Some(at) = next_occurrence(schedule.as_deref(), id) {
+                    self.schedule_after_dead(tenant, id, at).await;
+                }
                 next_due = Some(OffsetDateTime::now_utc());
                 continue;
             }
@@ -448,6 +505,7 @@ impl Shared {
                 kind,
                 attempt,
                 due_at,
+                schedule,
             });
         }
         if jobs.is_empty() {
@@ -473,6 +531,7 @@ impl Shared {
         let waited = OffsetDateTime::now_utc() - job.due_at;
         crate::telemetry::job_waited(waited.try_into().unwrap_or_default());
         let label = self.kinds.label(&job.kind);
+        let next = next_occurrence(job.schedule.as_deref(), job.id);
         let Some(handler) = self.kinds.get(&job.kind).cloned() else {
             // claimed only kinds this worker has: unreachable in practice
             self.mark_succeeded(tenant, lease, done).await;
@@ -509,18 +568,18 @@ impl Shared {
                 crate::telemetry::job_attempt(label, "handed_back", started.elapsed());
                 return false;
             }
-            Some(Ok(())) if run.tx.is_none() => {
+            Some(Ok(())) if run.tx.is_none() && next.is_none() => {
                 let ran = started.elapsed();
                 self.note_run_time(ran);
                 done.ids.push(id.to_string());
                 done.attempts.push((label, ran));
                 return true;
             }
-            Some(Ok(())) => self.succeed(&mut run).await,
+            Some(Ok(())) => self.succeed(&mut run, next).await,
             Some(Err(e)) => {
                 // whatever the attempt wrote rolls back
                 run.tx = None;
-                self.fail(tenant, &run, e).await
+                self.fail(tenant, &run, e, next).await
             }
         };
         let outcome = outcome.unwrap_or_else(|e| {
@@ -534,13 +593,23 @@ impl Shared {
         true
     }
 
-    async fn succeed(&self, run: &mut JobRun) -> Result<&'static str, Error> {
+    /// Marks the job succeeded in its own transaction, with its work, and
+    /// queues a recurring job's `next` occurrence there too.
+    async fn succeed(
+        &self,
+        run: &mut JobRun,
+        next: Option<OffsetDateTime>,
+    ) -> Result<&'static str, Error> {
         let (id, lease) = (run.id, run.lease);
         let tx = run.tx().await?;
+        if let Some(at) = next {
+            tx.note_job_due(at);
+        }
         let done = tx
             .query_as::<(i32,)>(SUCCEED)
             .bind(id)
             .bind(lease)
+            .bind(next)
             .and_commit()
             .fetch_one()
             .await;
@@ -558,6 +627,7 @@ impl Shared {
         tenant: &Arc<Tenant>,
         run: &JobRun,
         e: JobError,
+        next: Option<OffsetDateTime>,
     ) -> Result<&'static str, Error> {
         let mut message = e.message;
         if message.len() > ERROR_MAX {
@@ -572,6 +642,9 @@ impl Shared {
         // the hint may come early (a dead job, a later due time): a worker
         // then finds nothing due yet
         tx.note_job_due(OffsetDateTime::now_utc() + backoff);
+        if let Some(at) = next {
+            tx.note_job_due(at);
+        }
         let row: Option<(String, OffsetDateTime)> = tx
             .query_as(FAIL)
             .bind(run.id)
@@ -579,6 +652,7 @@ impl Shared {
             .bind(message)
             .bind(!e.retry)
             .bind(backoff.as_secs_f64())
+            .bind(next)
             .and_commit()
             .fetch_optional()
             .await?;
@@ -587,6 +661,26 @@ impl Shared {
             Some((state, _)) if state == "dead" => "dead",
             Some(_) => "retried",
         })
+    }
+
+    /// Queues the next occurrence of recurring job `id`, which a claim found
+    /// dead.
+    async fn schedule_after_dead(&self, tenant: &Arc<Tenant>, id: Uuid, at: OffsetDateTime) {
+        let queued = async {
+            let mut tx = self.router.begin(tenant).await?;
+            tx.note_job_due(at);
+            tx.query(NEXT_AFTER_DEAD)
+                .bind(id)
+                .bind(at)
+                .and_commit()
+                .execute()
+                .await?;
+            Ok::<_, Error>(())
+        };
+        if let Err(e) = queued.await {
+            tracing::warn!(error = %e, job = %id, org = %tenant.slug,
+                "could not queue a recurring job's next occurrence");
+        }
     }
 
     /// Hands back every job still held under `lease` (`n` of them, for
@@ -622,9 +716,9 @@ impl Shared {
         };
         loop {
             match queue::sweep(&self.admin, engine).await {
-                Ok(found) => {
-                    crate::telemetry::job_orgs_ready(found);
-                    if found > 0 {
+                Ok(swept) => {
+                    crate::telemetry::job_depth(swept.orgs, swept.queued, swept.running);
+                    if swept.orgs > 0 {
                         self.wake.notify_waiters();
                     }
                 }

@@ -25,6 +25,7 @@ pub struct NewJob {
     run_at: Option<OffsetDateTime>,
     unique_key: Option<String>,
     max_attempts: i32,
+    schedule: Option<String>,
 }
 
 impl NewJob {
@@ -35,7 +36,19 @@ impl NewJob {
             run_at: None,
             unique_key: None,
             max_attempts: DEFAULT_ATTEMPTS,
+            schedule: None,
         }
+    }
+
+    /// Recurs on the cron schedule `expr` (UTC; 5 fields, or 6 with
+    /// seconds first): first at its next occurrence (unless `run_at` says
+    /// otherwise), then, each time an occurrence succeeds or is dead, again
+    /// at the next occurrence after that. Its unique key (`cron:<kind>`
+    /// unless set) keeps one occurrence pending per schedule, so enqueueing
+    /// it again changes nothing; cancelling the pending occurrence ends it.
+    pub fn cron(mut self, expr: impl Into<String>) -> Self {
+        self.schedule = Some(expr.into());
+        self
     }
 
     /// Not before `at` (now when unset).
@@ -61,8 +74,14 @@ impl NewJob {
         &self.kind
     }
 
-    fn check(&self) -> Result<String, Error> {
+    fn check(&mut self) -> Result<String, Error> {
         check_kind(&self.kind)?;
+        if let Some(expr) = &self.schedule {
+            let next = next_occurrence(expr, OffsetDateTime::now_utc())?;
+            self.run_at.get_or_insert(next);
+            self.unique_key
+                .get_or_insert_with(|| format!("cron:{}", self.kind));
+        }
         if let Some(key) = &self.unique_key {
             let n = key.chars().count();
             if !(1..=200).contains(&n) || key.contains('\0') {
@@ -96,6 +115,35 @@ impl NewJob {
     }
 }
 
+/// The first occurrence of the cron schedule `expr` (UTC) after `after`.
+pub fn next_occurrence(expr: &str, after: OffsetDateTime) -> Result<OffsetDateTime, Error> {
+    let invalid = |message: String| Error::Validation {
+        field: "schedule",
+        message,
+    };
+    if expr.is_empty() || expr.len() > 100 {
+        return Err(invalid(format!(
+            "must be 1 to 100 characters (got {})",
+            expr.len()
+        )));
+    }
+    let cron = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(expr)
+        .map_err(|e| invalid(format!("{expr:?} is not a cron schedule: {e}")))?;
+    // whole seconds: cron's resolution (croner would keep the fraction)
+    let after = chrono::DateTime::<chrono::Utc>::from_timestamp(after.unix_timestamp(), 0)
+        .ok_or_else(|| invalid("the time is out of range".into()))?;
+    let next = cron
+        .find_next_occurrence(&after, false)
+        .map_err(|e| invalid(format!("{expr:?} has no next occurrence: {e}")))?;
+    let nanos = next
+        .timestamp_nanos_opt()
+        .ok_or_else(|| invalid("the next occurrence is out of range".into()))?;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos as i128).map_err(|e| invalid(e.to_string()))
+}
+
 /// A job kind: 1 to 100 of `a-z 0-9 _ . : -`, starting with a letter.
 pub fn check_kind(kind: &str) -> Result<(), Error> {
     let ok = (1..=100).contains(&kind.len())
@@ -116,8 +164,8 @@ pub fn check_kind(kind: &str) -> Result<(), Error> {
 }
 
 const ENQUEUE: &str =
-    "INSERT INTO tenantry_jobs (kind, payload, unique_key, max_attempts, run_at, due_at) \
-     VALUES ($1, $2::jsonb, $3, $4, COALESCE($5, now()), COALESCE($5, now())) \
+    "INSERT INTO tenantry_jobs (kind, payload, unique_key, max_attempts, run_at, due_at, schedule) \
+     VALUES ($1, $2::jsonb, $3, $4, COALESCE($5, now()), COALESCE($5, now()), $6) \
      ON CONFLICT (unique_key) WHERE state IN ('queued', 'running') DO NOTHING \
      RETURNING id, due_at";
 
@@ -125,7 +173,7 @@ impl TenantTx {
     /// Enqueues `job` in this transaction: it exists if and only if the
     /// transaction commits, and workers learn of it at the commit. Returns
     /// its id, or `None` when a queued or running job has its unique key.
-    pub async fn enqueue(&mut self, job: NewJob) -> Result<Option<Uuid>, Error> {
+    pub async fn enqueue(&mut self, mut job: NewJob) -> Result<Option<Uuid>, Error> {
         let payload = job.check()?;
         let row: Option<(Uuid, OffsetDateTime)> = self
             .query_as(ENQUEUE)
@@ -134,6 +182,7 @@ impl TenantTx {
             .bind(job.unique_key)
             .bind(job.max_attempts)
             .bind(job.run_at)
+            .bind(job.schedule)
             .fetch_optional()
             .await?;
         Ok(row.map(|(id, due)| {
@@ -159,11 +208,36 @@ mod tests {
 
     #[test]
     fn jobs_are_checked_before_anything_is_sent() {
-        let job = |j: NewJob| j.check().map(|_| ()).map_err(|e| e.to_string());
+        let job = |mut j: NewJob| j.check().map(|_| ()).map_err(|e| e.to_string());
         assert!(job(NewJob::new("k", serde_json::json!({"a": 1}))).is_ok());
         assert!(job(NewJob::new("k", serde_json::json!(null)).max_attempts(0)).is_err());
         assert!(job(NewJob::new("k", serde_json::json!(null)).max_attempts(101)).is_err());
         assert!(job(NewJob::new("k", serde_json::json!(null)).unique_key("")).is_err());
         assert!(job(NewJob::new("k", serde_json::json!("a\u{0}b"))).is_err());
+        assert!(job(NewJob::new("k", serde_json::json!({})).cron("0 3 * * *")).is_ok());
+        assert!(job(NewJob::new("k", serde_json::json!({})).cron("*/5 * * * * *")).is_ok());
+        for bad in ["", "61 * * * *", "every day", "* * *"] {
+            assert!(
+                job(NewJob::new("k", serde_json::json!({})).cron(bad)).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_schedule_defaults_its_key_and_first_run() {
+        let mut j = NewJob::new("report.weekly", serde_json::json!({})).cron("0 3 * * MON");
+        j.check().unwrap();
+        assert_eq!(j.unique_key.as_deref(), Some("cron:report.weekly"));
+        let at = j.run_at.unwrap();
+        assert!(at > OffsetDateTime::now_utc());
+        assert_eq!(
+            (at.weekday(), at.hour(), at.minute()),
+            (time::Weekday::Monday, 3, 0)
+        );
+        // 2023-11-14 22:13:20 UTC
+        let t = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let next = next_occurrence("*/10 * * * * *", t).unwrap();
+        assert_eq!(next.unix_timestamp(), 1_700_000_010);
     }
 }

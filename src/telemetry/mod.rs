@@ -60,8 +60,11 @@ pub const JOB_RUN: &str = "tenantry_job_run_seconds";
 /// From a job's due time to the start of its attempt.
 pub const JOB_WAIT: &str = "tenantry_job_wait_seconds";
 /// Orgs with queued or running jobs, counted at this process's last sweep
-/// of every org's jobs.
+/// of every org's jobs (every minute by default).
 pub const JOB_ORGS_READY: &str = "tenantry_job_orgs_pending";
+/// `state` (`queued`, `running`): jobs in that state over every org, at the
+/// same sweep.
+pub const JOB_DEPTH: &str = "tenantry_job_queue_depth";
 
 const JOB_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
@@ -137,9 +140,13 @@ pub fn render(pools: &[PoolSample], top: Option<&TopTenants>) -> String {
     if let Some(dropped) = logging::dropped_lines() {
         metrics::counter!(logging::LOG_LINES_DROPPED).absolute(dropped);
     }
-    let ready = ORGS_READY.load(std::sync::atomic::Ordering::Relaxed);
-    if ready >= 0 {
-        metrics::gauge!(JOB_ORGS_READY).set(ready as f64);
+    let [orgs, queued, running] = DEPTH
+        .each_ref()
+        .map(|n| n.load(std::sync::atomic::Ordering::Relaxed));
+    if orgs >= 0 {
+        metrics::gauge!(JOB_ORGS_READY).set(orgs as f64);
+        metrics::gauge!(JOB_DEPTH, "state" => "queued").set(queued as f64);
+        metrics::gauge!(JOB_DEPTH, "state" => "running").set(running as f64);
     }
     if let Some(top) = top {
         for (slug, n) in top.top() {
@@ -364,11 +371,21 @@ pub fn job_waited(waited: Duration) {
     metrics::histogram!(JOB_WAIT).record(waited.as_secs_f64());
 }
 
-/// The last count of orgs with a job due ([`job_orgs_ready`]); -1: none
-/// yet. Kept here and set at each scrape, like the pool gauges.
-static ORGS_READY: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+/// The last sweep's counts ([`job_depth`]): orgs, queued and running
+/// jobs; -1: no sweep yet. Kept here and set at each scrape, like the pool
+/// gauges.
+static DEPTH: [std::sync::atomic::AtomicI64; 3] = [
+    std::sync::atomic::AtomicI64::new(-1),
+    std::sync::atomic::AtomicI64::new(-1),
+    std::sync::atomic::AtomicI64::new(-1),
+];
 
-/// Orgs with queued or running jobs, as last counted.
-pub fn job_orgs_ready(n: usize) {
-    ORGS_READY.store(n as i64, std::sync::atomic::Ordering::Relaxed);
+/// Orgs with queued or running jobs, and those jobs, as last counted.
+pub fn job_depth(orgs: usize, queued: u64, running: u64) {
+    for (slot, n) in DEPTH
+        .iter()
+        .zip([orgs as i64, queued as i64, running as i64])
+    {
+        slot.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS tenantry_jobs (
     state        text NOT NULL DEFAULT 'queued'
                  CHECK (state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')),
     unique_key   text CHECK (length(unique_key) BETWEEN 1 AND 200),
+    schedule     text CHECK (length(schedule) BETWEEN 1 AND 100),
     attempt      integer NOT NULL DEFAULT 0,
     max_attempts integer NOT NULL DEFAULT 5 CHECK (max_attempts BETWEEN 1 AND 100),
     run_at       timestamptz NOT NULL DEFAULT now(),
