@@ -38,8 +38,9 @@ pub struct DbArgs {
 pub enum Command {
     /// Run the HTTP API server (and, with --workers, background jobs).
     Serve(ServeArgs),
-    /// Run background jobs without serving HTTP: takes serve's flags;
-    /// --workers sets how many jobs run at once (--bind is not used).
+    /// Run background jobs without serving the API: takes serve's flags;
+    /// --workers sets how many jobs run at once, --metrics-bind serves
+    /// GET /metrics (--bind is not used).
     Work(ServeArgs),
     /// An org's background jobs: list, show, cancel, retry; counts.
     #[command(subcommand)]

@@ -112,8 +112,7 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs, mode: Mode) -> anyh
         }
         None => {
             println!("tenantry working: {} job(s) at once", config.workers);
-            server::work(state.clone(), &config, server::shutdown_signal()).await;
-            Ok(())
+            server::work(state.clone(), &config, server::shutdown_signal()).await
         }
     };
     state.tenancy.router().tenant_pool().close().await;

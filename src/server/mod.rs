@@ -237,29 +237,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     // bound first: a bad address fails before anything is started
-    let metrics_listener = match config.metrics_bind {
-        Some(addr) => Some(TcpListener::bind(addr).await?),
-        None => None,
-    };
-    let metrics_task = match metrics_listener {
-        Some(metrics_listener) => {
-            tracing::info!(addr = %metrics_listener.local_addr()?, "metrics on their own listener");
-            let tenancy = state.tenancy.clone();
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let tenancy = tenancy.clone();
-                    async move { api::metrics_response(&tenancy) }
-                }),
-            );
-            Some(tokio::spawn(async move {
-                if let Err(e) = axum::serve(metrics_listener, app).await {
-                    tracing::warn!(error = %e, "the metrics listener stopped");
-                }
-            }))
-        }
-        None => None,
-    };
+    let metrics_task = spawn_metrics(&state, config).await?;
     let background = Background::spawn(&state, config);
     // In-flight requests get `shutdown_timeout` to finish after the signal.
     let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
@@ -290,6 +268,32 @@ pub async fn serve(
     }
     background.stop().await;
     result
+}
+
+/// Serves `GET /metrics` on `config.metrics_bind`, when set, until the
+/// task is aborted.
+async fn spawn_metrics(
+    state: &AppState,
+    config: &ServerConfig,
+) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = config.metrics_bind else {
+        return Ok(None);
+    };
+    let metrics_listener = TcpListener::bind(addr).await?;
+    tracing::info!(addr = %metrics_listener.local_addr()?, "metrics on their own listener");
+    let tenancy = state.tenancy.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let tenancy = tenancy.clone();
+            async move { api::metrics_response(&tenancy) }
+        }),
+    );
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, app).await {
+            tracing::warn!(error = %e, "the metrics listener stopped");
+        }
+    })))
 }
 
 /// The background work of a serving process: the registry listener, the
@@ -391,13 +395,23 @@ fn listen_pool(state: &AppState, config: &ServerConfig) -> Result<Option<PgPool>
 }
 
 /// Runs the background work of `state` (jobs, with `config.workers` of
-/// them at once, and the registry listener) without serving HTTP, until
+/// them at once, and the registry listener) without the API, until
 /// `shutdown` resolves; then lets running jobs finish within the shutdown
-/// timeout and hands the rest back.
-pub async fn work(state: AppState, config: &ServerConfig, shutdown: impl Future<Output = ()>) {
+/// timeout and hands the rest back. `GET /metrics` is served on
+/// `config.metrics_bind` when set.
+pub async fn work(
+    state: AppState,
+    config: &ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let metrics_task = spawn_metrics(&state, config).await?;
     let background = Background::spawn(&state, config);
     shutdown.await;
     background.stop().await;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -226,7 +226,7 @@ pub async fn audit(pool: &PgPool) -> Result<Vec<Breach>, Error> {
                 'may ' || string_agg(p.privilege, ', ' ORDER BY p.privilege) || ' tenantry.' || t.name \
          FROM tenantry.serving_roles s JOIN pg_roles r ON r.rolname = s.role \
          CROSS JOIN (VALUES ('organizations'), ('users'), ('api_tokens'), ('settings'), \
-                            ('serving_roles'), ('warm_schemas')) t (name) \
+                            ('serving_roles'), ('warm_schemas'), ('job_queues')) t (name) \
          CROSS JOIN (VALUES ('SELECT'), ('INSERT'), ('UPDATE'), ('DELETE')) p (privilege) \
          WHERE NOT r.rolsuper \
            AND to_regclass('tenantry.' || t.name) IS NOT NULL \
