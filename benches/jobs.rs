@@ -58,12 +58,21 @@ fn kinds() -> JobKinds {
     kinds
 }
 
-fn config(workers: usize) -> WorkerConfig {
-    WorkerConfig {
+/// `workers` workers as `serve --workers` starts them, the ready index and
+/// LISTEN on `pool`.
+fn start_workers(router: &TenantRouter, pool: &PgPool, workers: usize) -> Workers {
+    let config = WorkerConfig {
         concurrency: workers,
         idle_poll: Duration::from_millis(100),
         ..WorkerConfig::default()
-    }
+    };
+    Workers::spawn(
+        router.clone(),
+        pool.clone(),
+        Some(pool.clone()),
+        kinds(),
+        config,
+    )
 }
 
 async fn schema(pool: &PgPool, slug: &str) -> String {
@@ -111,13 +120,7 @@ async fn tenantry_round(
     }
     DONE.store(0, Ordering::Relaxed);
     let started = Instant::now();
-    let w = Workers::spawn(
-        router.clone(),
-        pool.clone(),
-        Some(pool.clone()),
-        kinds(),
-        config(workers),
-    );
+    let w = start_workers(router, pool, workers);
     while DONE.load(Ordering::Relaxed) < jobs {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -257,13 +260,7 @@ async fn main() {
     println!("== a quiet org's wait beside a noisy org with {noisy} jobs queued");
     queue(&pool, "noisy", "bench.noop", noisy).await;
     DONE.store(0, Ordering::Relaxed);
-    let w = Workers::spawn(
-        router.clone(),
-        pool.clone(),
-        Some(pool.clone()),
-        kinds(),
-        config(workers),
-    );
+    let w = start_workers(&router, &pool, workers);
     let quiet = "quiet";
     let mut ids = vec![];
     for _ in 0..200 {
@@ -379,13 +376,7 @@ async fn main() {
         .await
         .unwrap()
         .unwrap();
-    let w = Workers::spawn(
-        router.clone(),
-        pool.clone(),
-        Some(pool.clone()),
-        kinds(),
-        config(workers),
-    );
+    let w = start_workers(&router, &pool, workers);
     loop {
         let state: String = sqlx::query_scalar(&format!(
             "SELECT state FROM {s}.tenantry_jobs WHERE id = $1"

@@ -1702,15 +1702,7 @@ async fn a_server_keeps_its_warm_pool_full_and_signups_take_from_it() {
 
 /// GET /metrics: the text and its parse.
 async fn scrape_metrics(app: &common::TestApp) -> (String, prometheus_parse::Scrape) {
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
     (text, scrape)
 }

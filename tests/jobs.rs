@@ -766,15 +766,7 @@ async fn the_import_api_queues_a_job_whose_progress_and_tests_appear() {
         )
         .await;
     assert_eq!(tests["items"].as_array().unwrap().len(), 4);
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for family in [
         "tenantry_job_attempts_total{kind=\"tests.import\",outcome=\"succeeded\"}",
         "tenantry_job_run_seconds_bucket",
@@ -933,4 +925,72 @@ async fn a_worker_killed_mid_job_runs_it_again_after_its_lease_and_it_takes_effe
 
 async fn job_now(app: &TestApp, id: Uuid) -> Job {
     job(app, "crash", id).await
+}
+
+#[tokio::test]
+async fn the_cli_lists_shows_cancels_retries_and_counts_jobs() {
+    let app = spawn_app().await;
+    org(&app, "cli-jobs").await;
+    let id = enqueue(
+        &app,
+        "cli-jobs",
+        NewJob::new("test.noop", serde_json::json!({})).unique_key("nightly"),
+    )
+    .await
+    .unwrap()
+    .to_string();
+    let db = &app.db;
+    let (ok, out, err) = db.cli(&["jobs", "list", "--org", "cli-jobs"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&id) && out.contains("queued"), "{out}");
+    let (ok, out, err) = db.cli(&["jobs", "show", "--org", "cli-jobs", &id, "--json"]);
+    assert!(ok, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (shown["kind"].as_str(), shown["unique_key"].as_str()),
+        (Some("test.noop"), Some("nightly"))
+    );
+    let (ok, out, err) = db.cli(&["jobs", "cancel", "--org", "cli-jobs", &id]);
+    assert!(ok && out.contains("cancelled"), "{out}{err}");
+    let (ok, _, err) = db.cli(&["jobs", "cancel", "--org", "cli-jobs", &id]);
+    assert!(!ok && err.contains("cannot be cancelled"), "{err}");
+    let (ok, out, err) = db.cli(&["jobs", "retry", "--org", "cli-jobs", &id]);
+    assert!(ok && out.contains("queued again"), "{out}{err}");
+    let (ok, out, err) = db.cli(&["jobs", "stats", "--org", "cli-jobs", "--json"]);
+    assert!(ok, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (stats["queued"].as_i64(), stats["cancelled"].as_i64()),
+        (Some(1), Some(0))
+    );
+    let (ok, out, err) = db.cli(&["jobs", "stats", "--json"]);
+    assert!(ok, "{err}");
+    let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(all["queued"].as_i64(), Some(1));
+    assert!(all["orgs_in_ready_index"].as_i64().unwrap() >= 1, "{all}");
+    // bad input: a clear message and a failure status
+    for (args, says) in [
+        (
+            vec!["jobs", "show", "--org", "cli-jobs", "not-a-uuid"],
+            "not a UUID",
+        ),
+        (vec!["jobs", "list", "--org", "nobody-here"], "not found"),
+        (
+            vec!["jobs", "list", "--org", "cli-jobs", "--state", "done"],
+            "not one of",
+        ),
+        (
+            vec![
+                "jobs",
+                "show",
+                "--org",
+                "cli-jobs",
+                &*Uuid::new_v4().to_string(),
+            ],
+            "not found",
+        ),
+    ] {
+        let (ok, _, err) = db.cli(&args);
+        assert!(!ok && err.contains(says), "{args:?}: {err}");
+    }
 }

@@ -753,7 +753,9 @@ impl TenantTx {
             crate::telemetry::jobs_enqueued();
             // The jobs exist now; a hint lost here (the registry
             // unreachable, this process killed) is found by the sweep.
+            // unnamed: the control pool may sit behind a transaction pooler
             let hint = sqlx::query("SELECT tenantry.serving_jobs_due($1, $2)")
+                .persistent(false)
                 .bind(self.tenant.id)
                 .bind(at)
                 .execute(&self.control)

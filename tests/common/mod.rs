@@ -468,6 +468,18 @@ impl TestApp {
         (status, json)
     }
 
+    /// The text of `GET /metrics` on the API's listener.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// The router's tenant for `slug` (which must exist).
     pub async fn tenant(&self, slug: &str) -> std::sync::Arc<tenantry::serving::router::Tenant> {
         self.state
