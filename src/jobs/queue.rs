@@ -107,6 +107,22 @@ pub async fn announce(admin: &PgPool, org: Uuid, at: OffsetDateTime) -> Result<(
 /// query spans one tenant's shard).
 const SWEEP_BATCH: usize = 200;
 
+/// The active and suspended orgs whose schema has a job table (id,
+/// schema), in batches of as many as one query reads.
+async fn orgs_with_jobs(admin: &PgPool, engine: Engine) -> Result<Vec<Vec<(Uuid, String)>>, Error> {
+    let orgs: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT o.id, o.schema_name FROM tenantry.organizations o \
+         WHERE o.status IN ('active', 'suspended') \
+           AND to_regclass(quote_ident(o.schema_name) || '.' || quote_ident($1)) IS NOT NULL \
+         ORDER BY o.id",
+    )
+    .bind(JOBS_TABLE)
+    .fetch_all(admin)
+    .await?;
+    let batch = if engine.is_citus() { 1 } else { SWEEP_BATCH };
+    Ok(orgs.chunks(batch).map(<[_]>::to_vec).collect())
+}
+
 /// What a sweep found: orgs with queued or running jobs, and those jobs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Swept {
@@ -122,18 +138,8 @@ pub struct Swept {
 /// index).
 #[tracing::instrument(skip(admin))]
 pub async fn sweep(admin: &PgPool, engine: Engine) -> Result<Swept, Error> {
-    let orgs: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT o.id, o.schema_name FROM tenantry.organizations o \
-         WHERE o.status IN ('active', 'suspended') \
-           AND to_regclass(quote_ident(o.schema_name) || '.' || quote_ident($1)) IS NOT NULL \
-         ORDER BY o.id",
-    )
-    .bind(JOBS_TABLE)
-    .fetch_all(admin)
-    .await?;
-    let batch = if engine.is_citus() { 1 } else { SWEEP_BATCH };
     let mut swept = Swept::default();
-    for chunk in orgs.chunks(batch) {
+    for chunk in orgs_with_jobs(admin, engine).await? {
         let parts: Vec<String> = chunk
             .iter()
             .map(|(id, schema)| {
@@ -183,20 +189,11 @@ pub async fn fleet_counts(
     admin: &PgPool,
     engine: Engine,
 ) -> Result<(Vec<(String, i64)>, i64), Error> {
-    let schemas: Vec<String> = sqlx::query_scalar(
-        "SELECT o.schema_name FROM tenantry.organizations o \
-         WHERE o.status IN ('active', 'suspended') \
-           AND to_regclass(quote_ident(o.schema_name) || '.' || quote_ident($1)) IS NOT NULL",
-    )
-    .bind(JOBS_TABLE)
-    .fetch_all(admin)
-    .await?;
-    let batch = if engine.is_citus() { 1 } else { SWEEP_BATCH };
     let mut totals = std::collections::BTreeMap::<String, i64>::new();
-    for chunk in schemas.chunks(batch) {
+    for chunk in orgs_with_jobs(admin, engine).await? {
         let parts: Vec<String> = chunk
             .iter()
-            .map(|schema| {
+            .map(|(_, schema)| {
                 format!(
                     "SELECT state, count(*) AS n FROM {}.{JOBS_TABLE} GROUP BY state",
                     quote_ident(schema)

@@ -61,7 +61,7 @@ pub const JOB_RUN: &str = "tenantry_job_run_seconds";
 pub const JOB_WAIT: &str = "tenantry_job_wait_seconds";
 /// Orgs with queued or running jobs, counted at this process's last sweep
 /// of every org's jobs (every minute by default).
-pub const JOB_ORGS_READY: &str = "tenantry_job_orgs_pending";
+pub const JOB_ORGS_PENDING: &str = "tenantry_job_orgs_pending";
 /// `state` (`queued`, `running`): jobs in that state over every org, at the
 /// same sweep.
 pub const JOB_DEPTH: &str = "tenantry_job_queue_depth";
@@ -144,7 +144,7 @@ pub fn render(pools: &[PoolSample], top: Option<&TopTenants>) -> String {
         .each_ref()
         .map(|n| n.load(std::sync::atomic::Ordering::Relaxed));
     if orgs >= 0 {
-        metrics::gauge!(JOB_ORGS_READY).set(orgs as f64);
+        metrics::gauge!(JOB_ORGS_PENDING).set(orgs as f64);
         metrics::gauge!(JOB_DEPTH, "state" => "queued").set(queued as f64);
         metrics::gauge!(JOB_DEPTH, "state" => "running").set(running as f64);
     }
