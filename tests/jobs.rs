@@ -994,3 +994,38 @@ async fn the_cli_lists_shows_cancels_retries_and_counts_jobs() {
         assert!(!ok && err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[tokio::test]
+async fn migrate_gives_schemas_of_an_earlier_release_their_job_table() {
+    let app = spawn_app().await;
+    org(&app, "older").await;
+    let schema = app.db.schema_of("older").await;
+    // as an earlier release built it: no job table
+    sqlx::query(&format!("DROP TABLE {schema}.tenantry_jobs"))
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let (ok, out, err) = app.db.cli(&["migrate"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("added the job table to 1 schema"), "{out}");
+    let owner: String = sqlx::query_scalar(&format!(
+        "SELECT tableowner::text FROM pg_tables WHERE schemaname = '{schema}' AND tablename = 'tenantry_jobs'"
+    ))
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        owner,
+        app.tenant("older").await.role.as_str(),
+        "owned by the org's role"
+    );
+    assert!(enqueue(
+        &app,
+        "older",
+        NewJob::new("test.noop", serde_json::json!({}))
+    )
+    .await
+    .is_some());
+    let (ok, out, _) = app.db.cli(&["migrate"]);
+    assert!(ok && !out.contains("added the job table"), "once: {out}");
+}
