@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use super::error::ApiError;
 use crate::base::error::Error;
 use crate::base::ident::Slug;
+use crate::base::lsn::Lsn;
 use crate::registry::{OrgStatus, Principal};
 use crate::serving::auth::Authenticator;
 use crate::serving::router::{Tenant, TenantRouter, TenantTx};
@@ -78,10 +79,68 @@ where
 /// valid, or belongs to another org (for a non-superuser) is 404 alike, so
 /// tokens cannot probe which orgs exist. A suspended org is 403
 /// `org_suspended`.
+///
+/// A `Tenantry-Position` header (a WAL position from an earlier response,
+/// possibly another server's) makes its reads see every write committed
+/// before that position; a malformed one is 400 `invalid_position`.
 pub struct OrgScope {
     pub tenant: Arc<Tenant>,
     pub principal: Principal,
     router: TenantRouter,
+    read_after: Option<Lsn>,
+}
+
+/// The header carrying a WAL position, both ways: on responses of orgs'
+/// routes (with replicas), the position that includes every write of the
+/// org through that server; on requests, a position their reads must see.
+pub const POSITION: &str = "tenantry-position";
+
+/// Set on the request by [`position_header`], filled by [`OrgScope`]: the
+/// org the response's position is for.
+#[derive(Clone, Default)]
+struct PositionSlot(Arc<std::sync::OnceLock<uuid::Uuid>>);
+
+/// Middleware of the orgs' routes on a server with replicas: the response
+/// carries `Tenantry-Position`, the org's position after the request (at
+/// least the one the request sent), for a client to send to another
+/// server and read its writes there.
+pub async fn position_header(
+    axum::extract::State(router): axum::extract::State<TenantRouter>,
+    mut req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let slot = PositionSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let sent = req
+        .headers()
+        .get(POSITION)
+        .and_then(|v| Lsn::parse(v.to_str().ok()?).ok());
+    let mut response = next.run(req).await;
+    let position = slot
+        .0
+        .get()
+        .and_then(|org| router.position_of(org))
+        .map(|known| known.max(sent.unwrap_or_default()));
+    if let Some(position) = position {
+        if let Ok(value) = header::HeaderValue::from_str(&position.to_string()) {
+            response.headers_mut().insert(POSITION, value);
+        }
+    }
+    response
+}
+
+fn read_after(parts: &Parts) -> Result<Option<Lsn>, ApiError> {
+    let Some(value) = parts.headers.get(POSITION) else {
+        return Ok(None);
+    };
+    let bad = |e: String| {
+        ApiError::bad_request(
+            "invalid_position",
+            format!("the {POSITION} header is not a WAL position: {e}"),
+        )
+    };
+    let text = value.to_str().map_err(|e| bad(e.to_string()))?;
+    Lsn::parse(text).map(Some).map_err(|e| bad(e.to_string()))
 }
 
 impl OrgScope {
@@ -98,7 +157,10 @@ impl OrgScope {
     where
         F: AsyncFn(&mut TenantTx) -> Result<T, Error>,
     {
-        Ok(self.router.read(&self.tenant, f).await?)
+        Ok(self
+            .router
+            .read_after(&self.tenant, self.read_after, f)
+            .await?)
     }
 
     /// The user on whose behalf rows are created and updated.
@@ -117,6 +179,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let Auth(principal) = Auth::from_request_parts(parts, state).await?;
+        let read_after = read_after(parts)?;
         let params = RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::not_found("route not found"))?;
@@ -145,10 +208,14 @@ where
             }
             OrgStatus::Provisioning | OrgStatus::Deleting => return Err(hidden()),
         }
+        if let Some(slot) = parts.extensions.get::<PositionSlot>() {
+            let _ = slot.0.set(tenant.id);
+        }
         Ok(OrgScope {
             tenant,
             principal,
             router,
+            read_after,
         })
     }
 }

@@ -88,6 +88,16 @@ pub fn app(state: AppState) -> Router {
 pub fn app_with(state: AppState, routes: Router<TenantApi>) -> Router {
     let request_timeout = state.request_timeout;
     let tenant_api = TenantApi::of(&state.tenancy);
+    let mut tenant_routes = resources::router()
+        .merge(jobs::router())
+        .merge(catalog::org_router())
+        .merge(routes);
+    if tenant_api.router.replicas().is_some() {
+        tenant_routes = tenant_routes.layer(axum::middleware::from_fn_with_state(
+            tenant_api.router.clone(),
+            extract::position_header,
+        ));
+    }
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -96,13 +106,7 @@ pub fn app_with(state: AppState, routes: Router<TenantApi>) -> Router {
         .merge(admin::router())
         .merge(catalog::admin_router())
         .with_state(state)
-        .merge(
-            resources::router()
-                .merge(jobs::router())
-                .merge(catalog::org_router())
-                .merge(routes)
-                .with_state(tenant_api),
-        )
+        .merge(tenant_routes.with_state(tenant_api))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(count_request))

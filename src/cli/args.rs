@@ -184,6 +184,28 @@ pub struct ServeArgs {
     #[arg(long, env = "TENANTRY_JOB_LEASE", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub job_lease: u64,
+    /// A streaming replica of the database, logging in as the app role
+    /// (repeat for several; the env variable takes a comma-separated
+    /// list). Orgs' reads go to a replica that has replayed their last
+    /// write, otherwise to the primary (see the README's "Replicas").
+    #[arg(
+        long = "replica-url",
+        env = "TENANTRY_REPLICA_URLS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub replica_urls: Vec<String>,
+    /// A replica further behind the primary than this serves no read
+    /// (e.g. 500ms, 5s, 1m; a bare number is seconds).
+    #[arg(long, env = "TENANTRY_REPLICA_MAX_LAG", default_value = "5s",
+          value_parser = parse_lag)]
+    pub replica_max_lag: std::time::Duration,
+    /// Streaming replicas of the local cluster to create (pg_basebackup, in
+    /// the data directory) and read from: for trying replicas on one
+    /// machine. Only without DATABASE_URL.
+    #[arg(long, env = "TENANTRY_LOCAL_REPLICAS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=8))]
+    pub local_replicas: u32,
     #[arg(long, env = "TENANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// KiB of log lines waiting for stderr at most. The log is written by
@@ -480,4 +502,26 @@ pub enum TokensCommand {
     },
     /// Revoke a token by id; running servers stop accepting it at once.
     Revoke { id: uuid::Uuid },
+}
+
+/// A lag bound: `500ms`, `5s`, `1m` or a bare number of seconds, from 1 ms
+/// to an hour.
+fn parse_lag(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with ms, s or m (e.g. 5s)"))?;
+    let lag = match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("{text:?}: the unit must be ms, s or m (e.g. 5s)")),
+    };
+    if lag.is_zero() || lag > std::time::Duration::from_secs(3600) {
+        return Err(format!("{text:?}: between 1ms and 60m"));
+    }
+    Ok(lag)
 }

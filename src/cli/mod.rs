@@ -96,6 +96,39 @@ impl Database {
         )))
     }
 
+    /// Streaming replicas 1..=`n` of the local cluster, made and started
+    /// if need be (see [`LocalPostgres::ensure_replica`]).
+    pub async fn start_local_replicas(&self, n: u32) -> anyhow::Result<Vec<LocalPostgres>> {
+        let Some(pg) = &self.local else {
+            anyhow::ensure!(
+                n == 0,
+                "--local-replicas needs the local cluster (no DATABASE_URL)"
+            );
+            return Ok(vec![]);
+        };
+        let mut replicas = vec![];
+        for index in 1..=n {
+            let primary = pg.clone();
+            let replica = tokio::task::spawn_blocking(move || {
+                primary.ensure_replica(index, Durability::Durable, None)
+            })
+            .await??;
+            replicas.push(replica);
+        }
+        Ok(replicas)
+    }
+
+    /// The app role's URL on a local replica (roles replicate, passwords
+    /// with them).
+    pub fn local_app_url_on(&self, replica: &LocalPostgres) -> anyhow::Result<String> {
+        let pg = self
+            .local
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no local cluster"))?;
+        let password = pg.app_password()?;
+        Ok(replica.url_as(crate::pg::embedded::APP_ROLE, &password, "postgres"))
+    }
+
     pub async fn close(self) -> anyhow::Result<()> {
         self.pool.close().await;
         if let Some(pg) = self.local.filter(LocalPostgres::started_here) {

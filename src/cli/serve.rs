@@ -71,8 +71,18 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs, mode: Mode) -> anyh
             ttl: Duration::from_secs(args.auth_ttl),
             ..AuthConfig::default()
         },
+        replicas: crate::serving::replicas::ReplicaConfig {
+            max_lag: args.replica_max_lag,
+            ..Default::default()
+        },
         ..ServerConfig::default()
     };
+    if args.local_replicas > 0 && db_args.database_url.is_some() {
+        anyhow::bail!(
+            "--local-replicas makes replicas of the local cluster, which DATABASE_URL replaces; \
+             give your own replicas with --replica-url"
+        );
+    }
     config.check()?;
     let db = Database::connect(db_args, &admin_config).await?;
     if let Some(token) = server::bootstrap_superuser(&db.pool).await? {
@@ -104,6 +114,14 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs, mode: Mode) -> anyh
     {
         tracing::warn!("{note}");
     }
+    let mut config = config;
+    config.replica_urls = args.replica_urls.clone();
+    let local_replicas = db.start_local_replicas(args.local_replicas).await?;
+    for replica in &local_replicas {
+        let url = db.local_app_url_on(replica)?;
+        println!("reading from a local replica on port {}", replica.port());
+        config.replica_urls.push(url);
+    }
     let pools = server::Pools::connect_lazy(db.pool.clone(), &serving_url, &pool_config)?;
     let state = server::state(pools, &config).await?;
     let served = match listener {
@@ -117,6 +135,10 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs, mode: Mode) -> anyh
     };
     state.tenancy.router().tenant_pool().close().await;
     state.tenancy.router().control_pool().close().await;
+    drop(state);
+    for replica in local_replicas.into_iter().filter(|r| r.started_here()) {
+        tokio::task::spawn_blocking(move || replica.stop()).await??;
+    }
     db.close().await?;
     Ok(served?)
 }

@@ -40,7 +40,8 @@ pub enum Durability {
 
 /// A local PostgreSQL cluster: `<root>/pgdata` plus a generated password in
 /// `<root>/password` (the cluster accepts password logins over loopback only).
-#[derive(Debug)]
+/// A clone is another handle on the same cluster.
+#[derive(Debug, Clone)]
 pub struct LocalPostgres {
     root: PathBuf,
     bin_dir: PathBuf,
@@ -100,6 +101,97 @@ impl LocalPostgres {
             pg.started_here = true;
         }
         Ok(pg)
+    }
+
+    /// A streaming replica of this (running) cluster, number `index`, in
+    /// `<root>/replicas/<index>`: made with `pg_basebackup -R` the first
+    /// time (it then follows this cluster on its own), started on a port of
+    /// its own unless it runs already. It shares this cluster's roles and
+    /// passwords, which replicate. `apply_delay` holds it behind on purpose
+    /// (`recovery_min_apply_delay`, for tests).
+    pub fn ensure_replica(
+        &self,
+        index: u32,
+        durability: Durability,
+        apply_delay: Option<std::time::Duration>,
+    ) -> Result<LocalPostgres, EmbeddedError> {
+        let root = self.root.join("replicas").join(index.to_string());
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        for dir in [root.parent().expect("under replicas/"), &root] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+            if let Some(owner) = self.run_as {
+                chown(dir, owner)?;
+            }
+        }
+        for file in ["password", "app-password"] {
+            let from = self.root.join(file);
+            if from.exists() {
+                fs::copy(&from, root.join(file)).map_err(io_err(&from))?;
+            }
+        }
+        let mut replica = LocalPostgres {
+            root,
+            bin_dir: self.bin_dir.clone(),
+            port: 0,
+            password: self.password.clone(),
+            run_as: self.run_as,
+            started_here: false,
+        };
+        let data = replica.data_dir();
+        if !data.join("PG_VERSION").exists() {
+            // a half-made copy of an earlier attempt
+            let _ = fs::remove_dir_all(&data);
+            let source = format!(
+                "host=127.0.0.1 port={} user={SUPERUSER} dbname=postgres",
+                self.port
+            );
+            replica.run_env(
+                "pg_basebackup",
+                &[
+                    "-D",
+                    path_str(&data),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "-d",
+                    &source,
+                ],
+                &[("PGPASSWORD", &self.password)],
+            )?;
+        }
+        let auto_conf = data.join("postgresql.auto.conf");
+        let conf = fs::read_to_string(&auto_conf).map_err(io_err(&auto_conf))?;
+        let mut kept: String = conf
+            .lines()
+            .filter(|l| !l.starts_with("recovery_min_apply_delay"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if let Some(delay) = apply_delay {
+            kept.push_str(&format!(
+                "recovery_min_apply_delay = '{}ms'\n",
+                delay.as_millis()
+            ));
+        }
+        if kept != conf {
+            fs::write(&auto_conf, kept).map_err(io_err(&auto_conf))?;
+        }
+        if let Some(port) = replica.running_port() {
+            replica.port = port;
+            // the delay may have changed
+            replica.run("pg_ctl", &["reload", "-D", path_str(&data)])?;
+        } else {
+            replica.port = free_port()?;
+            replica.start(durability)?;
+            replica.started_here = true;
+        }
+        Ok(replica)
+    }
+
+    /// Starts this cluster again after [`LocalPostgres::stop`], on its port.
+    pub fn start_again(&self, durability: Durability) -> Result<(), EmbeddedError> {
+        self.start(durability)
     }
 
     /// False when another process had the cluster running already.
@@ -293,15 +385,17 @@ impl LocalPostgres {
         .map(|_| ())
     }
 
-    /// Starts a detached watchdog that stops the cluster and deletes `root`
-    /// once process `pid` has exited. Test binaries have no global teardown
+    /// Starts a detached watchdog that stops the cluster (and its replicas)
+    /// and deletes `root` once process `pid` has exited. Test binaries have no global teardown
     /// hook, so this is how their throwaway cluster gets removed afterwards,
     /// even when the tests panic or are killed.
     pub fn remove_when_process_exits(&self, pid: u32) -> Result<(), EmbeddedError> {
         let pg_ctl = self.bin_dir.join("pg_ctl");
         let stop = self.wrap_command(&pg_ctl);
         let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; {stop} stop -m immediate -D '{data}' >/dev/null 2>&1; rm -rf '{root}'",
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
+             for d in '{root}'/replicas/*/pgdata; do [ -d \"$d\" ] && {stop} stop -m immediate -D \"$d\" >/dev/null 2>&1; done; \
+             {stop} stop -m immediate -D '{data}' >/dev/null 2>&1; rm -rf '{root}'",
             stop = stop.join(" "),
             data = path_str(&self.data_dir()),
             root = path_str(&self.root),
@@ -333,10 +427,21 @@ impl LocalPostgres {
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Result<String, EmbeddedError> {
+        self.run_env(program, args, &[])
+    }
+
+    /// Runs `program` with `env` set (runuser keeps the environment).
+    fn run_env(
+        &self,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<String, EmbeddedError> {
         let argv = self.wrap_command(&self.bin_dir.join(program));
         let output = Command::new(&argv[0])
             .args(&argv[1..])
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(&self.root)
             .stdin(Stdio::null())
             .output()

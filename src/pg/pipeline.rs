@@ -22,6 +22,8 @@ use futures_util::{future, pin_mut, TryStreamExt};
 use tokio_postgres::types::{FromSqlOwned, ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
+use crate::base::lsn::Lsn;
+
 pub use tokio_postgres::Row;
 
 /// One tenant connection: the client and the statements prepared on it.
@@ -76,7 +78,8 @@ impl TenantConnection {
     /// named statement prepares it after `before`, which it may need: one
     /// more round trip). Returns the rows and the count of rows affected;
     /// the error of `before` wins over the statement's, which wins over
-    /// `after`'s.
+    /// `after`'s. With `position`, the WAL insert position is read right
+    /// after `after` (a COMMIT), in the same write (see [`Sent::position`]).
     ///
     /// `named`: prepare the statement once on this connection and keep it
     /// (up to the capacity), or send it unnamed each time.
@@ -87,6 +90,7 @@ impl TenantConnection {
         params: &[(Box<dyn ToSql + Sync + Send + '_>, Type)],
         named: bool,
         after: Option<&str>,
+        position: bool,
     ) -> Result<Sent, sqlx::Error> {
         let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
         let named = named && self.statements.is_some();
@@ -127,13 +131,19 @@ impl TenantConnection {
             Ok::<_, sqlx::Error>(Sent {
                 rows,
                 rows_affected,
+                position: None,
             })
         };
-        let (begun, sent, ended) =
-            future::join3(simple(client, before), rows, simple(client, after)).await;
+        let end = async {
+            match (after, position) {
+                (Some(after), true) => ended_at(client, after).await,
+                _ => simple(client, after).await.map(|()| None),
+            }
+        };
+        let (begun, sent, ended) = future::join3(simple(client, before), rows, end).await;
         begun?;
-        let sent = sent?;
-        ended?;
+        let mut sent = sent?;
+        sent.position = ended?;
         Ok(sent)
     }
 
@@ -141,12 +151,49 @@ impl TenantConnection {
     pub async fn execute_simple(&self, sql: &str) -> Result<(), sqlx::Error> {
         simple(&self.client, Some(sql)).await
     }
+
+    /// Sends `sql` (a COMMIT) and reads the WAL insert position after it,
+    /// in one message (see [`Sent::position`]).
+    pub async fn execute_at_position(&self, sql: &str) -> Result<Option<Lsn>, sqlx::Error> {
+        ended_at(&self.client, sql).await
+    }
 }
 
 /// What a statement returned.
 pub struct Sent {
     pub rows: Vec<Row>,
     pub rows_affected: u64,
+    /// When asked for: the WAL insert position read after the COMMIT that
+    /// followed the statement. It is at or past the commit record, so a
+    /// replica that has replayed up to it sees the transaction. `None`:
+    /// not asked for, or it could not be read.
+    pub position: Option<Lsn>,
+}
+
+/// Runs `sql` (a COMMIT), then reads the WAL insert position in a message
+/// of its own, in the same write: `sql`'s error is the result; a position
+/// that cannot be read is `None` (the caller must then assume the worst),
+/// never a failed commit.
+async fn ended_at(client: &Client, sql: &str) -> Result<Option<Lsn>, sqlx::Error> {
+    let (ended, position) = future::join(
+        simple(client, Some(sql)),
+        client.simple_query("SELECT pg_current_wal_insert_lsn()::text"),
+    )
+    .await;
+    ended?;
+    let position = match position {
+        Ok(messages) => messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => {
+                row.get(0).and_then(|t| Lsn::parse(t).ok())
+            }
+            _ => None,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the WAL position after a commit");
+            None
+        }
+    };
+    Ok(position)
 }
 
 async fn simple(client: &Client, sql: Option<&str>) -> Result<(), sqlx::Error> {

@@ -261,6 +261,8 @@ pub struct TenantPool {
     spill_margin: usize,
     statement_cache: usize,
     pooler: Pooler,
+    /// What it was made with: a replica's tenant pool is made alike.
+    config: Arc<PoolConfig>,
 }
 
 struct SubPool {
@@ -490,7 +492,13 @@ impl TenantPool {
             spill_margin: config.spill_margin as usize,
             statement_cache: config.statement_cache,
             pooler: config.pooler,
+            config: Arc::new(config.clone()),
         })
+    }
+
+    /// The configuration it was made with.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
     }
 
     /// A tenant pool of one sub-pool of `config.max_connections` (no

@@ -131,6 +131,21 @@ impl TenantryBuilder {
         self
     }
 
+    /// Reads orgs' data from the streaming replica at `url` (the serving
+    /// role's credentials) when it has replayed the org's last write (see
+    /// `serving::replicas`); repeat for several. A read that fails there
+    /// runs on the primary.
+    pub fn replica(mut self, url: impl Into<String>) -> Self {
+        self.config.replica_urls.push(url.into());
+        self
+    }
+
+    /// A replica further behind than `lag` serves no read (default 5 s).
+    pub fn replica_max_lag(mut self, lag: std::time::Duration) -> Self {
+        self.config.replicas.max_lag = lag;
+        self
+    }
+
     /// Runs jobs of `kind` with `handler` (see `jobs::JobHandler`), beside
     /// tenantry's own kinds. A kind is 1 to 100 of `a-z 0-9 _ . : -`.
     pub fn job_kind(

@@ -58,6 +58,12 @@ pub struct ServerConfig {
     /// The job kinds the workers run: the API's (the tests import), and an
     /// embedding app's own.
     pub job_kinds: JobKinds,
+    /// Streaming replicas of the database (the serving role's URLs) that
+    /// orgs' reads may use (see `replicas`); empty: every read on the
+    /// primary.
+    pub replica_urls: Vec<String>,
+    /// Lag bound and polling of the replicas.
+    pub replicas: crate::serving::replicas::ReplicaConfig,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +80,8 @@ impl Default for ServerConfig {
             workers: 0,
             jobs: WorkerConfig::default(),
             job_kinds: crate::api::jobs::default_kinds(),
+            replica_urls: Vec::new(),
+            replicas: Default::default(),
         }
     }
 }
@@ -84,6 +92,13 @@ impl ServerConfig {
     /// listener of its own (`metrics_bind`), never on the API's, which
     /// anyone who can send a request reaches.
     pub fn check(&self) -> Result<(), Error> {
+        if self.replicas.max_lag.is_zero() || self.replicas.poll.is_zero() {
+            return Err(Error::Validation {
+                field: "replica max lag",
+                message: "the lag bound and the poll interval of replicas must be above zero"
+                    .into(),
+            });
+        }
         if self.router.top_tenants > 0 && self.metrics_bind.is_none() {
             return Err(Error::Validation {
                 field: "metrics top tenants",
@@ -154,13 +169,48 @@ pub async fn state(pools: Pools, config: &ServerConfig) -> Result<AppState, Erro
         pooler: pools.tenants.pooler(),
         ..config.auth.clone()
     };
-    let router = TenantRouter::new(pools.control.clone(), pools.tenants, &config.router);
+    let mut router = TenantRouter::new(pools.control.clone(), pools.tenants, &config.router);
+    if !config.replica_urls.is_empty() {
+        router = with_replicas(router, &pools.admin, config).await?;
+    }
     let auth = Authenticator::load(pools.control, &auth_config).await?;
     Ok(AppState {
         tenancy: Tenancy::new(pools.admin, router, auth, Arc::new(template)),
         request_timeout: config.request_timeout,
         metrics_on_api: config.metrics_bind.is_none(),
     })
+}
+
+/// `router` reading from `config`'s replicas, polled from now on (until
+/// the router is dropped). Citus is refused: a replica of the coordinator
+/// holds no tenant rows, and the coordinator's WAL position says nothing
+/// of the workers'.
+async fn with_replicas(
+    router: TenantRouter,
+    admin: &PgPool,
+    config: &ServerConfig,
+) -> Result<TenantRouter, Error> {
+    let engine = crate::pg::engine::Engine::detect(&mut *admin.acquire().await?).await?;
+    if engine.is_citus() {
+        return Err(Error::Validation {
+            field: "replica URL",
+            message: "reads from replicas need plain PostgreSQL; on Citus, each worker \
+                      would need replicas of its own, which tenantry does not track"
+                .into(),
+        });
+    }
+    let replicas = crate::serving::replicas::Replicas::connect_lazy(
+        &config.replica_urls,
+        router.tenant_pool().config(),
+        config.replicas.clone(),
+    )
+    .map_err(|e| Error::Validation {
+        field: "replica URL",
+        message: e.to_string(),
+    })?;
+    let replicas = Arc::new(replicas);
+    crate::serving::replicas::Replicas::spawn_poller(&replicas, router.control_pool().clone());
+    Ok(router.with_replicas(replicas))
 }
 
 /// The password of a connection URL, percent-decoded.

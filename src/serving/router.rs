@@ -30,10 +30,12 @@ use uuid::Uuid;
 
 use crate::base::error::Error;
 use crate::base::ident::{RoleName, SchemaName, Slug};
+use crate::base::lsn::Lsn;
 use crate::pg::pipeline::{FromTenantRow, Sent, TenantParam};
 use crate::pg::pools::{Placement, PoolConfig, TenantConn, TenantPool};
 use crate::registry::{self, OrgStatus, Principal};
 use crate::serving::fairness::{FairnessConfig, TenantLimiter, TenantSlot};
+use crate::serving::replicas::Replicas;
 
 /// What the router knows about an org.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +195,9 @@ pub struct TenantRouter {
     limiter: Arc<TenantLimiter>,
     top_tenants: Option<Arc<crate::telemetry::TopTenants>>,
     set_role: bool,
+    /// Where reads may go besides the primary (see `replicas`); `None`:
+    /// every read on the primary, and no write positions read.
+    replicas: Option<Arc<Replicas>>,
 }
 
 impl TenantRouter {
@@ -243,6 +248,45 @@ impl TenantRouter {
             }),
             settings: settings.into(),
             set_role: config.set_role,
+            replicas: None,
+        }
+    }
+
+    /// This router with reads going to `replicas` when they are far enough
+    /// (see [`TenantRouter::read_after`]); its writes read their WAL
+    /// position from then on. The caller polls them
+    /// ([`Replicas::spawn_poller`]).
+    pub fn with_replicas(mut self, replicas: Arc<Replicas>) -> Self {
+        self.replicas = (!replicas.replicas().is_empty()).then_some(replicas);
+        self
+    }
+
+    pub fn replicas(&self) -> Option<&Arc<Replicas>> {
+        self.replicas.as_ref()
+    }
+
+    /// The position a read of `org` must see to include every write of it
+    /// through this process (`None` without replicas): what a client sends
+    /// back as `Tenantry-Position` to read its writes on another server.
+    pub fn position_of(&self, org: &Uuid) -> Option<Lsn> {
+        self.replicas.as_ref().map(|r| r.position_of(org))
+    }
+
+    /// Holds every org's replica reads to the primary's current position:
+    /// an org changed (created, imported, suspended, deleted), and a
+    /// replica may hold it half-replayed. Without replicas, nothing.
+    pub async fn hold_reads_to_now(&self) {
+        let Some(replicas) = &self.replicas else {
+            return;
+        };
+        let now = sqlx::query_scalar::<_, String>("SELECT pg_current_wal_insert_lsn()::text")
+            .persistent(false)
+            .fetch_one(&self.control)
+            .await;
+        match now.ok().and_then(|t| Lsn::parse(&t).ok()) {
+            Some(at) => replicas.raise_floor(at),
+            // unknown: no replica read until the next org change says more
+            None => replicas.raise_floor(Lsn(u64::MAX)),
         }
     }
 
@@ -386,23 +430,35 @@ impl TenantRouter {
     /// waits here, before taking a connection, and may be refused with
     /// [`Error::TenantBusy`].
     pub async fn begin(&self, tenant: &Arc<Tenant>) -> Result<TenantTx, Error> {
-        self.begin_as(tenant, Access::ReadWrite).await
+        self.begin_on(&self.tenants, tenant, Access::ReadWrite)
+            .await
     }
 
-    async fn begin_as(&self, tenant: &Arc<Tenant>, access: Access) -> Result<TenantTx, Error> {
+    /// A transaction on `pool`: the primary's tenant pool (dead connections
+    /// are retried on it), or a replica's (they are not: the read goes to
+    /// the primary instead).
+    async fn begin_on(
+        &self,
+        pool: &TenantPool,
+        tenant: &Arc<Tenant>,
+        access: Access,
+    ) -> Result<TenantTx, Error> {
         if let Some(top) = &self.top_tenants {
             top.count(&tenant.slug);
         }
         let slot = self.limiter.admit(&tenant.id).await?;
         let in_flight = slot.as_ref().map_or(0, |s| s.in_flight());
         let waiting = std::time::Instant::now();
-        let (conn, placement) = self.tenants.acquire(&tenant.id, in_flight).await?;
+        let (conn, placement) = pool.acquire(&tenant.id, in_flight).await?;
         crate::telemetry::observe_acquire(waiting.elapsed());
+        let primary = std::ptr::eq(pool, &self.tenants);
         Ok(TenantTx {
             conn: Some(conn),
             access,
             open: false,
-            pool: self.tenants.clone(),
+            retry_dead: primary,
+            replicas: self.replicas.clone().filter(|_| primary),
+            pool: pool.clone(),
             in_flight,
             _placement: Some(placement),
             _slot: slot,
@@ -450,13 +506,72 @@ impl TenantRouter {
     /// yet prove the caller's future `Send` when an async closure holds a
     /// reference into the caller. (Before async closures this took
     /// `|tx| Box::pin(async move { .. })`; that form no longer infers.)
+    ///
+    /// With replicas, the read may run on one (see [`TenantRouter::read_after`]).
     pub async fn read<T, F>(&self, tenant: &Arc<Tenant>, f: F) -> Result<T, Error>
     where
         F: AsyncFn(&mut TenantTx) -> Result<T, Error>,
     {
+        self.read_after(tenant, None, f).await
+    }
+
+    /// [`TenantRouter::read`] that must see every write committed before
+    /// `at_least` (a position a client got from another server), as well
+    /// as this process's own writes of the org.
+    ///
+    /// With replicas, it runs on a replica that is up, lags at most
+    /// `--replica-max-lag` and has replayed at least the org's last write
+    /// through this process, `at_least` and the floor (see `replicas`);
+    /// otherwise, and whenever it fails there (any error: a replica that
+    /// is down, a schema it has not replayed yet), on the primary. So a
+    /// replica never fails a read, and a read never misses a write this
+    /// process acknowledged (or one the client names).
+    pub async fn read_after<T, F>(
+        &self,
+        tenant: &Arc<Tenant>,
+        at_least: Option<Lsn>,
+        f: F,
+    ) -> Result<T, Error>
+    where
+        F: AsyncFn(&mut TenantTx) -> Result<T, Error>,
+    {
+        if let Some(replicas) = &self.replicas {
+            if let Some(replica) = replicas.choose(&tenant.id, at_least.unwrap_or_default()) {
+                let read = async {
+                    let mut tx = self
+                        .begin_on(replica.tenant_pool(), tenant, Access::ReadOnly)
+                        .await?;
+                    let out = f(&mut tx).await?;
+                    tx.end_read();
+                    Ok::<_, Error>(out)
+                };
+                match read.await {
+                    Ok(out) => {
+                        replica.served_one();
+                        crate::telemetry::read_on("replica");
+                        return Ok(out);
+                    }
+                    // the primary would refuse it alike
+                    Err(e @ Error::TenantBusy { .. }) => return Err(e),
+                    Err(e) => {
+                        if matches!(&e, Error::Database(db) if crate::base::error::is_connection_error(db))
+                        {
+                            replica.mark_down();
+                        }
+                        tracing::debug!(error = %e, replica = replica.name(),
+                            "a read failed on a replica; reading from the primary");
+                        replicas.fell_back();
+                        crate::telemetry::replica_fallback();
+                    }
+                }
+            }
+            crate::telemetry::read_on("primary");
+        }
         let attempts = self.tenants.max_connections() as usize + 2;
         crate::base::error::retry_dead_connections(attempts, || async {
-            let mut tx = self.begin_as(tenant, Access::ReadOnly).await?;
+            let mut tx = self
+                .begin_on(&self.tenants, tenant, Access::ReadOnly)
+                .await?;
             let out = f(&mut tx).await?;
             tx.end_read();
             Ok(out)
@@ -613,6 +728,13 @@ pub struct TenantTx {
     control: PgPool,
     /// Committed (by [`TenantQuery::and_commit`]): nothing more to do.
     done: bool,
+    /// On the primary's pool: a dead connection under the first statement
+    /// is replaced and the pipeline sent again. On a replica's, the error
+    /// returns and the read goes to the primary.
+    retry_dead: bool,
+    /// Noted with the WAL position of each commit (on the primary, with
+    /// replicas), so that the org's next reads see it.
+    replicas: Option<Arc<Replicas>>,
 }
 
 /// A statement's parameters, with the types they are sent as.
@@ -665,8 +787,12 @@ impl TenantTx {
         if commit && self.access == Access::ReadWrite {
             // ended either way: a failed statement or COMMIT rolled back
             self.open = false;
-            if sent.is_ok() {
-                self.committed().await;
+            if let Ok(sent) = &sent {
+                let position = self
+                    .replicas
+                    .is_some()
+                    .then(|| sent.position.unwrap_or(Lsn(u64::MAX)));
+                self.committed(position).await;
             }
         }
         sent
@@ -688,6 +814,7 @@ impl TenantTx {
         let named = self.statements != StatementMode::Unnamed;
         let tenant = self.tenant.clone();
         let end = commit.then_some("COMMIT");
+        let position = commit && self.replicas.is_some();
         let (before, after) = match self.access {
             Access::ReadOnly => (Some(&*tenant.begin_read), Some("ROLLBACK")),
             Access::ReadWrite if !self.open => (Some(&*tenant.begin), end),
@@ -699,12 +826,15 @@ impl TenantTx {
         let mut attempt = 1;
         loop {
             let conn = self.conn.as_mut().expect("a connection until dropped");
-            let result = conn.send(before, &text, params, named, after).await;
+            let result = conn
+                .send(before, &text, params, named, after, position)
+                .await;
             match result {
                 // The pipeline began the transaction and the connection
                 // died: the server rolled back whatever it ran.
                 Err(e)
                     if before.is_some()
+                        && self.retry_dead
                         && crate::base::error::is_connection_error(&e)
                         && (attempt < attempts
                             || started.elapsed()
@@ -740,14 +870,30 @@ impl TenantTx {
         if self.done {
             return Ok(());
         }
-        self.end("COMMIT").await?;
-        self.committed().await;
+        if self.replicas.is_some() && self.open {
+            let conn = self.conn.as_ref().expect("a connection until dropped");
+            let ended = conn.execute_at_position("COMMIT").await;
+            self.open = false;
+            let position = ended?;
+            self.committed(Some(position.unwrap_or(Lsn(u64::MAX))))
+                .await;
+        } else {
+            // nothing sent: nothing for a replica to replay
+            self.end("COMMIT").await?;
+            self.committed(None).await;
+        }
         Ok(())
     }
 
-    /// After the COMMIT succeeded: counts it and announces enqueued jobs.
-    async fn committed(&mut self) {
+    /// After the COMMIT succeeded: notes its WAL position (with replicas:
+    /// the org's next reads must see it; a position that could not be read
+    /// is the largest, so they go to the primary until it expires), counts
+    /// it and announces enqueued jobs.
+    async fn committed(&mut self, position: Option<Lsn>) {
         self.done = true;
+        if let (Some(replicas), Some(at)) = (&self.replicas, position) {
+            replicas.note_write(&self.tenant.id, at);
+        }
         self.outcome.committed();
         if let Some(at) = self.jobs_due.take() {
             crate::telemetry::jobs_enqueued();

@@ -66,6 +66,18 @@ pub const JOB_ORGS_PENDING: &str = "tenantry_job_orgs_pending";
 /// same sweep.
 pub const JOB_DEPTH: &str = "tenantry_job_queue_depth";
 
+/// `target` (`primary`, `replica`): tenant reads by where they ran, counted
+/// only when the server has replicas.
+pub const READS: &str = "tenantry_tenant_reads_total";
+/// `reason` (`error`: the read failed on the replica and ran again on the
+/// primary): reads a replica was chosen for but the primary served.
+pub const REPLICA_FALLBACKS: &str = "tenantry_replica_fallbacks_total";
+/// `replica` (`host:port`): its lag behind the primary, seconds, as of the
+/// last poll; absent while it is down.
+pub const REPLICA_LAG: &str = "tenantry_replica_lag_seconds";
+/// `replica`: 1 while it is up (answering, still a replica), else 0.
+pub const REPLICA_UP: &str = "tenantry_replica_up";
+
 const JOB_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
 ];
@@ -351,6 +363,36 @@ impl TopTenants {
         all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         all.truncate(self.n);
         all
+    }
+}
+
+/// A tenant read ran on `target` (`primary`, `replica`).
+pub fn read_on(target: &'static str) {
+    static HANDLES: OnceLock<[Counter; 2]> = OnceLock::new();
+    let [primary, replica] = HANDLES.get_or_init(|| {
+        [
+            metrics::counter!(READS, "target" => "primary"),
+            metrics::counter!(READS, "target" => "replica"),
+        ]
+    });
+    match target {
+        "replica" => replica.increment(1),
+        _ => primary.increment(1),
+    }
+}
+
+/// A read chosen for a replica failed there and ran on the primary.
+pub fn replica_fallback() {
+    metrics::counter!(REPLICA_FALLBACKS, "reason" => "error").increment(1);
+}
+
+/// A replica's state as of the poll that just ended (set at each poll, so
+/// the gauges stay while the poller runs).
+pub fn replica_state(replica: &str, up: bool, lag: Option<Duration>) {
+    let label = replica.to_owned();
+    metrics::gauge!(REPLICA_UP, "replica" => label.clone()).set(if up { 1.0 } else { 0.0 });
+    if let Some(lag) = lag {
+        metrics::gauge!(REPLICA_LAG, "replica" => label).set(lag.as_secs_f64());
     }
 }
 

@@ -37,11 +37,15 @@ impl Caches {
     /// Applies a change to these caches.
     pub async fn apply(&self, change: &Change) {
         match change {
-            Change::Org(slug) => self.router.invalidate(slug).await,
+            Change::Org(slug) => {
+                self.router.invalidate(slug).await;
+                self.router.hold_reads_to_now().await;
+            }
             Change::TokenRevoked(hash) => self.auth.forget(hash).await,
             Change::Everything => {
                 self.router.invalidate_all();
                 self.auth.forget_all();
+                self.router.hold_reads_to_now().await;
             }
         }
     }

@@ -51,6 +51,14 @@ pub fn citus_cluster() -> &'static citus::CitusCluster {
     })
 }
 
+/// Makes `url` (a server's maintenance database) the server of this test
+/// binary, before anything else asks for one: for tests that bring a
+/// cluster of their own (e.g. with replicas). False if one was chosen
+/// already.
+pub fn use_server(url: String) -> bool {
+    SERVER.set(url).is_ok()
+}
+
 /// URL of the server's maintenance database.
 fn server() -> &'static str {
     SERVER.get_or_init(|| {
@@ -293,6 +301,22 @@ pub async fn spawn_app_on(db: TestDb, config: tenantry::server::ServerConfig) ->
 /// A server whose tenant and control connections log in as `role` (created
 /// with `password`, a serving role: not a superuser), over a fresh database.
 pub async fn spawn_app_serving_as(db: TestDb, role: &str, password: &str) -> TestApp {
+    spawn_app_serving_as_with(
+        db,
+        role,
+        password,
+        tenantry::server::ServerConfig::default(),
+    )
+    .await
+}
+
+/// [`spawn_app_serving_as`] with `config`.
+pub async fn spawn_app_serving_as_with(
+    db: TestDb,
+    role: &str,
+    password: &str,
+    config: tenantry::server::ServerConfig,
+) -> TestApp {
     let serving_url = with_user(&db.url, role, password);
     let admin = tenantry::pg::pools::connect(
         &db.url,
@@ -304,13 +328,7 @@ pub async fn spawn_app_serving_as(db: TestDb, role: &str, password: &str) -> Tes
         .await
         .expect("serving role");
     assert!(notes.is_empty(), "{notes:?}");
-    spawn_app_with_urls(
-        db,
-        admin,
-        &serving_url,
-        tenantry::server::ServerConfig::default(),
-    )
-    .await
+    spawn_app_with_urls(db, admin, &serving_url, config).await
 }
 
 /// `url` with its user and password replaced (percent-encoded).
