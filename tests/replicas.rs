@@ -196,6 +196,14 @@ async fn each_write_is_read_back_at_once_though_the_replica_lags() {
         replica.reads_served() - before
     );
     assert_eq!(replicas(&app).fallbacks(), 0);
+    let metrics = app.metrics().await;
+    for family in [
+        "tenantry_tenant_reads_total{target=\"replica\"}",
+        "tenantry_tenant_reads_total{target=\"primary\"}",
+        "tenantry_replica_lag_seconds{replica=",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from /metrics");
+    }
 }
 
 #[tokio::test]
@@ -394,6 +402,109 @@ async fn replica_reads_run_as_the_orgs_role_in_its_schema_only() {
         assert!(
             text.contains("permission denied") || text.contains("does not exist"),
             "{sql}: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn serve_with_local_replicas_makes_one_reads_from_it_and_stops_it() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("tenantry");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(["serve", "--local-replicas", "1", "--bind", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (addr, printed) = common::until_listening(&mut child).await;
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.starts_with("reading from a local replica on port")),
+        "{printed:?}"
+    );
+    let token = common::bootstrap_token(&printed);
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{addr}{path}");
+    let res = http
+        .post(url("/v1/admin/orgs"))
+        .bearer_auth(&token)
+        .json(&json!({"slug": "local", "name": "Local", "owner_email": "o@local.test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+
+    // the org's reads reach the replica once it has replayed the org
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let res = http
+            .get(url("/v1/orgs/local/behaviors"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let metrics = http
+            .get(url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let on_replica = metrics
+            .lines()
+            .find(|l| l.starts_with("tenantry_tenant_reads_total{target=\"replica\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if on_replica >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no read reached the local replica"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // and a write is read back at once
+    let res = http
+        .post(url("/v1/orgs/local/behaviors"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "written"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert!(res.headers().contains_key("tenantry-position"));
+    let id = res.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = http
+        .get(url(&format!("/v1/orgs/local/behaviors/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("serve did not stop within 60 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for cluster in ["pgdata", "replicas/1/pgdata"] {
+        assert!(
+            !dir.join(cluster).join("postmaster.pid").exists(),
+            "{cluster} still running after serve stopped"
         );
     }
 }

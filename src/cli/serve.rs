@@ -92,6 +92,15 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs, mode: Mode) -> anyh
         );
         println!("{}", token.token);
     }
+    // before the listening line: once it is printed, reads may use them
+    let mut config = config;
+    config.replica_urls = args.replica_urls.clone();
+    let local_replicas = db.start_local_replicas(args.local_replicas).await?;
+    for replica in &local_replicas {
+        let url = db.local_app_url_on(replica)?;
+        println!("reading from a local replica on port {}", replica.port());
+        config.replica_urls.push(url);
+    }
     let listener = match mode {
         Mode::Http => {
             let listener = tokio::net::TcpListener::bind(args.bind)
@@ -113,14 +122,6 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs, mode: Mode) -> anyh
         server::prepare_serving(&db.pool, &db.url, &serving_url, password.as_deref()).await?
     {
         tracing::warn!("{note}");
-    }
-    let mut config = config;
-    config.replica_urls = args.replica_urls.clone();
-    let local_replicas = db.start_local_replicas(args.local_replicas).await?;
-    for replica in &local_replicas {
-        let url = db.local_app_url_on(replica)?;
-        println!("reading from a local replica on port {}", replica.port());
-        config.replica_urls.push(url);
     }
     let pools = server::Pools::connect_lazy(db.pool.clone(), &serving_url, &pool_config)?;
     let state = server::state(pools, &config).await?;

@@ -122,6 +122,11 @@ pub struct Replicas {
     floor: Arc<AtomicU64>,
     config: ReplicaConfig,
     fallbacks: AtomicU64,
+    /// Until then (microseconds since `epoch`), every read goes to the
+    /// primary: an org changed and the primary's position could not be
+    /// read.
+    primary_only_until: AtomicU64,
+    epoch: Instant,
 }
 
 impl Replicas {
@@ -196,6 +201,8 @@ impl Replicas {
             floor,
             config,
             fallbacks: AtomicU64::new(0),
+            primary_only_until: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
     }
 
@@ -230,6 +237,15 @@ impl Replicas {
         self.floor.fetch_max(position.0, Ordering::AcqRel);
     }
 
+    /// Sends every read to the primary for the lag bound (plus a margin):
+    /// an org changed at an unknown position, which by then every replica
+    /// within the bound has replayed.
+    pub fn primary_only_for_a_while(&self) {
+        let until = self.epoch.elapsed() + self.config.max_lag + POSITION_MARGIN;
+        self.primary_only_until
+            .fetch_max(until.as_micros() as u64, Ordering::AcqRel);
+    }
+
     /// A replica that may serve `org` a read that must see `at_least`:
     /// up, within the lag bound, replayed far enough. Among several, the
     /// org's own (by its id), so that an org's reads use one replica's
@@ -239,6 +255,10 @@ impl Replicas {
         let max_lag = self.config.max_lag.as_millis() as u64;
         let n = self.replicas.len();
         if n == 0 {
+            return None;
+        }
+        let held = self.primary_only_until.load(Ordering::Acquire);
+        if held > 0 && (self.epoch.elapsed().as_micros() as u64) < held {
             return None;
         }
         let first = (org.as_u128() % n as u128) as usize;
@@ -310,15 +330,16 @@ impl Replicas {
     }
 }
 
-/// Asks `pool` for a WAL position (NULL is `None`).
-async fn probe(pool: &PgPool, sql: &'static str) -> Result<Option<Lsn>, sqlx::Error> {
-    // unnamed: the primary's pool may sit behind a transaction pooler
-    let ask = sqlx::query_scalar::<_, Option<String>>(sql)
-        .persistent(false)
-        .fetch_one(pool);
-    let text = tokio::time::timeout(PROBE_TIMEOUT, ask)
+/// Asks `pool` for a WAL position (NULL is `None`), in one simple-query
+/// message: no prepared statement, which a transaction pooler in front
+/// of the primary could lose between messages.
+pub(crate) async fn probe(pool: &PgPool, sql: &'static str) -> Result<Option<Lsn>, sqlx::Error> {
+    use sqlx::Row;
+    let ask = sqlx::raw_sql(sql).fetch_one(pool);
+    let row = tokio::time::timeout(PROBE_TIMEOUT, ask)
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    let text: Option<String> = row.try_get(0)?;
     Ok(text.and_then(|t| Lsn::parse(&t).ok()))
 }
 
@@ -356,6 +377,75 @@ impl PrimaryHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn two_replicas(max_orgs: u64) -> Replicas {
+        let urls = [
+            "postgres://u:p@127.0.0.1:1/db".to_owned(),
+            "postgres://u:p@127.0.0.1:2/db".to_owned(),
+        ];
+        let config = ReplicaConfig {
+            max_orgs,
+            ..ReplicaConfig::default()
+        };
+        Replicas::connect_lazy(&urls, &PoolConfig::default(), config).unwrap()
+    }
+
+    fn set(r: &Replica, up: bool, replayed: u64, lag_ms: u64) {
+        r.up.store(up, Ordering::Release);
+        r.replayed.store(replayed, Ordering::Release);
+        r.lag_ms.store(lag_ms, Ordering::Relaxed);
+    }
+
+    #[tokio::test]
+    async fn a_replica_serves_an_org_only_past_its_writes_the_clients_and_the_floor() {
+        let replicas = two_replicas(1000);
+        let org = Uuid::new_v4();
+        assert!(replicas.choose(&org, Lsn(0)).is_none(), "not polled yet");
+        let [a, b] = &*replicas.replicas else {
+            panic!()
+        };
+        set(a, true, 100, 10);
+        set(b, true, 50, 10);
+        assert!(replicas.choose(&org, Lsn(0)).is_some());
+        // the org wrote at 80: only the replica at 100 may serve it
+        replicas.note_write(&org, Lsn(80));
+        assert_eq!(replicas.choose(&org, Lsn(0)).unwrap().name(), "127.0.0.1:1");
+        // a smaller later-noted write does not lower it
+        replicas.note_write(&org, Lsn(60));
+        assert_eq!(replicas.position_of(&org), Lsn(80));
+        // the client's position beyond both: the primary
+        assert!(replicas.choose(&org, Lsn(101)).is_none());
+        // another org is not held back by this one's writes
+        assert!(replicas.choose(&Uuid::new_v4(), Lsn(0)).is_some());
+        // down, or too far behind: skipped
+        set(a, false, 100, 10);
+        assert!(replicas.choose(&org, Lsn(0)).is_none());
+        set(a, true, 100, DEFAULT_MAX_LAG.as_millis() as u64 + 1);
+        assert!(replicas.choose(&org, Lsn(0)).is_none());
+        set(a, true, 100, 10);
+        // an org change at 120 holds every org
+        replicas.raise_floor(Lsn(120));
+        assert!(replicas.choose(&Uuid::new_v4(), Lsn(0)).is_none());
+        set(b, true, 130, 10);
+        assert_eq!(replicas.choose(&org, Lsn(0)).unwrap().name(), "127.0.0.1:2");
+        // at an unknown position: nothing but the primary for a while
+        replicas.primary_only_for_a_while();
+        assert!(replicas.choose(&org, Lsn(0)).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_position_forgotten_for_room_raises_the_floor() {
+        let replicas = two_replicas(1);
+        for i in 1..=50u64 {
+            replicas.note_write(&Uuid::new_v4(), Lsn(i * 10));
+            replicas.positions.run_pending_tasks();
+        }
+        // at most one kept; every one evicted raised the floor to its own
+        assert!(replicas.positions.entry_count() <= 1);
+        let floor = replicas.floor.load(Ordering::Acquire);
+        assert!(floor >= 480, "floor {floor}");
+        assert!(replicas.position_of(&Uuid::new_v4()) >= Lsn(480));
+    }
 
     #[test]
     fn lag_is_the_time_since_the_primary_was_where_the_replica_is() {

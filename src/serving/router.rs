@@ -279,14 +279,17 @@ impl TenantRouter {
         let Some(replicas) = &self.replicas else {
             return;
         };
-        let now = sqlx::query_scalar::<_, String>("SELECT pg_current_wal_insert_lsn()::text")
-            .persistent(false)
-            .fetch_one(&self.control)
-            .await;
-        match now.ok().and_then(|t| Lsn::parse(&t).ok()) {
-            Some(at) => replicas.raise_floor(at),
-            // unknown: no replica read until the next org change says more
-            None => replicas.raise_floor(Lsn(u64::MAX)),
+        let now = crate::serving::replicas::probe(
+            &self.control,
+            "SELECT pg_current_wal_insert_lsn()::text",
+        )
+        .await;
+        match now {
+            Ok(Some(at)) => replicas.raise_floor(at),
+            _ => {
+                tracing::warn!("could not read the primary's WAL position after an org change; reading from the primary for a while");
+                replicas.primary_only_for_a_while();
+            }
         }
     }
 
