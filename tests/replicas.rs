@@ -201,6 +201,7 @@ async fn each_write_is_read_back_at_once_though_the_replica_lags() {
         "tenantry_tenant_reads_total{target=\"replica\"}",
         "tenantry_tenant_reads_total{target=\"primary\"}",
         "tenantry_replica_lag_seconds{replica=",
+        "pool=\"replicas\"",
     ] {
         assert!(metrics.contains(family), "{family} missing from /metrics");
     }

@@ -12,7 +12,11 @@ use super::{admin, catalog, jobs, resources};
     info(
         title = "tenantry",
         description = "Schema-per-tenant router for PostgreSQL: org-scoped CRUD and administration. \
-                       Every error is `{\"error\": {\"code\", \"message\", \"details\"?}}`."
+                       Every error is `{\"error\": {\"code\", \"message\", \"details\"?}}`. \
+                       On a server with replicas, responses of `/v1/orgs/{slug}/...` carry \
+                       `Tenantry-Position` (a WAL position such as `16/B374D848`); a request \
+                       sending it back reads every write before it, on any server \
+                       (malformed: 400 `invalid_position`)."
     ),
     paths(
         super::healthz,

@@ -31,7 +31,8 @@ pub const RESOLVE: &str = "tenantry_tenant_resolve_total";
 pub const AUTH: &str = "tenantry_auth_lookups_total";
 /// Time to get a connection for a tenant transaction.
 pub const POOL_ACQUIRE: &str = "tenantry_pool_acquire_seconds";
-/// `pool` (`tenants`, `control`, `admin`), `state` (`open`, `idle`, `max`).
+/// `pool` (`tenants`, `control`, `admin`, `replicas`), `state` (`open`,
+/// `idle`, `max`).
 pub const POOL_CONNECTIONS: &str = "tenantry_pool_connections";
 /// `event` (`begun`, `committed`, `rolled_back`): tenant transactions.
 pub const TENANT_TX: &str = "tenantry_tenant_transactions_total";
@@ -119,7 +120,8 @@ pub fn handle() -> &'static PrometheusHandle {
 /// hands them to [`render`].
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSample {
-    /// `tenants`, `control`, `admin`.
+    /// `tenants`, `control`, `admin`, `replicas` (the tenant pools of every
+    /// replica together).
     pub pool: &'static str,
     pub open: usize,
     pub idle: usize,

@@ -85,6 +85,24 @@ impl Tenancy {
             PoolSample::of("control", router.control_pool()),
             PoolSample::of("admin", self.admin_pool()),
         ];
+        let replica_pools = router.replicas().map(|r| {
+            let pools = r.replicas().iter().map(|r| r.tenant_pool());
+            pools.fold(
+                PoolSample {
+                    pool: "replicas",
+                    open: 0,
+                    idle: 0,
+                    max: 0,
+                },
+                |sum, p| PoolSample {
+                    open: sum.open + p.size() as usize,
+                    idle: sum.idle + p.num_idle(),
+                    max: sum.max + p.max_connections(),
+                    ..sum
+                },
+            )
+        });
+        let pools: Vec<PoolSample> = pools.into_iter().chain(replica_pools).collect();
         crate::telemetry::render(&pools, router.top_tenants())
     }
 
