@@ -525,3 +525,32 @@ fn parse_lag(text: &str) -> Result<std::time::Duration, String> {
     }
     Ok(lag)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_lag;
+    use std::time::Duration;
+
+    #[test]
+    fn a_lag_bound_has_a_unit_and_stays_between_a_millisecond_and_an_hour() {
+        assert_eq!(parse_lag("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_lag("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_lag("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_lag("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_lag("60m"), Ok(Duration::from_secs(3600)));
+        for bad in [
+            "",
+            "0",
+            "0ms",
+            "61m",
+            "5h",
+            "-1s",
+            "1.5s",
+            "s",
+            "ms",
+            "99999999999999999999s",
+        ] {
+            assert!(parse_lag(bad).is_err(), "{bad:?}");
+        }
+    }
+}

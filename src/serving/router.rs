@@ -817,7 +817,8 @@ impl TenantTx {
         let named = self.statements != StatementMode::Unnamed;
         let tenant = self.tenant.clone();
         let end = commit.then_some("COMMIT");
-        let position = commit && self.replicas.is_some();
+        // a read's statements end with ROLLBACK: nothing to replay
+        let position = commit && self.access == Access::ReadWrite && self.replicas.is_some();
         let (before, after) = match self.access {
             Access::ReadOnly => (Some(&*tenant.begin_read), Some("ROLLBACK")),
             Access::ReadWrite if !self.open => (Some(&*tenant.begin), end),
@@ -881,7 +882,7 @@ impl TenantTx {
             self.committed(Some(position.unwrap_or(Lsn(u64::MAX))))
                 .await;
         } else {
-            // nothing sent: nothing for a replica to replay
+            // without replicas, or nothing sent (nothing to replay)
             self.end("COMMIT").await?;
             self.committed(None).await;
         }
