@@ -1124,16 +1124,6 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
             .spawn()
             .unwrap()
     };
-    async fn stop(mut child: tokio::process::Child) {
-        let pid = child.id().unwrap() as i32;
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
-            .await
-            .expect("serve did not stop within 60 s")
-            .unwrap();
-        assert!(status.success(), "{status:?}");
-    }
 
     let mut first = start("127.0.0.1:0");
     let (addr, printed) = common::until_listening(&mut first).await;
@@ -1163,7 +1153,7 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
-    stop(first).await;
+    common::terminate(first).await;
     assert!(
         !data.path().join("tenantry/pgdata/postmaster.pid").exists(),
         "the local cluster must be stopped with the server"
@@ -1190,7 +1180,7 @@ async fn zero_config_serve_bootstraps_serves_and_restarts() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    stop(second).await;
+    common::terminate(second).await;
     // the request log: one JSON line per request, its fields once
     let written = std::fs::read_to_string(&log).unwrap();
     let line = written

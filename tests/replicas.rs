@@ -494,14 +494,7 @@ async fn serve_with_local_replicas_makes_one_reads_from_it_and_stops_it() {
         .unwrap();
     assert_eq!(res.status(), 200);
 
-    let pid = child.id().unwrap() as i32;
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("serve did not stop within 60 s")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    common::terminate(child).await;
     for cluster in ["pgdata", "replicas/1/pgdata"] {
         assert!(
             !dir.join(cluster).join("postmaster.pid").exists(),

@@ -118,6 +118,17 @@ impl Database {
         Ok(replicas)
     }
 
+    /// Opens the pool again: making a local replica without `pg_basebackup`
+    /// restarts the local cluster, which leaves the pool's connections
+    /// dead.
+    pub async fn reconnect(&mut self, pool_config: &PoolConfig) -> anyhow::Result<()> {
+        self.pool.close().await;
+        self.pool = crate::pg::pools::connect(&self.url, pool_config)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+        Ok(())
+    }
+
     /// The app role's URL on a local replica (roles replicate, passwords
     /// with them).
     pub fn local_app_url_on(&self, replica: &LocalPostgres) -> anyhow::Result<String> {

@@ -84,7 +84,7 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs, mode: Mode) -> anyh
         );
     }
     config.check()?;
-    let db = Database::connect(db_args, &admin_config).await?;
+    let mut db = Database::connect(db_args, &admin_config).await?;
     if let Some(token) = server::bootstrap_superuser(&db.pool).await? {
         println!(
             "created superuser {} with API token (shown once, store it now):",
@@ -96,6 +96,9 @@ pub(super) async fn serve(db_args: &DbArgs, args: ServeArgs, mode: Mode) -> anyh
     let mut config = config;
     config.replica_urls = args.replica_urls.clone();
     let local_replicas = db.start_local_replicas(args.local_replicas).await?;
+    if !local_replicas.is_empty() {
+        db.reconnect(&admin_config).await?;
+    }
     for replica in &local_replicas {
         let url = db.local_app_url_on(replica)?;
         println!("reading from a local replica on port {}", replica.port());

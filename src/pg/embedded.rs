@@ -105,8 +105,9 @@ impl LocalPostgres {
 
     /// A streaming replica of this (running) cluster, number `index`, in
     /// `<root>/replicas/<index>`: made with `pg_basebackup -R` the first
-    /// time (it then follows this cluster on its own), started on a port of
-    /// its own unless it runs already. It shares this cluster's roles and
+    /// time (without it, from a copy of this cluster stopped for the
+    /// purpose), after which it follows this cluster on its own; started on
+    /// a port of its own unless it runs already. It shares this cluster's roles and
     /// passwords, which replicate. `apply_delay` holds it behind on purpose
     /// (`recovery_min_apply_delay`, for tests).
     pub fn ensure_replica(
@@ -141,25 +142,29 @@ impl LocalPostgres {
         if !data.join("PG_VERSION").exists() {
             // a half-made copy of an earlier attempt
             let _ = fs::remove_dir_all(&data);
-            let source = format!(
-                "host=127.0.0.1 port={} user={SUPERUSER} dbname=postgres",
-                self.port
-            );
-            replica.run_env(
-                "pg_basebackup",
-                &[
-                    "-D",
-                    path_str(&data),
-                    "-R",
-                    "-X",
-                    "stream",
-                    "-c",
-                    "fast",
-                    "-d",
-                    &source,
-                ],
-                &[("PGPASSWORD", &self.password)],
-            )?;
+            if self.bin_dir.join("pg_basebackup").is_file() {
+                let source = format!(
+                    "host=127.0.0.1 port={} user={SUPERUSER} dbname=postgres",
+                    self.port
+                );
+                replica.run_env(
+                    "pg_basebackup",
+                    &[
+                        "-D",
+                        path_str(&data),
+                        "-R",
+                        "-X",
+                        "stream",
+                        "-c",
+                        "fast",
+                        "-d",
+                        &source,
+                    ],
+                    &[("PGPASSWORD", &self.password)],
+                )?;
+            } else {
+                self.copy_stopped_into(&data, durability)?;
+            }
         }
         let auto_conf = data.join("postgresql.auto.conf");
         let conf = fs::read_to_string(&auto_conf).map_err(io_err(&auto_conf))?;
@@ -187,6 +192,43 @@ impl LocalPostgres {
             replica.started_here = true;
         }
         Ok(replica)
+    }
+
+    /// Makes `data` a standby of this cluster without `pg_basebackup`
+    /// (server-only builds lack it): stops the cluster, copies its data
+    /// directory (consistent, since it was shut down cleanly), starts it
+    /// again, and writes what `pg_basebackup -R` writes (`standby.signal`,
+    /// `primary_conninfo`). The cluster is down for the copy's length.
+    fn copy_stopped_into(&self, data: &Path, durability: Durability) -> Result<(), EmbeddedError> {
+        self.stop()?;
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(self.data_dir())
+            .arg(data)
+            .output();
+        self.start(durability)?;
+        let failed = |detail: String| EmbeddedError::Command {
+            what: "copying the data directory".into(),
+            detail,
+        };
+        match copied {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => return Err(failed(String::from_utf8_lossy(&out.stderr).into_owned())),
+            Err(e) => return Err(failed(e.to_string())),
+        }
+        let signal = data.join("standby.signal");
+        fs::write(&signal, "").map_err(io_err(&signal))?;
+        if let Some(owner) = self.run_as {
+            chown(&signal, owner)?;
+        }
+        let auto_conf = data.join("postgresql.auto.conf");
+        let mut conf = fs::read_to_string(&auto_conf).map_err(io_err(&auto_conf))?;
+        conf.push_str(&format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER} password={}'\n",
+            self.port, self.password
+        ));
+        fs::write(&auto_conf, conf).map_err(io_err(&auto_conf))?;
+        Ok(())
     }
 
     /// Starts this cluster again after [`LocalPostgres::stop`], on its port.

@@ -598,6 +598,19 @@ pub async fn until_listening(child: &mut tokio::process::Child) -> (String, Vec<
     (addr, seen)
 }
 
+/// Stops a `tenantry serve` child with SIGTERM, as an operator does, and
+/// checks that it exits successfully within 60 s.
+pub async fn terminate(mut child: tokio::process::Child) {
+    let pid = child.id().expect("a running child") as i32;
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("serve did not stop within 60 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 /// The bootstrap token among lines a `tenantry serve` printed.
 pub fn bootstrap_token(printed: &[String]) -> String {
     printed
