@@ -903,13 +903,7 @@ impl TenantTx {
             crate::telemetry::jobs_enqueued();
             // The jobs exist now; a hint lost here (the registry
             // unreachable, this process killed) is found by the sweep.
-            // unnamed: the control pool may sit behind a transaction pooler
-            let hint = sqlx::query("SELECT tenantry.serving_jobs_due($1, $2)")
-                .persistent(false)
-                .bind(self.tenant.id)
-                .bind(at)
-                .execute(&self.control)
-                .await;
+            let hint = announce_jobs(&self.control, self.pool.pooler(), self.tenant.id, at).await;
             if let Err(e) = hint {
                 tracing::warn!(error = %e, org = %self.tenant.slug,
                     "could not announce enqueued jobs; the sweep will find them");
@@ -944,6 +938,28 @@ impl TenantTx {
     pub async fn rollback(mut self) -> Result<(), Error> {
         self.end("ROLLBACK").await
     }
+}
+
+/// Tells the registry's ready index that `org` has a job due at `at`
+/// (`tenantry.serving_jobs_due`). Behind a transaction pooler the
+/// statement runs inside a transaction of its own ([`ServingConn`]): an
+/// unnamed statement sent alone may have its Parse and its Execute land on
+/// two server sessions there, and fail.
+async fn announce_jobs(
+    control: &PgPool,
+    pooler: crate::pg::pools::Pooler,
+    org: Uuid,
+    at: time::OffsetDateTime,
+) -> Result<(), sqlx::Error> {
+    let mut conn = crate::pg::pools::ServingConn::open(control, pooler).await?;
+    let named = conn.named();
+    sqlx::query("SELECT tenantry.serving_jobs_due($1, $2)")
+        .persistent(named)
+        .bind(org)
+        .bind(at)
+        .execute(conn.conn())
+        .await?;
+    conn.finish().await
 }
 
 impl Drop for TenantTx {
