@@ -361,6 +361,20 @@ async fn replica_reads_run_as_the_orgs_role_in_its_schema_only() {
     let a = app.tenant("role-a").await;
     let b = app.tenant("role-b").await;
     let replica = &replicas(&app).replicas()[0];
+    // the replica's tenant pool is shaped like the primary's: tenant-affine
+    // sub-pools of the same number and size
+    assert_eq!(
+        replica.tenant_pool().sub_pool_count(),
+        router.tenant_pool().sub_pool_count()
+    );
+    assert_eq!(
+        replica.tenant_pool().max_connections(),
+        router.tenant_pool().max_connections()
+    );
+    assert_eq!(
+        replica.tenant_pool().candidates(&a.id),
+        router.tenant_pool().candidates(&a.id)
+    );
 
     let before = replica.reads_served();
     let (user, path, in_recovery): (String, String, bool) = router
