@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{arg, ms, Stats};
+use common::{arg, cluster_ticks, ms, Stats};
 use futures_util::StreamExt;
 use tenantry::pg::embedded::{Durability, LocalPostgres};
 use tenantry::pg::pools::{PoolConfig, TenantPool};
@@ -34,27 +34,6 @@ const INSERT: &str =
     "INSERT INTO behaviors (name, created_by, updated_by) VALUES ($1, $2, $2) RETURNING id";
 const READ: &str = "SELECT id, name FROM behaviors WHERE id = $1";
 const LIST: &str = "SELECT id, name FROM behaviors ORDER BY name LIMIT 10";
-
-/// CPU ticks (user + system, 100 per second) of a cluster: its postmaster
-/// and every process it started.
-fn cluster_ticks(postmaster: u32) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
-        let f: Vec<&str> = rest.split(' ').collect();
-        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        if pid == postmaster || field(1) == postmaster as u64 {
-            total += field(11) + field(12);
-        }
-    }
-    total
-}
 
 fn postmaster_pid(pg: &LocalPostgres) -> u32 {
     let text = std::fs::read_to_string(pg.data_dir().join("postmaster.pid")).unwrap();

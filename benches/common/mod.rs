@@ -81,15 +81,35 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The fields after the command of a /proc stat file (state is 0, ppid 1,
+/// utime 11, stime 12).
+fn stat_fields(stat_path: &std::path::Path) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+    Some(rest.split(' ').map(|v| v.parse().unwrap_or(0)).collect())
+}
+
 /// CPU time (clock ticks, user + system) of a process from /proc.
 fn process_ticks(stat_path: &std::path::Path) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(stat_path) else {
-        return 0;
-    };
-    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    field(11) + field(12)
+    stat_fields(stat_path).map_or(0, |f| f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0))
+}
+
+/// CPU ticks (user + system, 100 per second) of one PostgreSQL cluster:
+/// its postmaster `postmaster` and every process it started.
+pub fn cluster_ticks(postmaster: u32) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some(f) = stat_fields(&e.path().join("stat")) else {
+            continue;
+        };
+        if pid == postmaster || f.get(1) == Some(&(postmaster as u64)) {
+            total += f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0);
+        }
+    }
+    total
 }
 
 /// A snapshot of CPU ticks (100 per second): each postgres process's, and

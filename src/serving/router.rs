@@ -791,11 +791,8 @@ impl TenantTx {
             // ended either way: a failed statement or COMMIT rolled back
             self.open = false;
             if let Ok(sent) = &sent {
-                let position = self
-                    .replicas
-                    .is_some()
-                    .then(|| sent.position.unwrap_or(Lsn(u64::MAX)));
-                self.committed(position).await;
+                self.note_position(sent.position);
+                self.committed().await;
             }
         }
         sent
@@ -878,26 +875,27 @@ impl TenantTx {
             let conn = self.conn.as_ref().expect("a connection until dropped");
             let ended = conn.execute_at_position("COMMIT").await;
             self.open = false;
-            let position = ended?;
-            self.committed(Some(position.unwrap_or(Lsn(u64::MAX))))
-                .await;
+            self.note_position(ended?);
         } else {
             // without replicas, or nothing sent (nothing to replay)
             self.end("COMMIT").await?;
-            self.committed(None).await;
         }
+        self.committed().await;
         Ok(())
     }
 
-    /// After the COMMIT succeeded: notes its WAL position (with replicas:
-    /// the org's next reads must see it; a position that could not be read
-    /// is the largest, so they go to the primary until it expires), counts
-    /// it and announces enqueued jobs.
-    async fn committed(&mut self, position: Option<Lsn>) {
-        self.done = true;
-        if let (Some(replicas), Some(at)) = (&self.replicas, position) {
-            replicas.note_write(&self.tenant.id, at);
+    /// With replicas, after a COMMIT that wrote: the org's next reads must
+    /// see `position`; one that could not be read counts as the largest, so
+    /// they go to the primary until it expires.
+    fn note_position(&self, position: Option<Lsn>) {
+        if let Some(replicas) = &self.replicas {
+            replicas.note_write(&self.tenant.id, position.unwrap_or(Lsn(u64::MAX)));
         }
+    }
+
+    /// After the COMMIT succeeded: counts it and announces enqueued jobs.
+    async fn committed(&mut self) {
+        self.done = true;
         self.outcome.committed();
         if let Some(at) = self.jobs_due.take() {
             crate::telemetry::jobs_enqueued();
