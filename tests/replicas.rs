@@ -419,6 +419,33 @@ async fn replica_reads_run_as_the_orgs_role_in_its_schema_only() {
             "{sql}: {text}"
         );
     }
+
+    // Invariant 2 on the replica: after those reads (and failed ones),
+    // every pooled replica connection is back to the serving role, outside
+    // any transaction, with no tenant schema in its search path.
+    for sub in replica.tenant_pool().sub_pools() {
+        let conn = sub.get().await.unwrap();
+        let client = conn.probe_client();
+        let answer = client
+            .simple_query("SELECT current_setting('search_path'), current_user::text")
+            .await
+            .expect("no transaction left open");
+        let (path, user) = answer
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some((
+                    row.get(0).unwrap().to_owned(),
+                    row.get(1).unwrap().to_owned(),
+                )),
+                _ => None,
+            })
+            .unwrap();
+        let in_tx = client.batch_execute("SAVEPOINT leak_probe").await.is_ok();
+        assert!(
+            !in_tx && user == role && !path.contains(a.schema.as_str()),
+            "search_path={path} user={user} in_transaction={in_tx}"
+        );
+    }
 }
 
 #[tokio::test]
